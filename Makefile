@@ -1,0 +1,34 @@
+# Two commands on a fresh machine with Python 3.11 and pip: `make demo` and `make test`.
+# TORCH_SPEC pins torch before anything else resolves it (the default takes a CPU wheel on CPU machines);
+# GPU users: make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test bench lint demo clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test,lint]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m pytest -q benchmarks --benchmark
+
+lint: $(STAMP)
+	$(PY) -m ruff check mfsr_fast kernels training tests benchmarks
+
+demo: $(STAMP)
+	$(PY) -m mfsr_fast.demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,63 @@
+"""Public kernel entry points. The model calls only these two functions.
+
+``backend``: "auto" runs the Triton kernel on CUDA tensors when Triton is importable and the reference otherwise;
+"triton" forces the kernel (also on the CPU under ``TRITON_INTERPRET=1``); "reference" forces ``kernels.reference``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from kernels import reference
+
+__all__ = ["attention", "adaln_modulate", "reference", "triton_available"]
+
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return x.is_cuda and triton_available() and _triton_impl_ready()
+    return backend == "triton"
+
+
+def _triton_impl_ready() -> bool:
+    """The Triton kernels land in their own issues; until then 'auto' stays on the reference path."""
+    return False
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """Non-causal joint attention, q, k, v and output laid out (B, H, L, D) as in SDPA; scale defaults to D**-0.5.
+
+    Differentiable in reverse mode and in forward mode (``torch.func.jvp``), with memory bounded in L.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be (B, H, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if _use_triton(backend, q):
+        raise NotImplementedError("attention: the Triton flash-attention kernel is not in this build yet; "
+                                  "use backend='reference' (or 'auto')")
+    return reference.attention(q, k, v, scale)
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *, gate: torch.Tensor | None = None,
+                   h: torch.Tensor | None = None, eps: float = 1e-6, backend: str = "auto"):
+    """y = LN(x) * (1 + scale) + shift; with ``gate`` and ``h`` returns (x + gate * h, y of that sum).
+
+    x, h: (B, L, D); shift, scale, gate: (B, D) or (B, 1, D).
+    """
+    if _use_triton(backend, x):
+        raise NotImplementedError("adaln_modulate: the Triton adaLN kernel is not in this build yet; "
+                                  "use backend='reference' (or 'auto')")
+    return reference.adaln_modulate(x, shift, scale, gate=gate, h=h, eps=eps)

@@ -1,0 +1,129 @@
+"""Pure-PyTorch ground truth for every kernel in this package.
+
+Tests, benchmarks and the CPU path import these functions; nothing else keeps a copy of the math.
+
+- ``attention``: non-causal softmax attention over (B, H, L, D) tensors, as ``F.scaled_dot_product_attention``.
+  Without forward-mode AD it calls SDPA (whose fused CPU/CUDA kernels never build the L x L score matrix). Under
+  forward-mode AD (``torch.func.jvp`` or ``torch.autograd.forward_ad``), where SDPA's fused kernels raise, it runs
+  plain math chunked over queries so that scores and their tangents exist for one chunk at a time.
+- ``adaln_modulate``: LayerNorm without affine, then adaLN modulation, optionally preceded by a gated residual:
+  x' = x + gate * h; y = LN(x') * (1 + scale) + shift. Statistics in fp32, output in the activation dtype.
+
+Supported dtypes: fp64, fp32, bf16, fp16.
+
+Caution:
+- Under forward-mode AD *and* reverse mode at once, autograd keeps every query chunk's probabilities for the backward
+  pass, so memory is O(L^2) in that case (tiny CPU presets only; the Triton kernel is the O(L) path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Elements of one chunk's score block (and of each tangent block) under forward-mode AD: ~32 MB in fp32.
+_CHUNK_ELEMENTS = 1 << 23
+
+
+def _needs_forward_ad(*tensors: torch.Tensor) -> bool:
+    """True when any tensor carries a forward-mode tangent (functorch wrapper or dual tensor)."""
+    for x in tensors:
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):
+            return True
+        if torch.autograd.forward_ad.unpack_dual(x).tangent is not None:
+            return True
+    return False
+
+
+def _softmax(s: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, in fp32 for half-precision scores."""
+    if s.dtype in (torch.float16, torch.bfloat16):
+        return torch.softmax(s.float(), dim=-1).to(s.dtype)
+    return torch.softmax(s, dim=-1)
+
+
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                   chunk: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v computed chunk by chunk over queries; every op has forward and reverse AD."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    if chunk is None:
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * Lk))
+    if chunk >= Lq:
+        s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
+        return torch.matmul(_softmax(s), v)  # (B, H, Lq, D)
+    outs = []
+    for i in range(0, Lq, chunk):
+        s = torch.matmul(q[:, :, i:i + chunk], k.transpose(-1, -2)) * scale  # (B, H, c, Lk)
+        outs.append(torch.matmul(_softmax(s), v))  # (B, H, c, D)
+    return torch.cat(outs, dim=2)  # (B, H, Lq, D)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Reference non-causal attention, (B, H, L, D) in and out, with bounded memory in every AD mode."""
+    if _needs_forward_ad(q, k, v):
+        return attention_math(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None):
+    """Output and log-sum-exp of the scores (natural log), (B, H, L) in fp32 (fp64 for fp64 input): what a flash
+    kernel saves for its backward pass. Materialises the scores: for tests and small shapes."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq)
+    o = torch.matmul(torch.exp(s - lse[..., None]), v.to(acc))  # (B, H, Lq, D)
+    return o.to(q.dtype), lse
+
+
+def attention_jvp(q, k, v, tq, tk, tv, scale: float | None = None):
+    """Output and tangent of attention from the explicit formula (DESIGN section 5), in the inputs' dtype.
+
+    tS = (tQ K^T + Q tK^T) * scale; tO = (P * tS) V + P tV - rowsum(P * tS) * O.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
+    p = torch.softmax(s, dim=-1)
+    o = torch.matmul(p, v)  # (B, H, Lq, D)
+    ts = (torch.matmul(tq, k.transpose(-1, -2)) + torch.matmul(q, tk.transpose(-1, -2))) * scale
+    pts = p * ts  # (B, H, Lq, Lk)
+    to = torch.matmul(pts, v) + torch.matmul(p, tv) - pts.sum(-1, keepdim=True) * o
+    return o, to
+
+
+def _as_rows(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """Per-sample modulation (B, D) or (B, 1, D) -> (B, 1, D), checked against x (B, L, D)."""
+    if m.dim() == 2:
+        m = m[:, None, :]
+    if m.dim() != 3 or m.shape[1] != 1 or m.shape[0] != x.shape[0] or m.shape[2] != x.shape[2]:
+        raise ValueError(f"adaln_modulate: {name} must have shape (B, D) or (B, 1, D) = ({x.shape[0]}, "
+                         f"{x.shape[2]}), got {tuple(m.shape)}")
+    return m
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor | None = None,
+                   h: torch.Tensor | None = None, eps: float = 1e-6):
+    """y = LN(x) * (1 + scale) + shift, or with ``h``: x' = x + gate * h and returns (x', LN(x') * (1 + scale) + shift).
+
+    x, h: (B, L, D); shift, scale, gate: (B, D) or (B, 1, D). LayerNorm statistics are computed in fp32 (fp64 for fp64
+    input); the outputs have x's dtype.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"adaln_modulate: x must be (B, L, D), got shape {tuple(x.shape)}")
+    shift = _as_rows(shift, x, "shift")
+    scale = _as_rows(scale, x, "scale")
+    if (gate is None) != (h is None):
+        raise ValueError("adaln_modulate: gate and h come together (gated residual x + gate * h)")
+    if h is not None:
+        if h.shape != x.shape:
+            raise ValueError(f"adaln_modulate: h must match x {tuple(x.shape)}, got {tuple(h.shape)}")
+        gate = _as_rows(gate, x, "gate")
+        x = x + gate.to(x.dtype) * h  # (B, L, D)
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xn = F.layer_norm(x.to(stat_dtype), (x.shape[-1],), eps=eps)  # (B, L, D)
+    y = (xn * (1 + scale.to(stat_dtype)) + shift.to(stat_dtype)).to(x.dtype)  # (B, L, D)
+    return y if h is None else (x, y)

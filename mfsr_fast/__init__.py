@@ -1,0 +1,6 @@
+"""mfsr-fast: one-step real-world image super-resolution by MeanFlow distillation of a DiT4SR-style teacher."""
+
+from mfsr_fast.model import PRESETS, MFSRConfig, MFSRTransformer
+
+__all__ = ["MFSRTransformer", "MFSRConfig", "PRESETS"]
+__version__ = "0.1.0"

@@ -1,0 +1,119 @@
+"""MeanFlow core (Geng et al. 2025, "Mean Flows for One-step Generative Modeling"), DESIGN sections 2-3.
+
+Convention: z_t = (1 - t) x + t e, t = 1 is noise, v = e - x. The network predicts the average velocity
+u(z_t, r, t) = 1 / (t - r) * int_r^t v(z_s, s) ds for r <= t.
+
+- ``sample_t_r``: logit-normal t and r, sorted so r <= t, a fraction forced to r = t.
+- ``meanflow_target``: u (differentiable) and u_tgt = v - (t - r) * du/dt (detached), with du/dt from ONE
+  ``torch.func.jvp`` with tangents (dz, dt, dr) = (v, 1, 0). Two modes: ``"jvp"`` back-propagates through the JVP's
+  primal output; ``"split"`` runs the JVP under no_grad and u as an ordinary forward (works through a DDP wrapper).
+- ``adaptive_loss``: per-sample squared error L, weighted by 1 / stopgrad((L + c) ** p).
+- ``sample``: z_r = z_t - (t - r) * u(z_t, r, t) on a decreasing grid 1 = t_0 > ... > t_N = 0.
+
+Caution:
+- ``fn`` must be a pure function of (z, t, r): no in-place updates of captured state (e.g. BatchNorm running stats),
+  since the JVP traces it with functorch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+UFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _bcast(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast against x."""
+    return s.reshape(s.shape[0], *([1] * (x.dim() - 1)))
+
+
+def sample_t_r(batch: int, *, mean: float = -0.4, std: float = 1.0, equal_fraction: float = 0.75,
+               generator: torch.Generator | None = None, device=None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw (t, r), each (batch,): t, r ~ sigmoid(N(mean, std)) sorted so r <= t; ``equal_fraction`` get r = t."""
+    if not 0.0 <= equal_fraction <= 1.0:
+        raise ValueError(f"equal_fraction must be in [0, 1], got {equal_fraction}")
+    if std < 0:
+        raise ValueError(f"std must be >= 0, got {std}")
+    a = torch.sigmoid(torch.randn(batch, generator=generator, device=device) * std + mean)
+    b = torch.sigmoid(torch.randn(batch, generator=generator, device=device) * std + mean)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    equal = torch.rand(batch, generator=generator, device=device) < equal_fraction
+    r = torch.where(equal, t, r)
+    return t.to(dtype), r.to(dtype)
+
+
+def meanflow_target(fn: UFn, z_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, v: torch.Tensor, *,
+                    mode: str = "jvp", jvp_fn: UFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (u, u_tgt): the prediction u = fn(z_t, t, r) and the detached MeanFlow target.
+
+    MeanFlow eq. (8)-(10): u_tgt = v - (t - r) * du/dt, du/dt = v . d_z u + d_t u, from one JVP with tangents
+    (v, 1, 0) for (z, t, r). With teacher distillation, v is the teacher's guided velocity (DESIGN section 3).
+
+    mode "jvp": u is the JVP's primal output (one pass gives both; back-propagate through u).
+    mode "split": the JVP runs under no_grad (on ``jvp_fn``, default ``fn``: pass the unwrapped module when ``fn``
+    goes through DDP) and u comes from a separate ordinary call of ``fn``.
+    """
+    if mode not in ("jvp", "split"):
+        raise ValueError(f"mode must be 'jvp' or 'split', got {mode!r}")
+    if v.shape != z_t.shape:
+        raise ValueError(f"v shape {tuple(v.shape)} must equal z_t shape {tuple(z_t.shape)}")
+    v = v.detach()
+    tangents = (v, torch.ones_like(t), torch.zeros_like(r))
+    if mode == "jvp":
+        u, dudt = torch.func.jvp(fn, (z_t, t, r), tangents)
+    else:
+        with torch.no_grad():
+            _, dudt = torch.func.jvp(jvp_fn or fn, (z_t, t, r), tangents)
+        u = fn(z_t, t, r)
+    # MeanFlow identity: u(z_t, r, t) = v(z_t, t) - (t - r) * du/dt.
+    u_tgt = (v - _bcast(t - r, v).to(v.dtype) * dudt).detach()
+    return u, u_tgt
+
+
+def adaptive_loss(pred: torch.Tensor, target: torch.Tensor, *, p: float = 1.0, c: float = 1e-3,
+                  reduce: bool = True) -> torch.Tensor:
+    """MeanFlow adaptive weighting: L = sum of squared error per sample, loss = L / stopgrad((L + c) ** p).
+
+    Returns the batch mean (``reduce``) or the per-sample losses (B,).
+    """
+    err = (pred.float() - target.float()).pow(2).flatten(1).sum(1)  # (B,)
+    w = (err.detach() + c).pow(p)
+    loss = err / w
+    return loss.mean() if reduce else loss
+
+
+def time_grid(steps: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Uniform decreasing grid 1 = t_0 > t_1 > ... > t_N = 0 of N + 1 points."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def sample(fn: UFn, noise: torch.Tensor, *, steps: int = 1, timesteps: Sequence[float] | torch.Tensor | None = None,
+           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Integrate from t = 1 (noise) to t = 0 with average-velocity jumps z_r = z_t - (t - r) u(z_t, r, t).
+
+    ``steps`` picks a uniform grid; ``timesteps`` gives any strictly decreasing grid from 1 to 0 instead.
+    One step is x = e - u(e, r=0, t=1).
+    """
+    grid = time_grid(steps, device=noise.device) if timesteps is None else torch.as_tensor(
+        timesteps, dtype=torch.float32, device=noise.device)
+    if grid.dim() != 1 or grid.numel() < 2 or not bool((grid[1:] < grid[:-1]).all()):
+        raise ValueError("timesteps must be a strictly decreasing 1-D sequence of at least 2 points")
+    if not (0.0 <= float(grid[-1]) and float(grid[0]) <= 1.0):
+        raise ValueError("timesteps must lie in [0, 1]")
+    z = noise
+    B = noise.shape[0]
+    tdtype = torch.promote_types(noise.dtype, torch.float32)
+    for i in range(grid.numel() - 1):
+        t = grid[i].to(tdtype).expand(B)
+        r = grid[i + 1].to(tdtype).expand(B)
+        u = fn(z, t, r)
+        z = z - _bcast(t - r, z).to(z.dtype) * u
+        if callback is not None:
+            callback(i, z)
+    return z

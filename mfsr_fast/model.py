@@ -1,0 +1,535 @@
+"""MFSRTransformer: SD3.5 MM-DiT with a DiT4SR low-resolution stream and dual (t, h = t - r) time conditioning.
+
+Architecture (DESIGN section 4):
+- SD3 / SD3.5-medium MM-DiT (Esser et al. 2024): patch embedding with 2-D sin-cos positions, joint attention over
+  image and context tokens with QK RMSNorm, adaLN-Zero, "MMDiT-X" image-only second attention on chosen blocks.
+- DiT4SR (Duan et al. 2025): the LR image, encoded and patchified like the noisy latent, is a third token stream.
+  It shares the image stream's adaLN and feed-forward weights, has zero-initialised q/k/v "control" projections
+  applied after the image projections, its own output projection (a copy of the image one), and a zero-initialised
+  depthwise 3x3 conv on its feed-forward hidden features that is added (x 1.2) to the image stream's.
+- MeanFlow (Geng et al. 2025): the network takes (t, r) and predicts the average velocity u(z_t, r, t); t and
+  h = t - r each have a sinusoidal + MLP embedder, summed. The h embedder's last layer starts at zero, so a student
+  initialised from a teacher equals the teacher when r = t.
+
+Time convention: t in [0, 1], t = 1 is noise, z_t = (1 - t) x + t e (diffusers' FlowMatchEulerDiscreteScheduler:
+sigma = t, timestep = 1000 t). Every attention goes through ``kernels.attention``, every adaLN modulation through
+``kernels.adaln_modulate``.
+
+Shapes: z, lr (B, C, H, W) with H, W divisible by the patch size; t, r (B,); context (B, Lc, context_dim);
+pooled (B, pooled_dim). Output u: (B, C, H, W). Dtypes: fp32, bf16, fp16, fp64 (the parameters' dtype).
+
+Caution:
+- Positions beyond ``pos_embed_max_size`` patches extrapolate the sin-cos grid instead of raising as diffusers does.
+- ``dit4sr_norm_k_bug`` reproduces the released DiT4SR code, which computes the LR keys from the normalised image
+  keys; leave it off unless you load those weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+import kernels
+
+
+@dataclass(frozen=True)
+class MFSRConfig:
+    """Every architecture knob of MFSRTransformer; presets below, overrides through ``from_preset``."""
+
+    in_channels: int = 16
+    patch_size: int = 2
+    num_layers: int = 24
+    num_heads: int = 24
+    head_dim: int = 64
+    context_dim: int = 4096  # width of the context tokens given to forward (T5/CLIP features); 0: no context stream
+    pooled_dim: int = 2048  # width of the pooled embedding; 0: no pooled projection
+    sample_size: int = 128  # latent size the sin-cos grid is scaled for (base size = sample_size // patch_size)
+    pos_embed_max_size: int = 384  # patches per side of the centred sin-cos grid
+    dual_attention_layers: tuple[int, ...] = tuple(range(13))  # MMDiT-X image-only attention on these blocks
+    qk_norm: str | None = "rms_norm"  # "rms_norm" or None
+    lr_stream: bool = True  # DiT4SR LR stream
+    lr_conv_scale: float = 1.2  # weight of the cross-stream depthwise conv
+    lr_attn_residual: bool = True  # DiT4SR adds the LR stream's attention input to its attention output
+    dit4sr_norm_k_bug: bool = False  # reproduce released DiT4SR: LR keys = norm_k(image keys)
+    timestep_scale: float = 1000.0  # the embedders see 1000 t and 1000 (t - r), as SD3 sees its timesteps
+    time_freq_dim: int = 256
+    mlp_ratio: float = 4.0
+    eps: float = 1e-6
+
+
+PRESETS: dict[str, dict] = {
+    # SD3.5-medium MM-DiT + DiT4SR LR stream: 2.5B parameters, GPU only.
+    "dit4sr": {},
+    # CPU presets over a pixel codec (pixel-unshuffle x4 of RGB = 48 channels), no text encoder: learned prompt tokens.
+    "small": dict(in_channels=48, num_layers=6, num_heads=4, head_dim=64, context_dim=256, pooled_dim=256,
+                  sample_size=64, pos_embed_max_size=256, dual_attention_layers=(0, 1, 2)),
+    "tiny": dict(in_channels=48, num_layers=4, num_heads=4, head_dim=32, context_dim=128, pooled_dim=128,
+                 sample_size=32, pos_embed_max_size=256, dual_attention_layers=(0, 1)),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features [cos, sin] of t (B,) -> (B, dim), as diffusers' Timesteps(flip_sin_to_cos=True, shift=0).
+
+    Computed in t's dtype (at least fp32) so that fp64 checks and forward-mode tangents stay exact.
+    """
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.to(dtype)[:, None] * freqs.to(dtype)[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def sincos_pos_embed(dim: int, h: int, w: int, max_size: int, base_size: int, device=None) -> torch.Tensor:
+    """SD3's 2-D sin-cos positions, centre-cropped from a max_size x max_size grid -> (h * w, dim) in fp32.
+
+    Token (i, j) gets [sincos(x = j'), sincos(y = i')] with positions j' = (left + j) / (max_size / base_size).
+    """
+    top, left = (max_size - h) // 2, (max_size - w) // 2
+    ys = torch.arange(top, top + h, device=device, dtype=torch.float32) / (max_size / base_size)
+    xs = torch.arange(left, left + w, device=device, dtype=torch.float32) / (max_size / base_size)
+    quarter = dim // 4
+    omega = torch.arange(quarter, device=device, dtype=torch.float64) / quarter
+    omega = 1.0 / 10000 ** omega  # (dim / 4,)
+
+    def embed(pos):  # (n,) -> (n, dim / 2)
+        out = pos.double()[:, None] * omega[None, :]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    ex = embed(xs)[None, :, :].expand(h, w, 2 * quarter)  # (h, w, dim / 2)
+    ey = embed(ys)[:, None, :].expand(h, w, 2 * quarter)  # (h, w, dim / 2)
+    return torch.cat([ex, ey], dim=-1).reshape(h * w, dim).float()
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim with a learned weight, statistics in fp32 (as diffusers' RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.to(torch.promote_types(x.dtype, torch.float32)).pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(var + self.eps).to(x.dtype) * self.weight.to(x.dtype)
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> SiLU -> Linear (diffusers' TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head attention over an image stream [z; lr] and, when given, a context stream.
+
+    to_q/k/v/out act on the image tokens, add_q/k/v and to_add_out on context tokens, *_control on LR tokens.
+    """
+
+    def __init__(self, cfg: MFSRConfig, context: bool, context_out: bool):
+        super().__init__()
+        dim = cfg.num_heads * cfg.head_dim
+        self.cfg = cfg
+        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm == "rms_norm" else None
+        self.norm_k = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm == "rms_norm" else None
+        if context:
+            self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim), nn.Linear(dim, dim),
+                                                                 nn.Linear(dim, dim))
+            self.norm_added_q = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm == "rms_norm" else None
+            self.norm_added_k = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm == "rms_norm" else None
+            self.to_add_out = nn.Linear(dim, dim) if context_out else None
+        if cfg.lr_stream:
+            self.to_q_control, self.to_k_control, self.to_v_control = (nn.Linear(dim, dim), nn.Linear(dim, dim),
+                                                                       nn.Linear(dim, dim))
+            self.to_out_control = nn.Linear(dim, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.cfg.num_heads, self.cfg.head_dim)).transpose(1, 2)  # (B, H, L, Dh)
+
+    def _norm(self, norm, x):
+        return x if norm is None else norm(x)
+
+    def forward(self, x: torch.Tensor, n_img: int, c: torch.Tensor | None = None, backend: str = "auto"):
+        """x: (B, N [+ N_lr], D) image tokens, the first n_img from z; c: (B, Lc, D) context or None."""
+        x_img, x_lr = x[:, :n_img], x[:, n_img:]  # (B, N, D), (B, N_lr, D)
+        q_img, k_img, v_img = self.to_q(x_img), self.to_k(x_img), self.to_v(x_img)  # (B, N, D)
+        qs = [self._norm(self.norm_q, self._heads(q_img))]  # [(B, H, N, Dh)]
+        k_img_n = self._norm(self.norm_k, self._heads(k_img))
+        ks, vs = [k_img_n], [self._heads(v_img)]
+        if x_lr.shape[1]:
+            # DiT4SR: control projections applied after the shared image projections.
+            q_lr = self.to_q_control(self.to_q(x_lr))  # (B, N_lr, D)
+            k_lr = self.to_k_control(self.to_k(x_lr))
+            v_lr = self.to_v_control(self.to_v(x_lr))
+            qs.append(self._norm(self.norm_q, self._heads(q_lr)))
+            ks.append(k_img_n if self.cfg.dit4sr_norm_k_bug else self._norm(self.norm_k, self._heads(k_lr)))
+            vs.append(self._heads(v_lr))
+        if c is not None:
+            qs.append(self._norm(self.norm_added_q, self._heads(self.add_q_proj(c))))  # (B, H, Lc, Dh)
+            ks.append(self._norm(self.norm_added_k, self._heads(self.add_k_proj(c))))
+            vs.append(self._heads(self.add_v_proj(c)))
+        q, k, v = (torch.cat(t, dim=2) if len(t) > 1 else t[0] for t in (qs, ks, vs))  # (B, H, L, Dh)
+        o = kernels.attention(q, k, v, backend=backend)  # (B, H, L, Dh)
+        o = o.transpose(1, 2).flatten(2)  # (B, L, D)
+        n_x = x.shape[1]
+        out_img = self.to_out(o[:, :n_img])  # (B, N, D)
+        if x_lr.shape[1]:
+            o_lr = o[:, n_img:n_x]  # (B, N_lr, D)
+            if self.cfg.lr_attn_residual:
+                o_lr = o_lr + x_lr
+            out_img = torch.cat([out_img, self.to_out_control(o_lr)], dim=1)  # (B, N + N_lr, D)
+        out_ctx = None
+        if c is not None and self.to_add_out is not None:
+            out_ctx = self.to_add_out(o[:, n_x:])  # (B, Lc, D)
+        return out_img, out_ctx
+
+
+class FeedForward(nn.Module):
+    """GELU(tanh) MLP; with the LR stream, a depthwise 3x3 conv of the LR hidden map is added to the image one."""
+
+    def __init__(self, cfg: MFSRConfig, lr_conv: bool):
+        super().__init__()
+        dim = cfg.num_heads * cfg.head_dim
+        hidden = int(dim * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.control_conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if lr_conv else None
+        self.lr_conv_scale = cfg.lr_conv_scale
+
+    def forward(self, x: torch.Tensor, n_img: int, grid: tuple[int, int]) -> torch.Tensor:
+        a = F.gelu(self.fc1(x), approximate="tanh")  # (B, L, 4D)
+        if self.control_conv is not None and x.shape[1] > n_img:
+            a_img, a_lr = a[:, :n_img], a[:, n_img:]  # (B, N, 4D) each
+            lr_map = a_lr.transpose(1, 2).unflatten(2, grid)  # (B, 4D, Hp, Wp)
+            cross = self.control_conv(lr_map).flatten(2).transpose(1, 2)  # (B, N, 4D)
+            a = torch.cat([a_img + self.lr_conv_scale * cross, a_lr], dim=1)  # (B, 2N, 4D)
+        return self.fc2(a)  # (B, L, D)
+
+
+class JointBlock(nn.Module):
+    """One MM-DiT block: adaLN-Zero modulation, joint attention, optional image-only attention, feed-forward."""
+
+    def __init__(self, cfg: MFSRConfig, dual: bool, last: bool):
+        super().__init__()
+        dim = cfg.num_heads * cfg.head_dim
+        self.cfg, self.dual, self.last = cfg, dual, last
+        has_ctx = cfg.context_dim > 0
+        # Image modulation: shift/scale/gate for attention and MLP (+ shift/scale/gate for the second attention).
+        self.norm1 = nn.Linear(dim, (9 if dual else 6) * dim)
+        self.attn = Attention(cfg, context=has_ctx, context_out=not last)
+        self.attn2 = Attention(cfg, context=False, context_out=False) if dual else None
+        self.ff = FeedForward(cfg, lr_conv=cfg.lr_stream)
+        if has_ctx:
+            # The last block only feeds the context into attention (SD3's context_pre_only): scale/shift only.
+            self.norm1_context = nn.Linear(dim, (2 if last else 6) * dim)
+            self.ff_context = None if last else FeedForward(dataclasses.replace(cfg, lr_stream=False), lr_conv=False)
+
+    def forward(self, x, c, temb, n_img: int, grid: tuple[int, int], backend: str = "auto"):
+        """x: (B, N [+ N_lr], D), c: (B, Lc, D) or None, temb: (B, D) -> updated (x, c)."""
+        eps = self.cfg.eps
+        mod = self.norm1(F.silu(temb)).chunk(9 if self.dual else 6, dim=1)  # each (B, D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
+        y = kernels.adaln_modulate(x, shift_msa, scale_msa, eps=eps, backend=backend)  # (B, N, D)
+        if self.dual:
+            # MMDiT-X: a second modulation of the same normalised input feeds the image-only attention.
+            shift_msa2, scale_msa2, gate_msa2 = mod[6:]
+            y2 = kernels.adaln_modulate(x, shift_msa2, scale_msa2, eps=eps, backend=backend)  # (B, N, D)
+        if c is not None:
+            cmod = self.norm1_context(F.silu(temb)).chunk(2 if self.last else 6, dim=1)
+            if self.last:
+                c_scale, c_shift = cmod  # AdaLayerNormContinuous order: scale first
+                yc = kernels.adaln_modulate(c, c_shift, c_scale, eps=eps, backend=backend)  # (B, Lc, D)
+            else:
+                c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod
+                yc = kernels.adaln_modulate(c, c_shift_msa, c_scale_msa, eps=eps, backend=backend)
+        else:
+            yc = None
+
+        a, ac = self.attn(y, n_img, yc, backend=backend)  # (B, N, D), (B, Lc, D) or None
+        if self.dual:
+            x = x + gate_msa[:, None] * a  # (B, N, D)
+            a2, _ = self.attn2(y2, n_img, None, backend=backend)
+            x, y = kernels.adaln_modulate(x, shift_mlp, scale_mlp, gate=gate_msa2, h=a2, eps=eps, backend=backend)
+        else:
+            x, y = kernels.adaln_modulate(x, shift_mlp, scale_mlp, gate=gate_msa, h=a, eps=eps, backend=backend)
+        x = x + gate_mlp[:, None] * self.ff(y, n_img, grid)  # (B, N, D)
+
+        if c is not None and not self.last:
+            c, yc = kernels.adaln_modulate(c, c_shift_mlp, c_scale_mlp, gate=c_gate_msa, h=ac, eps=eps,
+                                           backend=backend)
+            c = c + c_gate_mlp[:, None] * self.ff_context(yc, yc.shape[1], (0, 0))  # (B, Lc, D)
+        elif self.last:
+            c = None
+        return x, c
+
+
+class MFSRTransformer(ModelMixin, ConfigMixin):
+    """u = model(z, lr, t, r, context=None, pooled=None): average velocity over [r, t] for the noisy latent z.
+
+    Build with ``MFSRTransformer.from_preset(name, **overrides)``; save/load with diffusers' ``save_pretrained`` /
+    ``from_pretrained`` (config.json + model.safetensors).
+    """
+
+    config_name = "config.json"
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        patch_size: int = 2,
+        num_layers: int = 24,
+        num_heads: int = 24,
+        head_dim: int = 64,
+        context_dim: int = 4096,
+        pooled_dim: int = 2048,
+        sample_size: int = 128,
+        pos_embed_max_size: int = 384,
+        dual_attention_layers: tuple[int, ...] = tuple(range(13)),
+        qk_norm: str | None = "rms_norm",
+        lr_stream: bool = True,
+        lr_conv_scale: float = 1.2,
+        lr_attn_residual: bool = True,
+        dit4sr_norm_k_bug: bool = False,
+        timestep_scale: float = 1000.0,
+        time_freq_dim: int = 256,
+        mlp_ratio: float = 4.0,
+        eps: float = 1e-6,
+    ):
+        # Keyword arguments mirror MFSRConfig field by field: diffusers' ConfigMixin reads the signature.
+        super().__init__()
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        kwargs["dual_attention_layers"] = tuple(int(i) for i in dual_attention_layers)
+        cfg = MFSRConfig(**kwargs)
+        _check_config(cfg)
+        self.cfg = cfg
+        self.kernel_backend = "auto"
+        dim = cfg.num_heads * cfg.head_dim
+        p = cfg.patch_size
+        self.pos_embed = nn.Conv2d(cfg.in_channels, dim, kernel_size=p, stride=p)
+        self.time_embed = MLPEmbedder(cfg.time_freq_dim, dim)
+        self.h_embed = MLPEmbedder(cfg.time_freq_dim, dim)
+        self.pooled_embed = MLPEmbedder(cfg.pooled_dim, dim) if cfg.pooled_dim > 0 else None
+        self.context_embed = nn.Linear(cfg.context_dim, dim) if cfg.context_dim > 0 else None
+        self.blocks = nn.ModuleList([
+            JointBlock(cfg, dual=i in cfg.dual_attention_layers, last=i == cfg.num_layers - 1)
+            for i in range(cfg.num_layers)
+        ])
+        self.norm_out = nn.Linear(dim, 2 * dim)
+        self.proj_out = nn.Linear(dim, p * p * cfg.in_channels)
+        self.initialize_weights()
+
+    # ----- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MFSRTransformer":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        fields = {f.name for f in dataclasses.fields(MFSRConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(fields)}")
+        kwargs = {**dataclasses.asdict(MFSRConfig(**PRESETS[name])), **overrides}
+        return cls(**kwargs)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT-style init: xavier linears, zero adaLN and output layers (adaLN-Zero), DiT4SR zero control layers."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.pos_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.pos_embed.bias)
+        for emb in (self.time_embed, self.h_embed):
+            nn.init.normal_(emb.linear_1.weight, std=0.02)
+            nn.init.normal_(emb.linear_2.weight, std=0.02)
+        # MeanFlow: h = t - r enters at zero, so the student starts as the teacher for r = t.
+        nn.init.zeros_(self.h_embed.linear_2.weight)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.norm1.weight)
+            nn.init.zeros_(blk.norm1.bias)
+            if self.cfg.context_dim > 0:
+                nn.init.zeros_(blk.norm1_context.weight)
+                nn.init.zeros_(blk.norm1_context.bias)
+            if self.cfg.lr_stream:
+                self.zero_init_lr_stream(blk)
+        nn.init.zeros_(self.norm_out.weight)
+        nn.init.zeros_(self.norm_out.bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    @staticmethod
+    @torch.no_grad()
+    def zero_init_lr_stream(blk: "JointBlock") -> None:
+        """DiT4SR init of one block's LR stream: zero control q/k/v and conv, output projection copied from the image."""
+        for attn in (blk.attn, blk.attn2):
+            if attn is None:
+                continue
+            for lin in (attn.to_q_control, attn.to_k_control, attn.to_v_control):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            attn.to_out_control.weight.copy_(attn.to_out.weight)
+            attn.to_out_control.bias.copy_(attn.to_out.bias)
+        nn.init.zeros_(blk.ff.control_conv.weight)
+        nn.init.zeros_(blk.ff.control_conv.bias)
+
+    def set_kernel_backend(self, backend: str) -> "MFSRTransformer":
+        """'auto' | 'triton' | 'reference' for every attention and adaLN call of this model."""
+        if backend not in ("auto", "triton", "reference"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+        self.kernel_backend = backend
+        return self
+
+    # ----- forward -----------------------------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor, lr: torch.Tensor | None, t, r=None, context: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Average velocity u(z, r, t) (B, C, H, W). r defaults to t (instantaneous velocity, the teacher)."""
+        cfg = self.cfg
+        t, r = self._check_inputs(z, lr, t, r, context, pooled)
+        B, C, H, W = z.shape
+        p = cfg.patch_size
+        hp, wp = H // p, W // p
+        backend = self.kernel_backend
+        dtype = z.dtype
+
+        pos = sincos_pos_embed(self.inner_dim, hp, wp, cfg.pos_embed_max_size, cfg.sample_size // p,
+                               device=z.device).to(dtype)  # (N, D)
+        x = self.pos_embed(z).flatten(2).transpose(1, 2) + pos  # (B, N, D)
+        n_img = x.shape[1]
+        if lr is not None:
+            x_lr = self.pos_embed(lr).flatten(2).transpose(1, 2) + pos  # (B, N, D)
+            x = torch.cat([x, x_lr], dim=1)  # (B, 2N, D)
+
+        # Dual time conditioning: embed t and h = t - r, add the pooled projection.
+        temb = self.time_embed(timestep_embedding(t * cfg.timestep_scale, cfg.time_freq_dim).to(dtype))  # (B, D)
+        temb = temb + self.h_embed(timestep_embedding((t - r) * cfg.timestep_scale, cfg.time_freq_dim).to(dtype))
+        if self.pooled_embed is not None:
+            if pooled is None:
+                pooled = z.new_zeros(B, cfg.pooled_dim)
+            temb = temb + self.pooled_embed(pooled)  # (B, D)
+        c = self.context_embed(context) if context is not None else None  # (B, Lc, D)
+
+        for blk in self.blocks:
+            x, c = blk(x, c, temb, n_img, (hp, wp), backend=backend)
+
+        x = x[:, :n_img]  # (B, N, D): only the noisy-latent tokens are decoded
+        scale, shift = self.norm_out(F.silu(temb)).chunk(2, dim=1)  # (B, D) each
+        x = kernels.adaln_modulate(x, shift, scale, eps=cfg.eps, backend=backend)  # (B, N, D)
+        x = self.proj_out(x)  # (B, N, p * p * C)
+        x = x.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, hp, p, wp, p)
+        return x.reshape(B, C, H, W)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.cfg.num_heads * self.cfg.head_dim
+
+    def _check_inputs(self, z, lr, t, r, context, pooled):
+        """Clear ValueErrors for a caller's mistakes, before anything deep can fail."""
+        cfg = self.cfg
+        param = self.pos_embed.weight
+        if not isinstance(z, torch.Tensor) or z.dim() != 4:
+            raise ValueError(f"z must be a (B, C, H, W) tensor, got {_describe(z)}")
+        B, C, H, W = z.shape
+        if C != cfg.in_channels:
+            raise ValueError(f"z has {C} channels, the model expects {cfg.in_channels}")
+        if H % cfg.patch_size or W % cfg.patch_size or H == 0 or W == 0:
+            raise ValueError(f"z spatial size {H}x{W} must be positive and divisible by the patch size "
+                             f"{cfg.patch_size}")
+        if z.dtype != param.dtype:
+            raise ValueError(f"z dtype {z.dtype} does not match the model dtype {param.dtype}; cast one of them "
+                             f"(e.g. model.to({z.dtype}))")
+        if z.device != param.device:
+            raise ValueError(f"z is on {z.device}, the model on {param.device}")
+        if cfg.lr_stream:
+            if lr is None:
+                raise ValueError("this model has an LR stream: pass lr, the encoded low-resolution image "
+                                 "(B, C, H, W) at the output size")
+            if not isinstance(lr, torch.Tensor) or lr.dim() != 4:
+                raise ValueError(f"lr must be a (B, C, H, W) tensor, got {_describe(lr)}")
+            if lr.shape[2:] != z.shape[2:]:
+                raise ValueError(f"lr spatial size {tuple(lr.shape[2:])} differs from z's {tuple(z.shape[2:])}; "
+                                 "upsample the LR image to the output size before encoding")
+            if lr.shape[:2] != z.shape[:2]:
+                raise ValueError(f"lr shape {tuple(lr.shape)} does not match z {tuple(z.shape)} in batch/channels")
+            if lr.dtype != z.dtype or lr.device != z.device:
+                raise ValueError(f"lr ({lr.dtype}, {lr.device}) must match z ({z.dtype}, {z.device})")
+        elif lr is not None:
+            raise ValueError("this model has no LR stream (lr_stream=False): pass lr=None")
+        t = self._check_time(t, "t", B, z)
+        r = t if r is None else self._check_time(r, "r", B, z)
+        if not torch.compiler.is_compiling():
+            if bool(((t < 0) | (t > 1)).any()):
+                raise ValueError(f"t must lie in [0, 1], got values in [{float(t.min()):.4g}, {float(t.max()):.4g}]")
+            if bool(((r < 0) | (r > 1)).any()):
+                raise ValueError(f"r must lie in [0, 1], got values in [{float(r.min()):.4g}, {float(r.max()):.4g}]")
+            if bool((r > t).any()):
+                raise ValueError("r must be <= t for every sample (u averages the velocity over [r, t])")
+        if context is not None:
+            if cfg.context_dim == 0:
+                raise ValueError("this model has no context stream (context_dim=0): pass context=None")
+            if (not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != B
+                    or context.shape[2] != cfg.context_dim):
+                raise ValueError(f"context must be (B={B}, L, {cfg.context_dim}), got {_describe(context)}")
+            if context.dtype != z.dtype or context.device != z.device:
+                raise ValueError(f"context ({context.dtype}, {context.device}) must match z ({z.dtype}, {z.device})")
+        if pooled is not None:
+            if cfg.pooled_dim == 0:
+                raise ValueError("this model has no pooled projection (pooled_dim=0): pass pooled=None")
+            if not isinstance(pooled, torch.Tensor) or pooled.shape != (B, cfg.pooled_dim):
+                raise ValueError(f"pooled must be (B={B}, {cfg.pooled_dim}), got {_describe(pooled)}")
+            if pooled.dtype != z.dtype or pooled.device != z.device:
+                raise ValueError(f"pooled ({pooled.dtype}, {pooled.device}) must match z ({z.dtype}, {z.device})")
+        return t, r
+
+    @staticmethod
+    def _check_time(t, name: str, B: int, z: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, (int, float)):
+            t = torch.full((B,), float(t), device=z.device, dtype=torch.promote_types(z.dtype, torch.float32))
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor of shape (B,) = ({B},) or a float, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != z.device:
+            raise ValueError(f"{name} is on {t.device}, z on {z.device}")
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
+        return t
+
+
+def _check_config(cfg: MFSRConfig) -> None:
+    if cfg.qk_norm not in (None, "rms_norm"):
+        raise ValueError(f"qk_norm must be None or 'rms_norm', got {cfg.qk_norm!r}")
+    if cfg.num_layers < 1 or cfg.num_heads < 1 or cfg.head_dim < 1 or cfg.patch_size < 1 or cfg.in_channels < 1:
+        raise ValueError(f"sizes must be positive: {cfg}")
+    if (cfg.num_heads * cfg.head_dim) % 4:
+        raise ValueError("num_heads * head_dim must be divisible by 4 (2-D sin-cos positions)")
+    bad = [i for i in cfg.dual_attention_layers if not 0 <= i < cfg.num_layers]
+    if bad:
+        raise ValueError(f"dual_attention_layers {bad} outside [0, {cfg.num_layers})")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

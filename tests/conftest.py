@@ -1,0 +1,71 @@
+"""Shared test helpers and the one tolerance table of the suite.
+
+Tolerance rule (STYLE.md): a kernel's error against an fp64 reference may be at most ``RATIO`` times the error of the
+same-dtype PyTorch reference against fp64, plus ``ATOL[dtype]``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import: kernels run through the interpreter on CPU
+
+import pytest
+import torch
+
+from mfsr_fast import MFSRTransformer
+
+RATIO = 2.0
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def assert_close_to_ref(out: torch.Tensor, ref_same_dtype: torch.Tensor, ref64: torch.Tensor, name: str = "") -> None:
+    """The tolerance rule: |out - ref64| <= RATIO * max|ref_same_dtype - ref64| + ATOL, and no NaN."""
+    assert not torch.isnan(out).any(), f"{name}: NaN in output (unwritten element?)"
+    err = (out.double() - ref64).abs().max().item()
+    base = (ref_same_dtype.double() - ref64).abs().max().item()
+    bound = RATIO * base + ATOL[out.dtype]
+    assert err <= bound, f"{name}: error {err:.3e} > {RATIO} x reference error {base:.3e} + atol"
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Replace every parameter by fresh random values (zero-initialised layers would hide bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+        base = 1.0 if name.endswith("norm_q.weight") or "norm_k" in name or "norm_added" in name else 0.0
+        if p.dim() == 1:
+            p.copy_(base + std * noise)
+        else:
+            p.copy_(noise / p[0].numel() ** 0.5)  # unit-variance activations for any fan-in
+    return model
+
+
+def micro_model(dtype=torch.float32, **overrides) -> MFSRTransformer:
+    """A few-thousand-parameter model with every feature on (LR stream, context, pooled, dual attention)."""
+    kw = dict(in_channels=4, num_layers=2, num_heads=2, head_dim=8, context_dim=6, pooled_dim=5, sample_size=8,
+              pos_embed_max_size=16, dual_attention_layers=(0,))
+    kw.update(overrides)
+    return randomize_(MFSRTransformer.from_preset("tiny", **kw)).to(dtype)
+
+
+def micro_inputs(model: MFSRTransformer, B: int = 2, H: int = 8, W: int = 6, seed: int = 1, Lc: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    dtype = model.dtype
+    cfg = model.cfg
+    z = torch.randn(B, cfg.in_channels, H, W, generator=g, dtype=torch.float64).to(dtype)
+    lr = torch.randn(B, cfg.in_channels, H, W, generator=g, dtype=torch.float64).to(dtype) if cfg.lr_stream else None
+    ctx = torch.randn(B, Lc, cfg.context_dim, generator=g, dtype=torch.float64).to(dtype) if cfg.context_dim else None
+    pooled = torch.randn(B, cfg.pooled_dim, generator=g, dtype=torch.float64).to(dtype) if cfg.pooled_dim else None
+    t = torch.rand(B, generator=g, dtype=torch.float64).clamp(0.2, 0.9).to(torch.promote_types(dtype, torch.float32))
+    r = t * torch.rand(B, generator=g, dtype=torch.float64).to(t.dtype)
+    return dict(z=z, lr=lr, t=t, r=r, context=ctx, pooled=pooled)
+
+
+@pytest.fixture
+def shared_data():
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip(f"shared data folder not found at {os.path.abspath(SHARED_DATA)}")
+    return SHARED_DATA

@@ -1,0 +1,1 @@
+"""Teacher training and MeanFlow distillation (see the README's status table for what exists today)."""
