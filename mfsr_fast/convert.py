@@ -73,10 +73,17 @@ def rename_sd3_key(key: str) -> str | None:
 
 
 def convert_sd3_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename a diffusers SD3Transformer2DModel state dict to MFSRTransformer keys (no LR-stream or h keys)."""
+    """Rename a diffusers SD3Transformer2DModel state dict to MFSRTransformer keys (no LR-stream or h keys).
+
+    The last block's context queries (attn.add_q_proj, attn.norm_added_q) are dropped: that block discards the
+    context outputs, so SD3 computes them for nothing and MFSRTransformer does not have them.
+    """
+    blocks = [int(m.group(1)) for k in state_dict if (m := re.match(r"transformer_blocks\.(\d+)\.", k))]
+    last = max(blocks, default=-1)
+    dead = re.compile(rf"^transformer_blocks\.{last}\.attn\.(add_q_proj|norm_added_q)\.")
     out = {}
     for k, v in state_dict.items():
-        nk = rename_sd3_key(k)
+        nk = None if dead.match(k) else rename_sd3_key(k)
         if nk is not None:
             out[nk] = v
     return out

@@ -79,7 +79,8 @@ def adaptive_loss(pred: torch.Tensor, target: torch.Tensor, *, p: float = 1.0, c
 
     Returns the batch mean (``reduce``) or the per-sample losses (B,).
     """
-    err = (pred.float() - target.float()).pow(2).flatten(1).sum(1)  # (B,)
+    acc = torch.promote_types(pred.dtype, torch.float32)
+    err = (pred.to(acc) - target.to(acc)).pow(2).flatten(1).sum(1)  # (B,)
     w = (err.detach() + c).pow(p)
     loss = err / w
     return loss.mean() if reduce else loss

@@ -151,11 +151,14 @@ class Attention(nn.Module):
         self.norm_q = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm == "rms_norm" else None
         self.norm_k = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm == "rms_norm" else None
         if context:
-            self.add_q_proj, self.add_k_proj, self.add_v_proj = (nn.Linear(dim, dim), nn.Linear(dim, dim),
-                                                                 nn.Linear(dim, dim))
-            self.norm_added_q = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm == "rms_norm" else None
+            # Without context output (SD3's last block) the context only gives keys and values: no queries.
+            if context_out:
+                self.add_q_proj = nn.Linear(dim, dim)
+                self.norm_added_q = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm == "rms_norm" else None
+                self.to_add_out = nn.Linear(dim, dim)
+            self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
             self.norm_added_k = RMSNorm(cfg.head_dim, cfg.eps) if cfg.qk_norm == "rms_norm" else None
-            self.to_add_out = nn.Linear(dim, dim) if context_out else None
+        self.context_out = context and context_out
         if cfg.lr_stream:
             self.to_q_control, self.to_k_control, self.to_v_control = (nn.Linear(dim, dim), nn.Linear(dim, dim),
                                                                        nn.Linear(dim, dim))
@@ -183,11 +186,12 @@ class Attention(nn.Module):
             ks.append(k_img_n if self.cfg.dit4sr_norm_k_bug else self._norm(self.norm_k, self._heads(k_lr)))
             vs.append(self._heads(v_lr))
         if c is not None:
-            qs.append(self._norm(self.norm_added_q, self._heads(self.add_q_proj(c))))  # (B, H, Lc, Dh)
+            if self.context_out:
+                qs.append(self._norm(self.norm_added_q, self._heads(self.add_q_proj(c))))  # (B, H, Lc, Dh)
             ks.append(self._norm(self.norm_added_k, self._heads(self.add_k_proj(c))))
             vs.append(self._heads(self.add_v_proj(c)))
-        q, k, v = (torch.cat(t, dim=2) if len(t) > 1 else t[0] for t in (qs, ks, vs))  # (B, H, L, Dh)
-        o = kernels.attention(q, k, v, backend=backend)  # (B, H, L, Dh)
+        q, k, v = (torch.cat(t, dim=2) if len(t) > 1 else t[0] for t in (qs, ks, vs))  # (B, H, Lq | L, Dh)
+        o = kernels.attention(q, k, v, backend=backend)  # (B, H, Lq, Dh)
         o = o.transpose(1, 2).flatten(2)  # (B, L, D)
         n_x = x.shape[1]
         out_img = self.to_out(o[:, :n_img])  # (B, N, D)
@@ -197,7 +201,7 @@ class Attention(nn.Module):
                 o_lr = o_lr + x_lr
             out_img = torch.cat([out_img, self.to_out_control(o_lr)], dim=1)  # (B, N + N_lr, D)
         out_ctx = None
-        if c is not None and self.to_add_out is not None:
+        if c is not None and self.context_out:
             out_ctx = self.to_add_out(o[:, n_x:])  # (B, Lc, D)
         return out_img, out_ctx
 
