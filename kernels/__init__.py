@@ -15,6 +15,7 @@ from kernels import reference
 __all__ = ["attention", "adaln_modulate", "reference", "triton_available"]
 
 _BACKENDS = ("auto", "triton", "reference")
+_ADALN_MAX_D = 4096  # kernels.adaln.MAX_D, repeated here so that the dispatch does not import triton
 
 
 def triton_available() -> bool:
@@ -25,13 +26,8 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return x.is_cuda and triton_available() and _triton_impl_ready()
+        return x.is_cuda and triton_available()
     return backend == "triton"
-
-
-def _triton_impl_ready() -> bool:
-    """The Triton kernels land in their own issues; until then 'auto' stays on the reference path."""
-    return False
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -45,7 +41,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
                          f"{tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if _use_triton(backend, q):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        # Until the flash-attention kernel lands, 'auto' stays on the reference (SDPA / chunked math) everywhere.
         raise NotImplementedError("attention: the Triton flash-attention kernel is not in this build yet; "
                                   "use backend='reference' (or 'auto')")
     return reference.attention(q, k, v, scale)
@@ -57,7 +56,9 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *,
 
     x, h: (B, L, D); shift, scale, gate: (B, D) or (B, 1, D).
     """
-    if _use_triton(backend, x):
-        raise NotImplementedError("adaln_modulate: the Triton adaLN kernel is not in this build yet; "
-                                  "use backend='reference' (or 'auto')")
+    # One row lives in registers in the Triton kernel: wider rows stay on the reference under 'auto'.
+    if _use_triton(backend, x) and (backend == "triton" or x.shape[-1] <= _ADALN_MAX_D):
+        from kernels import adaln  # imports triton: only on this path
+
+        return adaln.adaln_modulate(x, shift, scale, gate=gate, h=h, eps=eps)
     return reference.adaln_modulate(x, shift, scale, gate=gate, h=h, eps=eps)

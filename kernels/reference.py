@@ -18,8 +18,6 @@ Caution:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 

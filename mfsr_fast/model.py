@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -343,7 +343,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
 
     # ----- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "MFSRTransformer":
+    def from_preset(cls, name: str, **overrides) -> MFSRTransformer:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
         fields = {f.name for f in dataclasses.fields(MFSRConfig)}
@@ -383,8 +383,8 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
 
     @staticmethod
     @torch.no_grad()
-    def zero_init_lr_stream(blk: "JointBlock") -> None:
-        """DiT4SR init of one block's LR stream: zero control q/k/v and conv, output projection copied from the image."""
+    def zero_init_lr_stream(blk: JointBlock) -> None:
+        """DiT4SR init of one block's LR stream: zero control q/k/v and conv, output projections copied."""
         for attn in (blk.attn, blk.attn2):
             if attn is None:
                 continue
@@ -396,7 +396,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         nn.init.zeros_(blk.ff.control_conv.weight)
         nn.init.zeros_(blk.ff.control_conv.bias)
 
-    def set_kernel_backend(self, backend: str) -> "MFSRTransformer":
+    def set_kernel_backend(self, backend: str) -> MFSRTransformer:
         """'auto' | 'triton' | 'reference' for every attention and adaLN call of this model."""
         if backend not in ("auto", "triton", "reference"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")

@@ -1,32 +1,33 @@
 """Shared test helpers and the one tolerance table of the suite.
 
 Tolerance rule (STYLE.md): a kernel's error against an fp64 reference may be at most ``RATIO`` times the error of the
-same-dtype PyTorch reference against fp64, plus ``ATOL[dtype]``.
+same-dtype PyTorch reference against fp64, plus ``ATOL[dtype]`` times the largest magnitude of the fp64 result (about
+half a unit in the last place of the dtype at that scale: on small tensors the reference can be luckier than that).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import: kernels run through the interpreter on CPU
-
 import pytest
 import torch
 
-from mfsr_fast import MFSRTransformer
+if not torch.cuda.is_available():
+    # Before any triton import: without a GPU the kernels run through the Triton interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 RATIO = 2.0
-ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-4}
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2.0 ** -9, torch.float16: 2.0 ** -12}
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
 def assert_close_to_ref(out: torch.Tensor, ref_same_dtype: torch.Tensor, ref64: torch.Tensor, name: str = "") -> None:
-    """The tolerance rule: |out - ref64| <= RATIO * max|ref_same_dtype - ref64| + ATOL, and no NaN."""
+    """The tolerance rule: |out - ref64| <= RATIO * max|ref_same_dtype - ref64| + ATOL * max|ref64|, and no NaN."""
     assert not torch.isnan(out).any(), f"{name}: NaN in output (unwritten element?)"
     err = (out.double() - ref64).abs().max().item()
     base = (ref_same_dtype.double() - ref64).abs().max().item()
-    bound = RATIO * base + ATOL[out.dtype]
-    assert err <= bound, f"{name}: error {err:.3e} > {RATIO} x reference error {base:.3e} + atol"
+    bound = RATIO * base + ATOL[out.dtype] * ref64.abs().max().item()
+    assert err <= bound, f"{name}: error {err:.3e} > {RATIO} x reference error {base:.3e} + atol (bound {bound:.3e})"
 
 
 @torch.no_grad()
@@ -43,8 +44,10 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
     return model
 
 
-def micro_model(dtype=torch.float32, **overrides) -> MFSRTransformer:
-    """A few-thousand-parameter model with every feature on (LR stream, context, pooled, dual attention)."""
+def micro_model(dtype=torch.float32, **overrides):
+    """A few-thousand-parameter MFSRTransformer with every feature on (LR stream, context, pooled, dual attention)."""
+    from mfsr_fast import MFSRTransformer  # needs diffusers, which GPU check machines may lack
+
     kw = dict(in_channels=4, num_layers=2, num_heads=2, head_dim=8, context_dim=6, pooled_dim=5, sample_size=8,
               pos_embed_max_size=16, dual_attention_layers=(0,))
     kw.update(overrides)
@@ -52,7 +55,7 @@ def micro_model(dtype=torch.float32, **overrides) -> MFSRTransformer:
     return m if dtype == torch.float32 else m.to(dtype)
 
 
-def micro_inputs(model: MFSRTransformer, B: int = 2, H: int = 8, W: int = 6, seed: int = 1, Lc: int = 3):
+def micro_inputs(model, B: int = 2, H: int = 8, W: int = 6, seed: int = 1, Lc: int = 3):
     g = torch.Generator().manual_seed(seed)
     dtype = model.dtype
     cfg = model.cfg

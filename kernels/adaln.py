@@ -1,0 +1,413 @@
+"""Fused gated residual + LayerNorm + adaLN modulation (DiT adaLN-Zero under MeanFlow's (t, r) conditioning).
+
+    x' = x + gate * h          (optional gated residual)
+    y  = LN(x') * (1 + scale) + shift      (LayerNorm without affine, statistics in fp32)
+
+x, h: (B, L, D) contiguous, fp32 / bf16 / fp16; shift, scale, gate: (B, D) per sample, fp32 or the activation dtype.
+Any D (masked to the next power of two) and any L. Derivations of the backward and the tangent: kernels/README.md.
+
+Kernels: forward (y, x', and the row statistics), backward (dx, dh and per-sample partial sums for dshift, dscale,
+dgate in the same pass over the activations), JVP (tangents of x' and y from the tangents of every input, in one pass,
+reusing the forward's statistics). Each launcher is a ``torch.library.custom_op`` so that the autograd.Function works
+under ``torch.func.jvp`` (functorch-wrapped tensors never reach Triton) and ``torch.compile`` traces around it.
+
+Caution:
+- One row of D features lives in registers: D up to 4096 (SD3.5 uses 1536); ``backend='auto'`` sends wider rows
+  to the reference.
+- The tangent output is not differentiable (MeanFlow uses it under stop-gradient); a backward through it raises.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# One row lives in registers; wider rows spill on sm_80/sm_90 (checked by tests/test_gpu_readiness.py).
+MAX_D = 4096
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _cast_out(b_x, ptr, RTNE: tl.constexpr):
+    """fp32 block -> the element type of ptr. With RTNE (the interpreter, whose bf16 casts truncate), round to
+    nearest even by hand first, so the CPU parity tests see the rounding a GPU's cvt.rn performs."""
+    if RTNE:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = b_x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            b_x = bits.to(tl.float32, bitcast=True)
+    return b_x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    x_ptr, h_ptr, shift_ptr, scale_ptr, gate_ptr,
+    y_ptr, xres_ptr, mean_ptr, rstd_ptr,
+    L, D, s_shift, s_scale, s_gate, eps,
+    HAS_RES: tl.constexpr, RPP: tl.constexpr, BD: tl.constexpr, RTNE: tl.constexpr,
+):
+    i_l, i_b = tl.program_id(0), tl.program_id(1)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_shift = tl.load(shift_ptr + i_b * s_shift + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+    b_scale = tl.load(scale_ptr + i_b * s_scale + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+    if HAS_RES:
+        b_gate = tl.load(gate_ptr + i_b * s_gate + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+    for i in range(RPP):
+        row = i_l * RPP + i
+        m_row = row < L
+        m = m_d & ((o_d * 0 + row) < L)
+        o_row = (i_b * L + row).to(tl.int64)
+        b_x = tl.load(x_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
+        if HAS_RES:
+            b_h = tl.load(h_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
+            b_x = b_x + b_gate * b_h
+            tl.store(xres_ptr + o_row * D + o_d, _cast_out(b_x, xres_ptr, RTNE), mask=m)
+        mean = tl.sum(b_x, axis=0) / D
+        b_xc = tl.where(m_d, b_x - mean, 0.)
+        var = tl.sum(b_xc * b_xc, axis=0) / D
+        rstd = 1.0 / tl.sqrt(var + eps)
+        b_y = b_xc * rstd * (1.0 + b_scale) + b_shift
+        tl.store(y_ptr + o_row * D + o_d, _cast_out(b_y, y_ptr, RTNE), mask=m)
+        tl.store(mean_ptr + o_row, mean, mask=m_row)
+        tl.store(rstd_ptr + o_row, rstd, mask=m_row)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    dy_ptr, dxres_ptr, xres_ptr, h_ptr, scale_ptr, gate_ptr, mean_ptr, rstd_ptr,
+    dx_ptr, dh_ptr, dshift_ptr, dscale_ptr, dgate_ptr,
+    L, D, B, s_scale, s_gate,
+    HAS_RES: tl.constexpr, HAS_DXRES: tl.constexpr, RPP: tl.constexpr, BD: tl.constexpr, RTNE: tl.constexpr,
+):
+    i_l, i_b = tl.program_id(0), tl.program_id(1)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_scale = tl.load(scale_ptr + i_b * s_scale + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+    if HAS_RES:
+        b_gate = tl.load(gate_ptr + i_b * s_gate + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+    acc_dshift = tl.zeros([BD], dtype=tl.float32)
+    acc_dscale = tl.zeros([BD], dtype=tl.float32)
+    acc_dgate = tl.zeros([BD], dtype=tl.float32)
+    for i in range(RPP):
+        row = i_l * RPP + i
+        m_row = row < L
+        m = m_d & ((o_d * 0 + row) < L)
+        o_row = (i_b * L + row).to(tl.int64)
+        mean = tl.load(mean_ptr + o_row, mask=m_row, other=0.)
+        rstd = tl.load(rstd_ptr + o_row, mask=m_row, other=0.)
+        b_x = tl.load(xres_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
+        b_dy = tl.load(dy_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
+        b_xh = tl.where(m, (b_x - mean) * rstd, 0.)
+        b_dxh = b_dy * (1.0 + b_scale)
+        c_xh = tl.sum(b_dxh * b_xh, axis=0) / D
+        c_1 = tl.sum(b_dxh, axis=0) / D
+        b_dx = tl.where(m, (b_dxh - c_1 - b_xh * c_xh) * rstd, 0.)
+        if HAS_DXRES:
+            b_dx += tl.load(dxres_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)
+        tl.store(dx_ptr + o_row * D + o_d, _cast_out(b_dx, dx_ptr, RTNE), mask=m)
+        acc_dshift += b_dy
+        acc_dscale += b_dy * b_xh
+        if HAS_RES:
+            b_h = tl.load(h_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
+            tl.store(dh_ptr + o_row * D + o_d, _cast_out(b_gate * b_dx, dh_ptr, RTNE), mask=m)
+            acc_dgate += b_dx * b_h
+    # Per-program partial sums, (n_programs_L, B, D) fp32: summed over programs on the host.
+    o_part = (i_l * B + i_b).to(tl.int64) * D
+    tl.store(dshift_ptr + o_part + o_d, acc_dshift, mask=m_d)
+    tl.store(dscale_ptr + o_part + o_d, acc_dscale, mask=m_d)
+    if HAS_RES:
+        tl.store(dgate_ptr + o_part + o_d, acc_dgate, mask=m_d)
+
+
+@triton.jit
+def _adaln_jvp_kernel(
+    xres_ptr, h_ptr, tx_ptr, th_ptr, scale_ptr, gate_ptr, tshift_ptr, tscale_ptr, tgate_ptr, mean_ptr, rstd_ptr,
+    ty_ptr, txres_ptr,
+    L, D, s_scale, s_gate, s_tshift, s_tscale, s_tgate,
+    HAS_RES: tl.constexpr, HAS_TX: tl.constexpr, HAS_TH: tl.constexpr, RPP: tl.constexpr, BD: tl.constexpr,
+    RTNE: tl.constexpr,
+):
+    i_l, i_b = tl.program_id(0), tl.program_id(1)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_scale = tl.load(scale_ptr + i_b * s_scale + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+    b_tshift = tl.load(tshift_ptr + i_b * s_tshift + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+    b_tscale = tl.load(tscale_ptr + i_b * s_tscale + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+    if HAS_RES:
+        b_gate = tl.load(gate_ptr + i_b * s_gate + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+        b_tgate = tl.load(tgate_ptr + i_b * s_tgate + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
+    for i in range(RPP):
+        row = i_l * RPP + i
+        m_row = row < L
+        m = m_d & ((o_d * 0 + row) < L)
+        o_row = (i_b * L + row).to(tl.int64)
+        mean = tl.load(mean_ptr + o_row, mask=m_row, other=0.)
+        rstd = tl.load(rstd_ptr + o_row, mask=m_row, other=0.)
+        b_x = tl.load(xres_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
+        b_xh = tl.where(m, (b_x - mean) * rstd, 0.)
+        if HAS_TX:
+            b_tx = tl.load(tx_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
+        else:
+            b_tx = tl.zeros([BD], dtype=tl.float32)
+        if HAS_RES:
+            # Tangent of x' = x + gate * h.
+            b_h = tl.load(h_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
+            b_tx += b_tgate * b_h
+            if HAS_TH:
+                b_tx += b_gate * tl.load(th_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)
+            tl.store(txres_ptr + o_row * D + o_d, _cast_out(b_tx, txres_ptr, RTNE), mask=m)
+        c_1 = tl.sum(b_tx, axis=0) / D
+        c_xh = tl.sum(b_xh * b_tx, axis=0) / D
+        b_txh = tl.where(m, rstd * (b_tx - c_1 - b_xh * c_xh), 0.)
+        b_ty = b_txh * (1.0 + b_scale) + b_xh * b_tscale + b_tshift
+        tl.store(ty_ptr + o_row * D + o_d, _cast_out(b_ty, ty_ptr, RTNE), mask=m)
+
+
+# ----- host launchers -----------------------------------------------------------------------------------------------
+
+def launch_config(D: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BD, num_warps, rows per program) for a row width D: next_pow2(D), warps by block size."""
+    BD = triton.next_power_of_2(D)
+    num_warps = 1 if BD <= 256 else 2 if BD <= 512 else 4 if BD <= 1024 else 8
+    rpp = 16 if backward else 4
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        rpp = 4  # the interpreter runs the row loop in Python
+    return BD, num_warps, rpp
+
+
+# Tests set this to fill every output with NaN before launch, so an element the kernel fails to write shows up.
+POISON = False
+
+
+def _empty_like(x: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    out = torch.empty(x.shape if shape is None else shape, device=x.device, dtype=dtype or x.dtype)
+    return out.fill_(float("nan")) if POISON else out
+
+
+def _check(x: torch.Tensor, *mods: torch.Tensor | None) -> None:
+    assert x.dim() == 3 and x.is_contiguous(), "x must be a contiguous (B, L, D) tensor"
+    assert x.dtype in (torch.float32, torch.bfloat16, torch.float16), f"unsupported dtype {x.dtype}"
+    assert x.shape[2] <= MAX_D, f"D = {x.shape[2]} > {MAX_D}"
+    for m in mods:
+        if m is not None:
+            assert m.dim() == 2 and m.shape == (x.shape[0], x.shape[2]) and m.stride(1) == 1, \
+                f"modulation must be (B, D) with unit stride, got {tuple(m.shape)}"
+
+
+def adaln_fwd(x, shift, scale, gate, h, eps):
+    _check(x, shift, scale, gate)
+    B, L, D = x.shape
+    has_res = h is not None
+    if has_res:
+        assert h.shape == x.shape and h.is_contiguous() and h.dtype == x.dtype
+    y = _empty_like(x)
+    xres = _empty_like(x) if has_res else x.new_empty(0)
+    mean = _empty_like(x, (B, L), torch.float32)
+    rstd = _empty_like(x, (B, L), torch.float32)
+    BD, num_warps, rpp = launch_config(D)
+    grid = (triton.cdiv(L, rpp), B)
+    _adaln_fwd_kernel[grid](
+        x, h if has_res else x, shift, scale, gate if has_res else shift,
+        y, xres if has_res else y, mean, rstd,
+        L, D, shift.stride(0), scale.stride(0), gate.stride(0) if has_res else 0, eps,
+        HAS_RES=has_res, RPP=rpp, BD=BD, RTNE=_INTERPRET, num_warps=num_warps,
+    )
+    return y, xres, mean, rstd
+
+
+def adaln_bwd(dy, dxres, xres, h, scale, gate, mean, rstd):
+    _check(xres, scale, gate)
+    B, L, D = xres.shape
+    has_res = h is not None
+    BD, num_warps, rpp = launch_config(D, backward=True)
+    n_l = triton.cdiv(L, rpp)
+    dx = _empty_like(xres)
+    dh = _empty_like(xres) if has_res else xres.new_empty(0)
+    part = _empty_like(xres, (3 if has_res else 2, n_l, B, D), torch.float32)
+    _adaln_bwd_kernel[(n_l, B)](
+        dy, dxres if dxres is not None else dy, xres, h if has_res else xres, scale, gate if has_res else scale,
+        mean, rstd, dx, dh if has_res else dx, part[0], part[1], part[2] if has_res else part[0],
+        L, D, B, scale.stride(0), gate.stride(0) if has_res else 0,
+        HAS_RES=has_res, HAS_DXRES=dxres is not None, RPP=rpp, BD=BD, RTNE=_INTERPRET, num_warps=num_warps,
+    )
+    # Separate reductions: custom-op outputs must not alias each other.
+    dgate = part[2].sum(0) if has_res else xres.new_empty(0)
+    return dx, dh, part[0].sum(0), part[1].sum(0), dgate  # dshift, dscale, dgate: (B, D) fp32
+
+
+def adaln_jvp(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd):
+    _check(xres, scale, gate, tshift, tscale, tgate)
+    B, L, D = xres.shape
+    has_res = h is not None
+    ty = _empty_like(xres)
+    txres = _empty_like(xres) if has_res else xres.new_empty(0)
+    BD, num_warps, rpp = launch_config(D)
+    _adaln_jvp_kernel[(triton.cdiv(L, rpp), B)](
+        xres, h if has_res else xres, tx if tx is not None else xres, th if th is not None else xres,
+        scale, gate if has_res else scale, tshift, tscale, tgate if has_res else tshift, mean, rstd,
+        ty, txres if has_res else ty,
+        L, D, scale.stride(0), gate.stride(0) if has_res else 0, tshift.stride(0), tscale.stride(0),
+        tgate.stride(0) if has_res else 0,
+        HAS_RES=has_res, HAS_TX=tx is not None, HAS_TH=th is not None, RPP=rpp, BD=BD, RTNE=_INTERPRET,
+        num_warps=num_warps,
+    )
+    return ty, txres
+
+
+# ----- torch.library registration: opaque to autograd, functorch and Dynamo -------------------------------------------
+
+@torch.library.custom_op("mfsr::adaln_fwd", mutates_args=())
+def _adaln_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor | None,
+                  h: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return adaln_fwd(x, shift, scale, gate, h, eps)
+
+
+@_adaln_fwd_op.register_fake
+def _(x, shift, scale, gate, h, eps):
+    B, L, _ = x.shape
+    stats = x.new_empty((B, L), dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(x) if h is not None else x.new_empty(0), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("mfsr::adaln_bwd", mutates_args=())
+def _adaln_bwd_op(dy: torch.Tensor, dxres: torch.Tensor | None, xres: torch.Tensor, h: torch.Tensor | None,
+                  scale: torch.Tensor, gate: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return adaln_bwd(dy, dxres, xres, h, scale, gate, mean, rstd)
+
+
+@_adaln_bwd_op.register_fake
+def _(dy, dxres, xres, h, scale, gate, mean, rstd):
+    B, _, D = xres.shape
+    red = xres.new_empty((B, D), dtype=torch.float32)
+    has_res = h is not None
+    return (torch.empty_like(xres), torch.empty_like(xres) if has_res else xres.new_empty(0), red,
+            torch.empty_like(red), torch.empty_like(red) if has_res else xres.new_empty(0))
+
+
+@torch.library.custom_op("mfsr::adaln_jvp", mutates_args=())
+def _adaln_jvp_op(xres: torch.Tensor, h: torch.Tensor | None, tx: torch.Tensor | None, th: torch.Tensor | None,
+                  scale: torch.Tensor, gate: torch.Tensor | None, tshift: torch.Tensor, tscale: torch.Tensor,
+                  tgate: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return adaln_jvp(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd)
+
+
+@_adaln_jvp_op.register_fake
+def _(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd):
+    return torch.empty_like(xres), torch.empty_like(xres) if h is not None else xres.new_empty(0)
+
+
+# ----- autograd.Function --------------------------------------------------------------------------------------------
+
+def _mod_tangent(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if t is None else t.reshape(like.shape).contiguous()
+
+
+class AdaLNModulate(torch.autograd.Function):
+    """(x, shift, scale, gate, h) -> (y, x'); x' is empty without a residual. Reverse mode and torch.func.jvp."""
+
+    @staticmethod
+    def forward(x, shift, scale, gate, h, eps):
+        y, xres, mean, rstd = torch.ops.mfsr.adaln_fwd(x, shift, scale, gate, h, eps)
+        return y, xres, mean, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, shift, scale, gate, h, eps = inputs
+        y, xres, mean, rstd = output
+        ctx.has_res = h is not None
+        ctx.mod_dtypes = (shift.dtype, scale.dtype, gate.dtype if gate is not None else None)
+        saved_x = xres if ctx.has_res else x
+        ctx.save_for_backward(saved_x, h, scale, gate, mean, rstd)
+        ctx.save_for_forward(saved_x, h, scale, gate, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    @staticmethod
+    def backward(ctx, dy, dxres, _dmean, _drstd):
+        xs, h, scale, gate, mean, rstd = ctx.saved_tensors
+        dxres = dxres.contiguous() if ctx.has_res and dxres is not None and dxres.numel() else None
+        dx, dh, dshift, dscale, dgate = torch.ops.mfsr.adaln_bwd(dy.contiguous(), dxres, xs, h, scale, gate, mean,
+                                                                 rstd)
+        s_dt, sc_dt, g_dt = ctx.mod_dtypes
+        return (dx, dshift.to(s_dt), dscale.to(sc_dt), dgate.to(g_dt) if ctx.has_res else None,
+                dh if ctx.has_res else None, None)
+
+    @staticmethod
+    def jvp(ctx, tx, tshift, tscale, tgate, th, _teps):
+        xs, h, scale, gate, mean, rstd = ctx.saved_tensors
+        tx = tx.contiguous() if tx is not None else None
+        th = th.contiguous() if (th is not None and ctx.has_res) else None
+        ty, txres = torch.ops.mfsr.adaln_jvp(
+            xs, h, tx, th, scale, gate, _mod_tangent(tshift, scale), _mod_tangent(tscale, scale),
+            _mod_tangent(tgate, gate) if ctx.has_res else None, mean, rstd)
+        return ty, txres, None, None
+
+
+def _rows(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    if m.dim() == 3 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.dim() != 2 or m.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"adaln_modulate: {name} must have shape (B, D) or (B, 1, D) = ({x.shape[0]}, {x.shape[2]}),"
+                         f" got {tuple(m.shape)}")
+    return m if m.stride(1) == 1 else m.contiguous()
+
+
+def adaln_modulate(x, shift, scale, gate=None, h=None, eps: float = 1e-6):
+    """Triton path of ``kernels.adaln_modulate``: y, or (x + gate * h, y) when ``h`` is given."""
+    if x.dim() != 3:
+        raise ValueError(f"adaln_modulate: x must be (B, L, D), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"adaln_modulate: the Triton kernel takes fp32, bf16 or fp16, got {x.dtype}")
+    if x.shape[2] > MAX_D:
+        raise ValueError(f"adaln_modulate: D = {x.shape[2]} exceeds the kernel's limit {MAX_D}")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("adaln_modulate: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         "triton is imported, to run the kernel on the CPU)")
+    if (gate is None) != (h is None):
+        raise ValueError("adaln_modulate: gate and h come together (gated residual x + gate * h)")
+    shift, scale = _rows(shift, x, "shift"), _rows(scale, x, "scale")
+    if h is not None:
+        if h.shape != x.shape:
+            raise ValueError(f"adaln_modulate: h must match x {tuple(x.shape)}, got {tuple(h.shape)}")
+        gate = _rows(gate, x, "gate")
+        h = h.to(x.dtype).contiguous()
+    y, xres, _, _ = AdaLNModulate.apply(x.contiguous(), shift, scale, gate, h, float(eps))
+    return y if h is None else (xres, y)
+
+
+# ----- ahead-of-time configurations (GPU readiness check without a GPU) ----------------------------------------------
+
+def aot_configs(dtypes=("bf16",), archs=(90, 80), block_sizes=None):
+    """Every (kernel, signature, constexprs, arch, num_warps) the launchers can pick on a GPU, for the given
+    activation dtypes: all power-of-two row blocks up to MAX_D, with and without the gated residual.
+    Compile them in a process without TRITON_INTERPRET (``python -m kernels.aot``)."""
+    for arch in archs:
+        for act in dtypes:
+            for BD in block_sizes or [2 ** i for i in range(MAX_D.bit_length())]:
+                for has_res in (False, True):
+                    yield from _aot_one(arch, act, BD, has_res)
+
+
+def _aot_one(arch, act, BD, has_res):
+    a, f = f"*{act}", "*fp32"
+    _, num_warps, rpp = launch_config(BD)
+    fwd = dict(x_ptr=a, h_ptr=a, shift_ptr=f, scale_ptr=f, gate_ptr=f, y_ptr=a, xres_ptr=a, mean_ptr=f, rstd_ptr=f,
+               L="i32", D="i32", s_shift="i32", s_scale="i32", s_gate="i32", eps="fp32")
+    yield _adaln_fwd_kernel, fwd, dict(HAS_RES=has_res, RPP=rpp, BD=BD, RTNE=False), arch, num_warps
+    _, num_warps, rpp = launch_config(BD, backward=True)
+    bwd = dict(dy_ptr=a, dxres_ptr=a, xres_ptr=a, h_ptr=a, scale_ptr=f, gate_ptr=f, mean_ptr=f, rstd_ptr=f,
+               dx_ptr=a, dh_ptr=a, dshift_ptr=f, dscale_ptr=f, dgate_ptr=f, L="i32", D="i32", B="i32",
+               s_scale="i32", s_gate="i32")
+    bwd_c = dict(HAS_RES=has_res, HAS_DXRES=has_res, RPP=rpp, BD=BD, RTNE=False)
+    yield _adaln_bwd_kernel, bwd, bwd_c, arch, num_warps
+    _, num_warps, rpp = launch_config(BD)
+    jvp = dict(xres_ptr=a, h_ptr=a, tx_ptr=a, th_ptr=a, scale_ptr=f, gate_ptr=f, tshift_ptr=f, tscale_ptr=f,
+               tgate_ptr=f, mean_ptr=f, rstd_ptr=f, ty_ptr=a, txres_ptr=a, L="i32", D="i32", s_scale="i32",
+               s_gate="i32", s_tshift="i32", s_tscale="i32", s_tgate="i32")
+    jvp_c = dict(HAS_RES=has_res, HAS_TX=True, HAS_TH=has_res, RPP=rpp, BD=BD, RTNE=False)
+    yield _adaln_jvp_kernel, jvp, jvp_c, arch, num_warps
