@@ -6,20 +6,26 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import torch
 
 from kernels import reference
 
-__all__ = ["attention", "adaln_modulate", "reference", "triton_available"]
+# The submodule kernels/attention.py shares its name with the public function below. Import it first: Python binds
+# a submodule to its package attribute when it is first loaded, which would otherwise replace the function.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+flash = importlib.import_module("kernels.attention") if _HAS_TRITON else None
+adaln = importlib.import_module("kernels.adaln") if _HAS_TRITON else None
+
+__all__ = ["attention", "adaln_modulate", "reference", "flash", "adaln", "triton_available"]
 
 _BACKENDS = ("auto", "triton", "reference")
-_ADALN_MAX_D = 4096  # kernels.adaln.MAX_D, repeated here so that the dispatch does not import triton
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
@@ -41,12 +47,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
                          f"{tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        # Until the flash-attention kernel lands, 'auto' stays on the reference (SDPA / chunked math) everywhere.
-        raise NotImplementedError("attention: the Triton flash-attention kernel is not in this build yet; "
-                                  "use backend='reference' (or 'auto')")
+    use = _use_triton(backend, q)
+    if use and backend == "auto" and (q.shape[-1] not in flash.HEAD_DIMS or q.dtype == torch.float64
+                                      or (q.dtype == torch.float32 and q.shape[-1] not in flash.GPU_FP32_HEAD_DIMS)):
+        use = False  # what the kernel does not take stays on the reference under 'auto'
+    if use:
+        return flash.attention(q, k, v, scale)
     return reference.attention(q, k, v, scale)
 
 
@@ -57,8 +63,6 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *,
     x, h: (B, L, D); shift, scale, gate: (B, D) or (B, 1, D).
     """
     # One row lives in registers in the Triton kernel: wider rows stay on the reference under 'auto'.
-    if _use_triton(backend, x) and (backend == "triton" or x.shape[-1] <= _ADALN_MAX_D):
-        from kernels import adaln  # imports triton: only on this path
-
+    if _use_triton(backend, x) and (backend == "triton" or x.shape[-1] <= adaln.MAX_D):
         return adaln.adaln_modulate(x, shift, scale, gate=gate, h=h, eps=eps)
     return reference.adaln_modulate(x, shift, scale, gate=gate, h=h, eps=eps)

@@ -15,6 +15,8 @@ Caution:
 - One row of D features lives in registers: D up to 4096 (SD3.5 uses 1536); ``backend='auto'`` sends wider rows
   to the reference.
 - The tangent output is not differentiable (MeanFlow uses it under stop-gradient); a backward through it raises.
+- Under ``torch.compile`` the kernel path is a graph break (``torch.compiler.disable``): compiled ``torch.func.jvp``
+  would otherwise silently drop the custom tangent. The custom ops still have fake implementations for tracing.
 """
 
 from __future__ import annotations
@@ -357,6 +359,9 @@ def _rows(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     return m if m.stride(1) == 1 else m.contiguous()
 
 
+# Dynamo drops the custom jvp of an autograd.Function traced inside torch.compile(torch.func.jvp(...)) and returns a
+# wrong tangent (measured: tests/test_adaln_kernel.py); run the kernel path eagerly instead (a graph break).
+@torch.compiler.disable
 def adaln_modulate(x, shift, scale, gate=None, h=None, eps: float = 1e-6):
     """Triton path of ``kernels.adaln_modulate``: y, or (x + gate * h, y) when ``h`` is given."""
     if x.dim() != 3:

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import triton
@@ -38,12 +39,16 @@ def ptxas_path() -> str:
     raise FileNotFoundError(f"no ptxas in {bindir}")
 
 
-def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: int) -> CompiledKernel:
-    """Compile one configuration for sm_<arch> and read its register and spill counts from ``ptxas -v``."""
+def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, options) -> CompiledKernel:
+    """Compile one configuration for sm_<arch> and read its register and spill counts from ``ptxas -v``.
+
+    options: num_warps (int) or a dict of compile options (num_warps, num_stages).
+    """
+    options = {"num_warps": options} if isinstance(options, int) else dict(options)
     sig = dict(signature)
     sig.update({k: "constexpr" for k in constexprs})
     src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = compiled.asm["ptx"]
     gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as d:
@@ -57,23 +62,24 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, num_warps: 
     log = res.stdout + res.stderr
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     regs = re.search(r"Used (\d+) registers", log)
-    return CompiledKernel(fn.__name__, arch, {**constexprs, "num_warps": num_warps}, ptx,
+    return CompiledKernel(fn.__name__, arch, {**constexprs, **options}, ptx,
                           int(regs.group(1)) if regs else -1, int(spills.group(1)), int(spills.group(2)))
 
 
 def main(argv=None) -> int:
     """Compile every configuration of every kernel for sm_90 and sm_80; print one JSON line per configuration."""
     import argparse
-    import json
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler")
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="activation dtypes")
     parser.add_argument("--arch", default="90,80")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     args = parser.parse_args(argv)
-    from kernels import adaln
+    import kernels
 
+    adaln, flash = kernels.adaln, kernels.flash
     archs = tuple(int(a) for a in args.arch.split(","))
     dtypes = tuple(args.dtypes.split(","))
     configs = list(adaln.aot_configs(dtypes=("bf16",), archs=archs))
@@ -81,12 +87,25 @@ def main(argv=None) -> int:
     others = tuple(d for d in dtypes if d != "bf16")
     if others:
         configs += list(adaln.aot_configs(dtypes=others, archs=archs, block_sizes=[adaln.MAX_D]))
-    for fn, sig, constexprs, arch, num_warps in configs:
-        k = compile_kernel(fn, sig, constexprs, arch, num_warps)
-        print(json.dumps({"kernel": k.name, "arch": k.arch, "config": k.config, "registers": k.registers,
-                          "spill_stores": k.spill_stores, "spill_loads": k.spill_loads,
-                          "dtype": sig[next(iter(sig))]}), flush=True)
+    configs += list(flash.aot_configs(dtypes=tuple(d for d in ("bf16", "fp32") if d in dtypes), archs=archs))
+    # Kernels travel to the worker processes by module and name.
+    jobs = [(fn.fn.__module__, fn.fn.__name__, *rest) for fn, *rest in configs]
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for line in pool.map(_compile_row, jobs):
+            print(line, flush=True)
     return 0
+
+
+def _compile_row(job) -> str:
+    import importlib
+    import json
+
+    module, name, sig, constexprs, arch, options = job
+    fn = getattr(importlib.import_module(module), name)
+    k = compile_kernel(fn, sig, constexprs, arch, options)
+    return json.dumps({"kernel": k.name, "arch": k.arch, "config": k.config, "registers": k.registers,
+                       "spill_stores": k.spill_stores, "spill_loads": k.spill_loads,
+                       "dtype": sig[next(iter(sig))], "wgmma": "wgmma" in k.ptx})
 
 
 if __name__ == "__main__":

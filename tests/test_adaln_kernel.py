@@ -162,15 +162,25 @@ def test_primal_of_jvp_backpropagates_to_parameters():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_torch_compile_traces_the_kernel_without_graph_breaks():
+def test_torch_compile_keeps_outputs_and_the_custom_tangent():
+    """Compiled forward matches eager; a compiled torch.func.jvp keeps the kernel's tangent (Dynamo would drop a custom
+    jvp traced inside the compiled region, so the kernel path runs as a graph break)."""
     x, h, shift, scale, gate = (t.float() for t in _inputs(2, 5, 48))
+    tx = torch.randn_like(x)
 
-    def f(x_, h_):
-        xo, y = kernels.adaln_modulate(x_, shift, scale, gate=gate, h=h_, backend="triton")
+    def f(x_):
+        xo, y = kernels.adaln_modulate(x_, shift, scale, gate=gate, h=h, backend="triton")
         return xo + y
 
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x, h), f(x, h))
+    torch.testing.assert_close(torch.compile(f, backend="aot_eager")(x), f(x))
+    jvp_c = torch.compile(lambda a, ta: torch.func.jvp(f, (a,), (ta,)), backend="aot_eager")
+    _, t_c = jvp_c(x, tx)
+    _, t_e = torch.func.jvp(f, (x,), (tx,))
+    torch.testing.assert_close(t_c, t_e)
+    # The op itself traces (fake implementation) for torch.compile's own graphs.
+    y_op = torch.compile(lambda a: torch.ops.mfsr.adaln_fwd(a, shift, scale, gate, h, 1e-6)[0], fullgraph=True,
+                         backend="aot_eager")(x)
+    torch.testing.assert_close(y_op, f(x) - (x + gate[:, None] * h))
 
 
 def test_triton_backend_rejects_bad_input_clearly():

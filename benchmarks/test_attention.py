@@ -1,0 +1,133 @@
+"""Flash-attention benchmarks: forward, forward+JVP and backward at DiT4SR shapes.
+
+On a GPU with ``--benchmark``: B = 2, H = 24, D = 64, L = 2202 and 8346 (512 and 1024 px outputs with three streams),
+bf16. Baselines timed in the same test: SDPA's flash backend (forward, backward), ``torch.func.jvp`` over SDPA's math
+backend (forced; the fused backends have no forward-mode AD), and xformers' memory-efficient attention when installed.
+FLOP counts (non-causal, Lq = Lk = L): forward 4 B H L^2 D (two matmuls); forward+JVP 12 B H L^2 D (six matmuls, the
+streamed formula's count; the Triton path actually runs 7: forward 2 + tangent pass 5); backward 10 B H L^2 D (the
+usual 2.5x forward). ``extra_info`` holds TFLOP/s, peak memory and the ratios. Parity is checked before any speedup.
+Without a GPU: a small size of the reference only, and ``extra_info`` says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+CUDA = torch.cuda.is_available()
+HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
+
+
+def _timeit(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        if CUDA:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if CUDA:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_mb(fn):
+    if not CUDA:
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    def f(q, k, v):
+        with sdpa_kernel(b):
+            return F.scaled_dot_product_attention(q, k, v)
+    return f
+
+
+def _xformers(q, k, v):
+    import xformers.ops as xops
+    return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _triton(q, k, v):
+    return kernels.attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+jvp", "bwd"])
+@pytest.mark.parametrize("L", [2202, 8346])
+def test_attention(benchmark, full, env_info, mode, L):
+    B, H, D = 2, 24, 64
+    if not (CUDA and full):
+        L = min(L, 512) if CUDA else 128
+        H = H if CUDA else 4
+    dtype = torch.bfloat16
+    device = "cuda" if CUDA else "cpu"
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, tq, tk, tv, do = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=g) for _ in range(7))
+    flops = {"fwd": 4, "fwd+jvp": 12, "bwd": 10}[mode] * B * H * L * L * D
+
+    if mode == "fwd":
+        impls = {"triton": _triton, "sdpa_flash": _sdpa("flash")}
+        if HAS_XFORMERS:
+            impls["xformers"] = _xformers
+        run = lambda f: (lambda: f(q, k, v))  # noqa: E731
+    elif mode == "fwd+jvp":
+        impls = {"triton": _triton, "jvp_sdpa_math": _sdpa("math")}
+        run = lambda f: (lambda: torch.func.jvp(f, (q, k, v), (tq, tk, tv)))  # noqa: E731
+    else:
+        impls = {"triton": _triton, "sdpa_flash": _sdpa("flash")}
+        if HAS_XFORMERS:
+            impls["xformers"] = _xformers
+
+        def run(f):
+            qs, ks, vs = (t.detach().requires_grad_(True) for t in (q, k, v))
+            out = f(qs, ks, vs)
+            return lambda: torch.autograd.grad(out, (qs, ks, vs), do, retain_graph=True)
+
+    info = dict(env_info, mode=mode, shape=[B, H, L, D], dtype="bf16", flops=flops)
+    if not CUDA:
+        info["note"] = "no GPU: reference only at a small size (interpreter timings are not performance figures)"
+        benchmark.extra_info.update(info)
+        ref = lambda a, b, c: kernels.attention(a, b, c, backend="reference")  # noqa: E731
+        benchmark.pedantic(run(ref) if mode != "bwd" else run(ref), rounds=3, warmup_rounds=1)
+        return
+
+    # Parity before any speedup: Triton against SDPA (math in fp32 for the tangent) on the same inputs.
+    o_t, t_t = torch.func.jvp(_triton, (q, k, v), (tq, tk, tv))
+    qf, kf, vf, tqf, tkf, tvf = (x[:, :2].float() for x in (q, k, v, tq, tk, tv))
+    o_r, t_r = torch.func.jvp(_sdpa("math"), (qf, kf, vf), (tqf, tkf, tvf))
+    torch.testing.assert_close(o_t[:, :2].float(), o_r, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(t_t[:, :2].float(), t_r, rtol=5e-2, atol=5e-2 * t_r.abs().max().item())
+    reps = 10 if full else 3
+    for name, f in impls.items():
+        try:
+            fn = run(f)
+            info[f"ms_{name}"] = _timeit(fn, reps) * 1e3
+            info[f"peak_mb_{name}"] = _peak_mb(fn)
+        except torch.OutOfMemoryError:
+            info[f"ms_{name}"] = "OOM"
+            torch.cuda.empty_cache()
+    info["tflops_triton"] = flops / (info["ms_triton"] * 1e-3) / 1e12
+    for name in impls:
+        if name != "triton" and isinstance(info[f"ms_{name}"], float):
+            info[f"speedup_vs_{name}"] = info[f"ms_{name}"] / info["ms_triton"]
+            info[f"memory_ratio_vs_{name}"] = info[f"peak_mb_{name}"] / max(info["peak_mb_triton"], 1e-6)
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(run(_triton), rounds=5 if full else 2, warmup_rounds=1)

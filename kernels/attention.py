@@ -1,0 +1,473 @@
+"""Flash attention with a forward-mode tangent (JVP) for MeanFlow training and one-step inference.
+
+    S = Q K^T * scale,  P = softmax(S),  O = P V                       (non-causal, joint attention)
+    tS = (tQ K^T + Q tK^T) * scale,  tO = (P * tS) V + P tV - rowsum(P * tS) * O
+
+q, k, v: (B, H, L, D) as in SDPA, D in {32, 64, 128}, any Lq and Lk (ragged tails masked), fp32 / bf16 / fp16,
+softmax statistics in fp32; q, k, v may be strided (any strides with a unit last stride are indexed directly).
+
+Kernels (each a ``torch.library.custom_op`` behind a torch.func-ready ``autograd.Function``):
+- forward: O and the log-sum-exp (online softmax, exp2);
+- tangent: a second pass that reuses the saved log-sum-exp, so P is exact per block and needs no rescaling:
+  tO = sum_j (P * tS) V + sum_j P tV - (sum_j rowsum(P * tS)) * O: 5 matmuls, 7 with the forward's 2 (a fused
+  single pass with online rescaling needs 6). Chosen because ``autograd.Function`` runs ``forward`` before ``jvp``
+  without the tangents: a fused pass could only serve a custom entry point, not ``torch.func.jvp`` of the model.
+- backward: the flash-attention-2 backward for O (dK, dV over key blocks; dQ over query blocks; no atomics).
+Memory is O(L) in every pass: nothing of size Lq x Lk is stored.
+
+Caution:
+- The tangent output is not differentiable (MeanFlow uses it under stop-gradient): a backward through it raises.
+- fp32 inputs use 3xTF32 dots (fp32-level accuracy, smaller tiles); bf16 / fp16 use tensor cores (wgmma on sm_90)
+  with fp32 accumulation.
+- Under ``torch.compile`` the kernel path is a graph break (``torch.compiler.disable``): compiled ``torch.func.jvp``
+  would otherwise silently drop the custom tangent.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (32, 64, 128)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _cast_out(b_x, ptr, RTNE: tl.constexpr):
+    """fp32 block -> ptr's element type; under the interpreter (whose bf16 casts truncate) round to nearest even."""
+    if RTNE:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = b_x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            b_x = bits.to(tl.float32, bitcast=True)
+    return b_x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _dot(a, b, TF32X3: tl.constexpr):
+    if TF32X3:
+        return tl.dot(a, b, input_precision="tf32x3")  # 3xTF32: fp32-level accuracy on tensor cores
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _load_tile(base, o_l, m_l, s_l, o_d, F32: tl.constexpr):
+    """[len(o_l), D] tile of a (L, D) slice with row stride s_l and unit column stride; rows past the end are 0."""
+    b = tl.load(base + o_l[:, None].to(tl.int64) * s_l + o_d[None, :], mask=m_l[:, None], other=0.)
+    if F32:
+        b = b.to(tl.float32)
+    return b
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
+    H, Lq, Lk, scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr, TF32X3: tl.constexpr,
+    RTNE: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_m = o_m < Lq
+    b_q = _load_tile(q_ptr + i_b * sq_b + i_h * sq_h, o_m, m_m, sq_l, o_d, F32)  # [BM, D]
+    k_base = k_ptr + i_b * sk_b + i_h * sk_h
+    v_base = v_ptr + i_b * sv_b + i_h * sv_h
+    qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    for start in range(0, Lk, BN):
+        o_kv = start + o_n
+        m_kv = o_kv < Lk
+        b_k = _load_tile(k_base, o_kv, m_kv, sk_l, o_d, F32)  # [BN, D]
+        b_v = _load_tile(v_base, o_kv, m_kv, sv_l, o_d, F32)  # [BN, D]
+        b_s = _dot(b_q, tl.trans(b_k), TF32X3) * qk_scale  # [BM, BN]
+        b_s = tl.where(m_kv[None, :], b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        b_p = tl.exp2(b_s - m_new[:, None])  # [BM, BN]
+        l_i = l_i * alpha + tl.sum(b_p, axis=1)
+        acc = acc * alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, TF32X3)
+        m_i = m_new
+    b_o = acc / l_i[:, None]
+    o_base = o_ptr + i_b * so_b + i_h * so_h
+    tl.store(o_base + o_m[:, None].to(tl.int64) * so_l + o_d[None, :], _cast_out(b_o, o_ptr, RTNE),
+             mask=m_m[:, None])
+    # Natural-log LSE, (B, H, Lq) contiguous.
+    tl.store(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_m)
+
+
+@triton.jit
+def _attn_jvp_kernel(
+    q_ptr, k_ptr, v_ptr, tq_ptr, tk_ptr, tv_ptr, o_ptr, lse_ptr, to_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+    stq_b, stq_h, stq_l, stk_b, stk_h, stk_l, stv_b, stv_h, stv_l, so_b, so_h, so_l,
+    H, Lq, Lk, scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr, TF32X3: tl.constexpr,
+    RTNE: tl.constexpr,
+):
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_m = o_m < Lq
+    b_q = _load_tile(q_ptr + i_b * sq_b + i_h * sq_h, o_m, m_m, sq_l, o_d, F32)  # [BM, D]
+    b_tq = _load_tile(tq_ptr + i_b * stq_b + i_h * stq_h, o_m, m_m, stq_l, o_d, F32)  # [BM, D]
+    b_lse = tl.load(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.) * 1.4426950408889634  # [BM]
+    k_base, tk_base = k_ptr + i_b * sk_b + i_h * sk_h, tk_ptr + i_b * stk_b + i_h * stk_h
+    v_base, tv_base = v_ptr + i_b * sv_b + i_h * sv_h, tv_ptr + i_b * stv_b + i_h * stv_h
+    qk_scale = scale * 1.4426950408889634
+    acc_pts_v = tl.zeros([BM, D], dtype=tl.float32)  # sum (P * tS) V
+    acc_p_tv = tl.zeros([BM, D], dtype=tl.float32)  # sum P tV
+    r_i = tl.zeros([BM], dtype=tl.float32)  # sum rowsum(P * tS)
+    for start in range(0, Lk, BN):
+        o_kv = start + o_n
+        m_kv = o_kv < Lk
+        b_k = _load_tile(k_base, o_kv, m_kv, sk_l, o_d, F32)  # [BN, D]
+        b_tk = _load_tile(tk_base, o_kv, m_kv, stk_l, o_d, F32)  # [BN, D]
+        b_v = _load_tile(v_base, o_kv, m_kv, sv_l, o_d, F32)  # [BN, D]
+        b_tv = _load_tile(tv_base, o_kv, m_kv, stv_l, o_d, F32)  # [BN, D]
+        b_s = _dot(b_q, tl.trans(b_k), TF32X3) * qk_scale  # [BM, BN]
+        b_p = tl.where(m_kv[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)  # exact P from the saved LSE
+        b_ts = (_dot(b_tq, tl.trans(b_k), TF32X3) + _dot(b_q, tl.trans(b_tk), TF32X3)) * scale  # [BM, BN]
+        b_pts = b_p * b_ts
+        r_i += tl.sum(b_pts, axis=1)
+        acc_pts_v += _dot(b_pts.to(b_v.dtype), b_v, TF32X3)
+        acc_p_tv += _dot(b_p.to(b_tv.dtype), b_tv, TF32X3)
+    b_o = _load_tile(o_ptr + i_b * so_b + i_h * so_h, o_m, m_m, so_l, o_d, True)  # [BM, D]
+    b_to = acc_pts_v + acc_p_tv - r_i[:, None] * b_o
+    to_base = to_ptr + i_b * so_b + i_h * so_h
+    tl.store(to_base + o_m[:, None].to(tl.int64) * so_l + o_d[None, :], _cast_out(b_to, to_ptr, RTNE),
+             mask=m_m[:, None])
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l, sg_b, sg_h, sg_l,
+    H, Lq, Lk, scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr, TF32X3: tl.constexpr,
+    RTNE: tl.constexpr,
+):
+    """One block of keys: loop over all queries; dV = P^T dO, dK = scale * dS^T Q with dS = P * (dP - delta)."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_n = i_n * BN + tl.arange(0, BN)
+    o_m0 = tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    m_n = o_n < Lk
+    b_k = _load_tile(k_ptr + i_b * sk_b + i_h * sk_h, o_n, m_n, sk_l, o_d, F32)  # [BN, D]
+    b_v = _load_tile(v_ptr + i_b * sv_b + i_h * sv_h, o_n, m_n, sv_l, o_d, F32)  # [BN, D]
+    q_base = q_ptr + i_b * sq_b + i_h * sq_h
+    do_base = do_ptr + i_b * so_b + i_h * so_h
+    qk_scale = scale * 1.4426950408889634
+    acc_dk = tl.zeros([BN, D], dtype=tl.float32)
+    acc_dv = tl.zeros([BN, D], dtype=tl.float32)
+    for start in range(0, Lq, BM):
+        o_m = start + o_m0
+        m_m = o_m < Lq
+        b_q = _load_tile(q_base, o_m, m_m, sq_l, o_d, F32)  # [BM, D]
+        b_do = _load_tile(do_base, o_m, m_m, so_l, o_d, F32)  # [BM, D]
+        b_lse = tl.load(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.) * 1.4426950408889634
+        b_delta = tl.load(delta_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.)  # [BM]
+        b_s = _dot(b_q, tl.trans(b_k), TF32X3) * qk_scale  # [BM, BN]
+        b_p = tl.where(m_m[:, None] & m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
+        acc_dv += _dot(tl.trans(b_p).to(b_do.dtype), b_do, TF32X3)  # [BN, D]
+        b_dp = _dot(b_do, tl.trans(b_v), TF32X3)  # [BM, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        acc_dk += _dot(tl.trans(b_ds).to(b_q.dtype), b_q, TF32X3)  # [BN, D]
+    o_g = o_n[:, None].to(tl.int64) * sg_l + o_d[None, :]
+    g_off = i_b * sg_b + i_h * sg_h
+    tl.store(dk_ptr + g_off + o_g, _cast_out(acc_dk * scale, dk_ptr, RTNE), mask=m_n[:, None])
+    tl.store(dv_ptr + g_off + o_g, _cast_out(acc_dv, dv_ptr, RTNE), mask=m_n[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l, sg_b, sg_h, sg_l,
+    H, Lq, Lk, scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr, TF32X3: tl.constexpr,
+    RTNE: tl.constexpr,
+):
+    """One block of queries: loop over all keys; dQ = scale * dS K."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n0 = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_m = o_m < Lq
+    b_q = _load_tile(q_ptr + i_b * sq_b + i_h * sq_h, o_m, m_m, sq_l, o_d, F32)  # [BM, D]
+    b_do = _load_tile(do_ptr + i_b * so_b + i_h * so_h, o_m, m_m, so_l, o_d, F32)  # [BM, D]
+    b_lse = tl.load(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.) * 1.4426950408889634
+    b_delta = tl.load(delta_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.)  # [BM]
+    k_base = k_ptr + i_b * sk_b + i_h * sk_h
+    v_base = v_ptr + i_b * sv_b + i_h * sv_h
+    qk_scale = scale * 1.4426950408889634
+    acc_dq = tl.zeros([BM, D], dtype=tl.float32)
+    for start in range(0, Lk, BN):
+        o_n = start + o_n0
+        m_n = o_n < Lk
+        b_k = _load_tile(k_base, o_n, m_n, sk_l, o_d, F32)  # [BN, D]
+        b_v = _load_tile(v_base, o_n, m_n, sv_l, o_d, F32)  # [BN, D]
+        b_s = _dot(b_q, tl.trans(b_k), TF32X3) * qk_scale  # [BM, BN]
+        b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
+        b_dp = _dot(b_do, tl.trans(b_v), TF32X3)  # [BM, BN]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        acc_dq += _dot(b_ds.to(b_k.dtype), b_k, TF32X3)  # [BM, D]
+    dq_base = dq_ptr + i_b * sg_b + i_h * sg_h
+    tl.store(dq_base + o_m[:, None].to(tl.int64) * sg_l + o_d[None, :], _cast_out(acc_dq * scale, dq_ptr, RTNE),
+             mask=m_m[:, None])
+
+
+# ----- host launchers -----------------------------------------------------------------------------------------------
+
+# (BM, BN, num_warps, num_stages) by (pass, head dim) for 16-bit inputs, per architecture family: the largest tiles
+# that compile without register spills (tests/test_gpu_readiness.py, ptxas -v). sm_90 covers Hopper and newer.
+_TILES_16 = {
+    90: {"fwd": {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
+         "jvp": {32: (64, 64, 8, 2), 64: (128, 64, 8, 2), 128: (64, 32, 8, 2)},
+         "dkdv": {32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2)},
+         "dq": {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}},
+    80: {"fwd": {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 8, 2)},
+         "jvp": {32: (64, 64, 8, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2)},
+         "dkdv": {32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2)},
+         "dq": {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}},
+}
+# fp32 inputs use 3xTF32 dots (fp32-level accuracy) whose split operands need far more registers: small tiles, and
+# no head dim 128 on GPUs (its tangent pass spills with every tile tried; 'auto' sends it to the reference).
+_TILES_32 = {
+    90: {"fwd": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2)},
+         "jvp": {32: (32, 16, 4, 2), 64: (16, 16, 4, 2)},
+         "dkdv": {32: (32, 16, 4, 2), 64: (32, 16, 4, 2)},
+         "dq": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2)}},
+}
+_TILES_32[80] = _TILES_32[90]
+GPU_FP32_HEAD_DIMS = (32, 64)
+
+
+def arch_family(device: torch.device) -> int:
+    """90 for Hopper and newer, 80 otherwise (Ampere, Ada)."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def launch_config(D: int, kind: str, arch: int = 90, f32: bool = False) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) for a pass ("fwd", "jvp", "dkdv", "dq"); one small tile under the interpreter."""
+    if _INTERPRET:
+        return 32, 32, 4, 1
+    return (_TILES_32 if f32 else _TILES_16)[arch][kind][D]
+
+
+# Tests set this to fill outputs with NaN before launch, so an element the kernel fails to write shows up.
+POISON = False
+
+
+def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    return out.fill_(float("nan")) if POISON else out
+
+
+def _s(t: torch.Tensor) -> tuple[int, int, int]:
+    assert t.stride(3) == 1, "the last dim must have unit stride"
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _flags(q: torch.Tensor) -> dict:
+    f32 = q.dtype == torch.float32
+    return dict(F32=f32 or _INTERPRET, TF32X3=f32, RTNE=_INTERPRET)
+
+
+def _config(q: torch.Tensor, kind: str):
+    arch = arch_family(q.device) if q.is_cuda else 90
+    return launch_config(q.shape[-1], kind, arch, q.dtype == torch.float32)
+
+
+def attn_fwd(q, k, v, scale: float):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    o = _new((B, H, Lq, D), q)
+    lse = _new((B, H, Lq), q, torch.float32)
+    BM, BN, warps, stages = _config(q, "fwd")
+    _attn_fwd_kernel[(triton.cdiv(Lq, BM), B * H)](
+        q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o), H, Lq, Lk, scale,
+        D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def attn_jvp(q, k, v, tq, tk, tv, o, lse, scale: float):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    to = _new((B, H, Lq, D), q)
+    BM, BN, warps, stages = _config(q, "jvp")
+    _attn_jvp_kernel[(triton.cdiv(Lq, BM), B * H)](
+        q, k, v, tq, tk, tv, o, lse, to, *_s(q), *_s(k), *_s(v), *_s(tq), *_s(tk), *_s(tv), *_s(o),
+        H, Lq, Lk, scale, D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
+    )
+    return to
+
+
+def attn_bwd(do, q, k, v, o, lse, scale: float):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    delta = (do.float() * o.float()).sum(-1)  # (B, H, Lq): rowsum(dO * O) = rowsum(P * dP)
+    dq = _new((B, H, Lq, D), q)
+    dk = _new((B, H, Lk, D), q)
+    dv = _new((B, H, Lk, D), q)
+    BM, BN, warps, stages = _config(q, "dkdv")
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, BN), B * H)](
+        q, k, v, do, lse, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), H, Lq, Lk, scale,
+        D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
+    )
+    BM, BN, warps, stages = _config(q, "dq")
+    _attn_bwd_dq_kernel[(triton.cdiv(Lq, BM), B * H)](
+        q, k, v, do, lse, delta, dq, *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq), H, Lq, Lk, scale,
+        D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv
+
+
+# ----- torch.library registration ----------------------------------------------------------------------------------
+
+@torch.library.custom_op("mfsr::attn_fwd", mutates_args=())
+def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return attn_fwd(q, k, v, scale)
+
+
+@_attn_fwd_op.register_fake
+def _(q, k, v, scale):
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("mfsr::attn_jvp", mutates_args=())
+def _attn_jvp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor,
+                 tv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
+    return attn_jvp(q, k, v, tq, tk, tv, o, lse, scale)
+
+
+@_attn_jvp_op.register_fake
+def _(q, k, v, tq, tk, tv, o, lse, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("mfsr::attn_bwd", mutates_args=())
+def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attn_bwd(do, q, k, v, o, lse, scale)
+
+
+@_attn_bwd_op.register_fake
+def _(do, q, k, v, o, lse, scale):
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
+
+
+# ----- autograd.Function --------------------------------------------------------------------------------------------
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class FlashAttention(torch.autograd.Function):
+    """(q, k, v) -> (O, LSE). Reverse mode for O, forward mode (``jvp``) for O; LSE is not differentiable."""
+
+    @staticmethod
+    def forward(q, k, v, scale):
+        return torch.ops.mfsr.attn_fwd(q, k, v, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        o, lse = output
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.save_for_forward(q, k, v, o, lse)
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.mfsr.attn_bwd(_unit_last(do), q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _tscale):
+        q, k, v, o, lse = ctx.saved_tensors
+        tq = torch.zeros_like(q) if tq is None else _unit_last(tq)
+        tk = torch.zeros_like(k) if tk is None else _unit_last(tk)
+        tv = torch.zeros_like(v) if tv is None else _unit_last(tv)
+        return torch.ops.mfsr.attn_jvp(q, k, v, tq, tk, tv, o, lse, ctx.scale), None
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Clear errors for what the kernel cannot take (shapes were checked by kernels.attention)."""
+    D = q.shape[-1]
+    if D not in HEAD_DIMS:
+        raise ValueError(f"attention: the Triton kernel takes head dims {HEAD_DIMS}, got {D}")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: the Triton kernel takes fp32, bf16 or fp16 q, k, v of one dtype, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.is_cuda and not _INTERPRET:
+        raise ValueError("attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton "
+                         "is imported, to run the kernel on the CPU)")
+    if q.is_cuda and q.dtype == torch.float32 and D not in GPU_FP32_HEAD_DIMS:
+        raise ValueError(f"attention: fp32 on the GPU takes head dims {GPU_FP32_HEAD_DIMS} (head dim {D} spills "
+                         "registers); use bf16/fp16 or backend='reference'")
+
+
+# Dynamo drops the custom jvp of an autograd.Function traced inside torch.compile(torch.func.jvp(...)) and returns a
+# wrong tangent (measured: tests/test_attention_kernel.py); run the kernel path eagerly instead (a graph break).
+@torch.compiler.disable
+def attention_with_lse(q, k, v, scale: float | None = None):
+    """O and the natural-log LSE (B, H, Lq) in fp32; differentiable in O (reverse and forward mode)."""
+    check_inputs(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return FlashAttention.apply(_unit_last(q), _unit_last(k), _unit_last(v), scale)
+
+
+def attention(q, k, v, scale: float | None = None):
+    """Triton path of ``kernels.attention``."""
+    return attention_with_lse(q, k, v, scale)[0]
+
+
+# ----- ahead-of-time configurations (GPU readiness check without a GPU) ----------------------------------------------
+
+def aot_configs(dtypes=("bf16", "fp32"), archs=(90, 80)):
+    """Every (kernel, signature, constexprs, arch, options) the launchers pick on a GPU: per architecture family,
+    16-bit (bf16 stands for fp16: same code and tiles) and fp32 inputs, 3 head dims, 4 kernels.
+    Compile them in a process without TRITON_INTERPRET (``python -m kernels.aot``)."""
+    for arch in archs:
+        for dt in dtypes:
+            for D in (GPU_FP32_HEAD_DIMS if dt == "fp32" else HEAD_DIMS):
+                yield from _aot_one(arch, dt, D)
+
+
+def _aot_one(arch, dt, D):
+    p, f, i = f"*{dt}", "*fp32", "i32"
+    f32 = dt == "fp32"
+    flags = dict(F32=f32, TF32X3=f32, RTNE=False)
+    strides = lambda *names: {f"s{n}_{x}": i for n in names for x in "bhl"}  # noqa: E731
+    tail = dict(H=i, Lq=i, Lk=i, scale="fp32")
+    sigs = {
+        "fwd": (_attn_fwd_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, o_ptr=p, lse_ptr=f, **strides("q", "k", "v", "o"))),
+        "jvp": (_attn_jvp_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, tq_ptr=p, tk_ptr=p, tv_ptr=p, o_ptr=p, lse_ptr=f,
+                                       to_ptr=p, **strides("q", "k", "v", "tq", "tk", "tv", "o"))),
+        "dkdv": (_attn_bwd_dkdv_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, do_ptr=p, lse_ptr=f, delta_ptr=f, dk_ptr=p,
+                                             dv_ptr=p, **strides("q", "k", "v", "o", "g"))),
+        "dq": (_attn_bwd_dq_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, do_ptr=p, lse_ptr=f, delta_ptr=f, dq_ptr=p,
+                                         **strides("q", "k", "v", "o", "g"))),
+    }
+    for kind, (fn, sig) in sigs.items():
+        BM, BN, warps, stages = (_TILES_32 if f32 else _TILES_16)[arch][kind][D]
+        yield fn, {**sig, **tail}, dict(D=D, BM=BM, BN=BN, **flags), arch, dict(num_warps=warps, num_stages=stages)
