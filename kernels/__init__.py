@@ -32,7 +32,9 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return x.is_cuda and triton_available()
+        return x.is_cuda and _HAS_TRITON
+    if backend == "triton" and not _HAS_TRITON:
+        raise ValueError("backend='triton' needs the triton package (pip install triton)")
     return backend == "triton"
 
 
@@ -62,7 +64,9 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *,
 
     x, h: (B, L, D); shift, scale, gate: (B, D) or (B, 1, D).
     """
-    # One row lives in registers in the Triton kernel: wider rows stay on the reference under 'auto'.
-    if _use_triton(backend, x) and (backend == "triton" or x.shape[-1] <= adaln.MAX_D):
+    use = _use_triton(backend, x)
+    if use and backend == "auto" and (x.shape[-1] > adaln.MAX_D or x.dtype == torch.float64):
+        use = False  # one row lives in registers in the kernel; wider rows and fp64 stay on the reference
+    if use:
         return adaln.adaln_modulate(x, shift, scale, gate=gate, h=h, eps=eps)
     return reference.adaln_modulate(x, shift, scale, gate=gate, h=h, eps=eps)

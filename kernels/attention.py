@@ -320,7 +320,7 @@ def attn_jvp(q, k, v, tq, tk, tv, o, lse, scale: float):
 def attn_bwd(do, q, k, v, o, lse, scale: float):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    delta = (do.float() * o.float()).sum(-1)  # (B, H, Lq): rowsum(dO * O) = rowsum(P * dP)
+    delta = (do.float() * o.float()).sum(-1).contiguous()  # (B, H, Lq): rowsum(dO * O) = rowsum(P * dP)
     dq = _new((B, H, Lq, D), q)
     dk = _new((B, H, Lk, D), q)
     dv = _new((B, H, Lk, D), q)
