@@ -169,8 +169,6 @@ def _adaln_jvp_kernel(
         tl.store(ty_ptr + o_row * D + o_d, _cast_out(b_ty, ty_ptr, RTNE), mask=m)
 
 
-# ----- host launchers -----------------------------------------------------------------------------------------------
-
 def launch_config(D: int, backward: bool = False) -> tuple[int, int, int]:
     """(BD, num_warps, rows per program) for a row width D: next_pow2(D), warps by block size."""
     BD = triton.next_power_of_2(D)
@@ -260,8 +258,6 @@ def adaln_jvp(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd):
     return ty, txres
 
 
-# ----- torch.library registration: opaque to autograd, functorch and Dynamo -------------------------------------------
-
 @torch.library.custom_op("mfsr::adaln_fwd", mutates_args=())
 def _adaln_fwd_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor | None,
                   h: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -303,8 +299,6 @@ def _adaln_jvp_op(xres: torch.Tensor, h: torch.Tensor | None, tx: torch.Tensor |
 def _(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd):
     return torch.empty_like(xres), torch.empty_like(xres) if h is not None else xres.new_empty(0)
 
-
-# ----- autograd.Function --------------------------------------------------------------------------------------------
 
 def _mod_tangent(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(like) if t is None else t.reshape(like.shape).contiguous()
@@ -384,8 +378,6 @@ def adaln_modulate(x, shift, scale, gate=None, h=None, eps: float = 1e-6):
     y, xres, _, _ = AdaLNModulate.apply(x.contiguous(), shift, scale, gate, h, float(eps))
     return y if h is None else (xres, y)
 
-
-# ----- ahead-of-time configurations (GPU readiness check without a GPU) ----------------------------------------------
 
 def aot_configs(dtypes=("bf16",), archs=(90, 80), block_sizes=None):
     """Every (kernel, signature, constexprs, arch, num_warps) the launchers can pick on a GPU, for the given

@@ -229,8 +229,6 @@ def _attn_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-# ----- host launchers -----------------------------------------------------------------------------------------------
-
 # (BM, BN, num_warps, num_stages) by (pass, head dim) for 16-bit inputs, per architecture family: the largest tiles
 # that compile without register spills (tests/test_gpu_readiness.py, ptxas -v). sm_90 covers Hopper and newer.
 _TILES_16 = {
@@ -337,8 +335,6 @@ def attn_bwd(do, q, k, v, o, lse, scale: float):
     return dq, dk, dv
 
 
-# ----- torch.library registration ----------------------------------------------------------------------------------
-
 @torch.library.custom_op("mfsr::attn_fwd", mutates_args=())
 def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,8 +368,6 @@ def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
 def _(do, q, k, v, o, lse, scale):
     return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
 
-
-# ----- autograd.Function --------------------------------------------------------------------------------------------
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
@@ -440,8 +434,6 @@ def attention(q, k, v, scale: float | None = None):
     """Triton path of ``kernels.attention``."""
     return attention_with_lse(q, k, v, scale)[0]
 
-
-# ----- ahead-of-time configurations (GPU readiness check without a GPU) ----------------------------------------------
 
 def aot_configs(dtypes=("bf16", "fp32"), archs=(90, 80)):
     """Every (kernel, signature, constexprs, arch, options) the launchers pick on a GPU: per architecture family,

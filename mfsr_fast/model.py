@@ -341,7 +341,6 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         self.proj_out = nn.Linear(dim, p * p * cfg.in_channels)
         self.initialize_weights()
 
-    # ----- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MFSRTransformer:
         if name not in PRESETS:
@@ -403,7 +402,6 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         self.kernel_backend = backend
         return self
 
-    # ----- forward -----------------------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor, lr: torch.Tensor | None, t, r=None, context: torch.Tensor | None = None,
                 pooled: torch.Tensor | None = None) -> torch.Tensor:
         """Average velocity u(z, r, t) (B, C, H, W). r defaults to t (instantaneous velocity, the teacher)."""
