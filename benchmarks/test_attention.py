@@ -12,31 +12,16 @@ Without a GPU: a small size of the reference only, and ``extra_info`` says so.
 from __future__ import annotations
 
 import importlib.util
-import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timing import median_seconds
 
 import kernels
 
 CUDA = torch.cuda.is_available()
 HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
-
-
-def _timeit(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        if CUDA:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _peak_mb(fn):
@@ -106,7 +91,7 @@ def test_attention(benchmark, full, env_info, mode, L):
         info["note"] = "no GPU: reference only at a small size (interpreter timings are not performance figures)"
         benchmark.extra_info.update(info)
         ref = lambda a, b, c: kernels.attention(a, b, c, backend="reference")  # noqa: E731
-        benchmark.pedantic(run(ref) if mode != "bwd" else run(ref), rounds=3, warmup_rounds=1)
+        benchmark.pedantic(run(ref), rounds=3, warmup_rounds=1)
         return
 
     # Parity before any speedup: Triton against SDPA (math in fp32 for the tangent) on the same inputs.
@@ -119,7 +104,7 @@ def test_attention(benchmark, full, env_info, mode, L):
     for name, f in impls.items():
         try:
             fn = run(f)
-            info[f"ms_{name}"] = _timeit(fn, reps) * 1e3
+            info[f"ms_{name}"] = median_seconds(fn, reps) * 1e3
             info[f"peak_mb_{name}"] = _peak_mb(fn)
         except torch.OutOfMemoryError:
             info[f"ms_{name}"] = "OOM"

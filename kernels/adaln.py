@@ -21,27 +21,14 @@ Caution:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels.common import INTERPRET, cast_out
+
 # One row lives in registers; wider rows spill on sm_80/sm_90 (checked by tests/test_gpu_readiness.py).
 MAX_D = 4096
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _cast_out(b_x, ptr, RTNE: tl.constexpr):
-    """fp32 block -> the element type of ptr. With RTNE (the interpreter, whose bf16 casts truncate), round to
-    nearest even by hand first, so the CPU parity tests see the rounding a GPU's cvt.rn performs."""
-    if RTNE:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = b_x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            b_x = bits.to(tl.float32, bitcast=True)
-    return b_x.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -67,13 +54,13 @@ def _adaln_fwd_kernel(
         if HAS_RES:
             b_h = tl.load(h_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
             b_x = b_x + b_gate * b_h
-            tl.store(xres_ptr + o_row * D + o_d, _cast_out(b_x, xres_ptr, RTNE), mask=m)
+            tl.store(xres_ptr + o_row * D + o_d, cast_out(b_x, xres_ptr, RTNE), mask=m)
         mean = tl.sum(b_x, axis=0) / D
         b_xc = tl.where(m_d, b_x - mean, 0.)
         var = tl.sum(b_xc * b_xc, axis=0) / D
         rstd = 1.0 / tl.sqrt(var + eps)
         b_y = b_xc * rstd * (1.0 + b_scale) + b_shift
-        tl.store(y_ptr + o_row * D + o_d, _cast_out(b_y, y_ptr, RTNE), mask=m)
+        tl.store(y_ptr + o_row * D + o_d, cast_out(b_y, y_ptr, RTNE), mask=m)
         tl.store(mean_ptr + o_row, mean, mask=m_row)
         tl.store(rstd_ptr + o_row, rstd, mask=m_row)
 
@@ -110,12 +97,12 @@ def _adaln_bwd_kernel(
         b_dx = tl.where(m, (b_dxh - c_1 - b_xh * c_xh) * rstd, 0.)
         if HAS_DXRES:
             b_dx += tl.load(dxres_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)
-        tl.store(dx_ptr + o_row * D + o_d, _cast_out(b_dx, dx_ptr, RTNE), mask=m)
+        tl.store(dx_ptr + o_row * D + o_d, cast_out(b_dx, dx_ptr, RTNE), mask=m)
         acc_dshift += b_dy
         acc_dscale += b_dy * b_xh
         if HAS_RES:
             b_h = tl.load(h_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
-            tl.store(dh_ptr + o_row * D + o_d, _cast_out(b_gate * b_dx, dh_ptr, RTNE), mask=m)
+            tl.store(dh_ptr + o_row * D + o_d, cast_out(b_gate * b_dx, dh_ptr, RTNE), mask=m)
             acc_dgate += b_dx * b_h
     # Per-program partial sums, (n_programs_L, B, D) fp32: summed over programs on the host.
     o_part = (i_l * B + i_b).to(tl.int64) * D
@@ -161,12 +148,12 @@ def _adaln_jvp_kernel(
             b_tx += b_tgate * b_h
             if HAS_TH:
                 b_tx += b_gate * tl.load(th_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)
-            tl.store(txres_ptr + o_row * D + o_d, _cast_out(b_tx, txres_ptr, RTNE), mask=m)
+            tl.store(txres_ptr + o_row * D + o_d, cast_out(b_tx, txres_ptr, RTNE), mask=m)
         c_1 = tl.sum(b_tx, axis=0) / D
         c_xh = tl.sum(b_xh * b_tx, axis=0) / D
         b_txh = tl.where(m, rstd * (b_tx - c_1 - b_xh * c_xh), 0.)
         b_ty = b_txh * (1.0 + b_scale) + b_xh * b_tscale + b_tshift
-        tl.store(ty_ptr + o_row * D + o_d, _cast_out(b_ty, ty_ptr, RTNE), mask=m)
+        tl.store(ty_ptr + o_row * D + o_d, cast_out(b_ty, ty_ptr, RTNE), mask=m)
 
 
 def launch_config(D: int, backward: bool = False) -> tuple[int, int, int]:
@@ -174,7 +161,7 @@ def launch_config(D: int, backward: bool = False) -> tuple[int, int, int]:
     BD = triton.next_power_of_2(D)
     num_warps = 1 if BD <= 256 else 2 if BD <= 512 else 4 if BD <= 1024 else 8
     rpp = 16 if backward else 4
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRET:
         rpp = 4  # the interpreter runs the row loop in Python
     return BD, num_warps, rpp
 
@@ -214,7 +201,7 @@ def adaln_fwd(x, shift, scale, gate, h, eps):
         x, h if has_res else x, shift, scale, gate if has_res else shift,
         y, xres if has_res else y, mean, rstd,
         L, D, shift.stride(0), scale.stride(0), gate.stride(0) if has_res else 0, eps,
-        HAS_RES=has_res, RPP=rpp, BD=BD, RTNE=_INTERPRET, num_warps=num_warps,
+        HAS_RES=has_res, RPP=rpp, BD=BD, RTNE=INTERPRET, num_warps=num_warps,
     )
     return y, xres, mean, rstd
 
@@ -232,7 +219,7 @@ def adaln_bwd(dy, dxres, xres, h, scale, gate, mean, rstd):
         dy, dxres if dxres is not None else dy, xres, h if has_res else xres, scale, gate if has_res else scale,
         mean, rstd, dx, dh if has_res else dx, part[0], part[1], part[2] if has_res else part[0],
         L, D, B, scale.stride(0), gate.stride(0) if has_res else 0,
-        HAS_RES=has_res, HAS_DXRES=dxres is not None, RPP=rpp, BD=BD, RTNE=_INTERPRET, num_warps=num_warps,
+        HAS_RES=has_res, HAS_DXRES=dxres is not None, RPP=rpp, BD=BD, RTNE=INTERPRET, num_warps=num_warps,
     )
     # Separate reductions: custom-op outputs must not alias each other.
     dgate = part[2].sum(0) if has_res else xres.new_empty(0)
@@ -252,7 +239,7 @@ def adaln_jvp(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd):
         ty, txres if has_res else ty,
         L, D, scale.stride(0), gate.stride(0) if has_res else 0, tshift.stride(0), tscale.stride(0),
         tgate.stride(0) if has_res else 0,
-        HAS_RES=has_res, HAS_TX=tx is not None, HAS_TH=th is not None, RPP=rpp, BD=BD, RTNE=_INTERPRET,
+        HAS_RES=has_res, HAS_TX=tx is not None, HAS_TH=th is not None, RPP=rpp, BD=BD, RTNE=INTERPRET,
         num_warps=num_warps,
     )
     return ty, txres
@@ -364,7 +351,7 @@ def adaln_modulate(x, shift, scale, gate=None, h=None, eps: float = 1e-6):
         raise ValueError(f"adaln_modulate: the Triton kernel takes fp32, bf16 or fp16, got {x.dtype}")
     if x.shape[2] > MAX_D:
         raise ValueError(f"adaln_modulate: D = {x.shape[2]} exceeds the kernel's limit {MAX_D}")
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not x.is_cuda and not INTERPRET:
         raise ValueError("adaln_modulate: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                          "triton is imported, to run the kernel on the CPU)")
     if (gate is None) != (h is None):

@@ -25,26 +25,13 @@ Caution:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels.common import INTERPRET, cast_out
+
 HEAD_DIMS = (32, 64, 128)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _cast_out(b_x, ptr, RTNE: tl.constexpr):
-    """fp32 block -> ptr's element type; under the interpreter (whose bf16 casts truncate) round to nearest even."""
-    if RTNE:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = b_x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            b_x = bits.to(tl.float32, bitcast=True)
-    return b_x.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -99,7 +86,7 @@ def _attn_fwd_kernel(
         m_i = m_new
     b_o = acc / l_i[:, None]
     o_base = o_ptr + i_b * so_b + i_h * so_h
-    tl.store(o_base + o_m[:, None].to(tl.int64) * so_l + o_d[None, :], _cast_out(b_o, o_ptr, RTNE),
+    tl.store(o_base + o_m[:, None].to(tl.int64) * so_l + o_d[None, :], cast_out(b_o, o_ptr, RTNE),
              mask=m_m[:, None])
     # Natural-log LSE, (B, H, Lq) contiguous.
     tl.store(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_m)
@@ -146,7 +133,7 @@ def _attn_jvp_kernel(
     b_o = _load_tile(o_ptr + i_b * so_b + i_h * so_h, o_m, m_m, so_l, o_d, True)  # [BM, D]
     b_to = acc_pts_v + acc_p_tv - r_i[:, None] * b_o
     to_base = to_ptr + i_b * so_b + i_h * so_h
-    tl.store(to_base + o_m[:, None].to(tl.int64) * so_l + o_d[None, :], _cast_out(b_to, to_ptr, RTNE),
+    tl.store(to_base + o_m[:, None].to(tl.int64) * so_l + o_d[None, :], cast_out(b_to, to_ptr, RTNE),
              mask=m_m[:, None])
 
 
@@ -187,8 +174,8 @@ def _attn_bwd_dkdv_kernel(
         acc_dk += _dot(tl.trans(b_ds).to(b_q.dtype), b_q, TF32X3)  # [BN, D]
     o_g = o_n[:, None].to(tl.int64) * sg_l + o_d[None, :]
     g_off = i_b * sg_b + i_h * sg_h
-    tl.store(dk_ptr + g_off + o_g, _cast_out(acc_dk * scale, dk_ptr, RTNE), mask=m_n[:, None])
-    tl.store(dv_ptr + g_off + o_g, _cast_out(acc_dv, dv_ptr, RTNE), mask=m_n[:, None])
+    tl.store(dk_ptr + g_off + o_g, cast_out(acc_dk * scale, dk_ptr, RTNE), mask=m_n[:, None])
+    tl.store(dv_ptr + g_off + o_g, cast_out(acc_dv, dv_ptr, RTNE), mask=m_n[:, None])
 
 
 @triton.jit
@@ -225,7 +212,7 @@ def _attn_bwd_dq_kernel(
         b_ds = b_p * (b_dp - b_delta[:, None])
         acc_dq += _dot(b_ds.to(b_k.dtype), b_k, TF32X3)  # [BM, D]
     dq_base = dq_ptr + i_b * sg_b + i_h * sg_h
-    tl.store(dq_base + o_m[:, None].to(tl.int64) * sg_l + o_d[None, :], _cast_out(acc_dq * scale, dq_ptr, RTNE),
+    tl.store(dq_base + o_m[:, None].to(tl.int64) * sg_l + o_d[None, :], cast_out(acc_dq * scale, dq_ptr, RTNE),
              mask=m_m[:, None])
 
 
@@ -261,7 +248,7 @@ def arch_family(device: torch.device) -> int:
 
 def launch_config(D: int, kind: str, arch: int = 90, f32: bool = False) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) for a pass ("fwd", "jvp", "dkdv", "dq"); one small tile under the interpreter."""
-    if _INTERPRET:
+    if INTERPRET:
         return 32, 32, 4, 1
     return (_TILES_32 if f32 else _TILES_16)[arch][kind][D]
 
@@ -282,7 +269,7 @@ def _s(t: torch.Tensor) -> tuple[int, int, int]:
 
 def _flags(q: torch.Tensor) -> dict:
     f32 = q.dtype == torch.float32
-    return dict(F32=f32 or _INTERPRET, TF32X3=f32, RTNE=_INTERPRET)
+    return dict(F32=f32 or INTERPRET, TF32X3=f32, RTNE=INTERPRET)
 
 
 def _config(q: torch.Tensor, kind: str):
@@ -412,7 +399,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: the Triton kernel takes fp32, bf16 or fp16 q, k, v of one dtype, got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if not q.is_cuda and not _INTERPRET:
+    if not q.is_cuda and not INTERPRET:
         raise ValueError("attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton "
                          "is imported, to run the kernel on the CPU)")
     if q.is_cuda and q.dtype == torch.float32 and D not in GPU_FP32_HEAD_DIMS:

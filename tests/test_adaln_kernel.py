@@ -150,8 +150,7 @@ def test_primal_of_jvp_backpropagates_to_parameters():
     grads = []
     for backend in ("triton", "reference"):
         lin.zero_grad()
-        out, tan = torch.func.jvp(model(backend), (x, temb), (torch.randn_like(x, generator=None) * 0 + 1,
-                                                               torch.ones_like(temb)))
+        out, tan = torch.func.jvp(model(backend), (x, temb), (torch.ones_like(x), torch.ones_like(temb)))
         assert out.requires_grad
         out.pow(2).sum().backward(retain_graph=True)
         if backend == "triton" and tan.requires_grad:
@@ -195,7 +194,7 @@ def test_triton_backend_rejects_bad_input_clearly():
         kernels.adaln_modulate(big, big[:, 0], big[:, 0], backend="triton")
 
 
-def test_model_forward_and_jvp_with_triton_adaln_match_reference():
+def test_model_forward_and_jvp_with_triton_adaln_match_reference(monkeypatch):
     pytest.importorskip("diffusers")
     from conftest import micro_inputs, micro_model
     m = micro_model().to(DEVICE)
@@ -209,13 +208,12 @@ def test_model_forward_and_jvp_with_triton_adaln_match_reference():
             return torch.func.jvp(fn, (inp["z"], inp["t"], inp["r"]),
                                   (v, torch.ones_like(inp["t"]), torch.zeros_like(inp["r"])))
 
-    # attention has no Triton kernel yet: route only adaLN through Triton
+    # The micro model's head dim (8) is not a Triton attention size: route only adaLN through Triton.
     orig = kernels.attention
-    try:
-        kernels.attention = lambda q, k, v_, **kw: orig(q, k, v_, scale=kw.get("scale"), backend="reference")
+    with monkeypatch.context() as mp:
+        mp.setattr(kernels, "attention", lambda q, k, v_, **kw: orig(q, k, v_, scale=kw.get("scale"),
+                                                                      backend="reference"))
         out_t = run("triton")
-    finally:
-        kernels.attention = orig
     out_r = run("reference")
     for a, b in zip(out_t, out_r):
         scale = b.abs().max()

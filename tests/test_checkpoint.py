@@ -81,7 +81,8 @@ def test_checkpoint_files_hold_no_pickle(tmp_path):
     files = {os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs}
     assert files == {"model/config.json", "model/diffusion_pytorch_model.safetensors", "optimizer.safetensors",
                      "rng.safetensors", "trainer_state.json"}
-    json.load(open(os.path.join(path, "trainer_state.json")))
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        json.load(f)
 
 
 def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
