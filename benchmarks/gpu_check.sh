@@ -1,27 +1,57 @@
 #!/usr/bin/env bash
 # One GPU check, under 6 minutes, on a machine with an NVIDIA GPU and no network:
-#   1. the kernel parity tests (adaLN, attention), compiled for the GPU (same tests as the CPU interpreter runs);
-#   2. the kernel benchmarks at full size;
-#   3. a short table (GPU, dtype, shape, time, GB/s, ratio to each baseline) as the last lines.
-# Needs torch, triton, pytest and pytest-benchmark; without network, carry wheels in .wheels/ (pip download
-# pytest-benchmark py-cpuinfo -d .wheels) and this script installs them. Results land in ${OUT:-/tmp}/.
+#   1. the kernel parity tests (adaLN, attention; the tiny model's JVP through both paths), compiled for the GPU:
+#      the same tests the CPU runs through the Triton interpreter;
+#   2. the benchmarks at full size: adaLN, attention, device copy bandwidth, one MeanFlow training step;
+#   3. a short table (GPU, dtype, shape, time, GB/s or TFLOP/s, peak memory, ratio to each baseline) as the last lines.
+# Needs torch, triton, pytest and pytest-benchmark. Packages missing there (diffusers for the model tests and the
+# training-step benchmark) travel as wheels in .whl/ or .wheels/ and are installed into a private folder, offline.
+# Logs and the JSON files land in ${OUT:-/tmp/mfsr_gpu_check}/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-/tmp}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export TRITON_DEFAULT_FP_FUSION=1
+OUT_DIR="${OUT:-/tmp/mfsr_gpu_check}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
 unset TRITON_INTERPRET
-PY="${PYTHON:-python}"
-if ! "$PY" -c "import pytest_benchmark" 2>/dev/null && [ -d .wheels ]; then
-    "$PY" -m pip install -q --no-index --find-links .wheels pytest-benchmark
-fi
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpu', torch.cuda.get_device_name())"
-git rev-parse --short HEAD 2>/dev/null | sed 's/^/commit /'
+export PYTHONUNBUFFERED=1
+for d in .whl .wheels; do
+    if compgen -G "$d/*.whl" >/dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mfsr_site \
+            "$d"/*.whl && export PYTHONPATH="/tmp/mfsr_site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+start=$SECONDS
+"$PY" - <<'PYEOF'
+import torch, triton
+p = torch.cuda.get_device_properties(0)
+print(f"torch {torch.__version__}, triton {triton.__version__}, {p.name}, {p.multi_processor_count} SMs, "
+      f"{p.total_memory / 2**30:.0f} GiB")
+PYEOF
+nvidia-smi --query-gpu=driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader 2>/dev/null \
+    | sed 's/^/driver, sm clock, max sm clock, power limit: /'
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
 
-timeout 180 "$PY" -m pytest -q -x tests/test_adaln_kernel.py tests/test_attention_kernel.py -p no:cacheprovider 2>&1 \
-    | tail -5
-parity=${PIPESTATUS[0]}
-timeout 150 "$PY" -m pytest -q benchmarks/test_adaln.py benchmarks/test_attention.py --benchmark \
-    --benchmark-json="$OUT_DIR/bench_kernels.json" -p no:cacheprovider 2>&1 | tail -3
-"$PY" benchmarks/summarize.py "$OUT_DIR/bench_kernels.json"
-echo "parity tests exit code: $parity"
+# 1. Parity: the two kernel files in parallel (compilation is CPU-bound; 16 cores there).
+PT=("$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE)
+timeout 200 "${PT[@]}" tests/test_adaln_kernel.py >"$OUT_DIR/parity_adaln.log" 2>&1 &
+pa=$!
+timeout 200 "${PT[@]}" tests/test_attention_kernel.py >"$OUT_DIR/parity_attention.log" 2>&1 &
+pb=$!
+wait $pa; rc_a=$?
+wait $pb; rc_b=$?
+for f in parity_adaln parity_attention; do
+    echo "== $f"; grep -E "passed|failed|error|FAILED|ERROR|SKIPPED" "$OUT_DIR/$f.log" | tail -12
+done
+echo "parity exit codes: adaln $rc_a, attention $rc_b ($((SECONDS - start)) s so far)"
+
+# 2. Benchmarks, one file at a time (timings must not share the GPU), each with its own JSON so a timeout keeps the rest.
+for name in adaln attention train_step; do
+    timeout 150 "${PT[@]}" "benchmarks/test_$name.py" --benchmark --benchmark-json="$OUT_DIR/bench_$name.json" \
+        >"$OUT_DIR/bench_$name.log" 2>&1
+    echo "bench $name exit code $? ($((SECONDS - start)) s so far)"
+    grep -E "passed|failed|FAILED|Error" "$OUT_DIR/bench_$name.log" | tail -6
+done
+
+# 3. The table.
+"$PY" benchmarks/summarize.py "$OUT_DIR"/bench_*.json | tee "$OUT_DIR/table.md"

@@ -1,4 +1,7 @@
-"""Print a short table from a pytest-benchmark JSON file: GPU, dtype, shape, time, GB/s, ratio to each baseline."""
+"""Print a short table from pytest-benchmark JSON files: GPU, dtype, shape, time, GB/s or TFLOP/s, peak memory and
+the ratio to each baseline. The time is the Triton path's median from the test's own timing (``ms_triton``) where the
+test recorded one, else pytest-benchmark's median. Forward GB/s is also given as a share of the measured copy
+bandwidth when the copy benchmark ran."""
 
 from __future__ import annotations
 
@@ -6,24 +9,39 @@ import json
 import sys
 
 
+def _fmt_ratio(info: dict, prefix: str, fmt: str) -> list[str]:
+    return [fmt.format(k[len(prefix):], v) for k, v in info.items() if k.startswith(prefix) and isinstance(v, float)]
+
+
 def main(paths: list[str]) -> int:
-    data = {"benchmarks": []}
+    rows = []
     for path in paths:
-        with open(path) as f:
-            data["benchmarks"] += json.load(f)["benchmarks"]
-    print("| test | device | dtype | shape | ms (median) | GB/s or TFLOP/s | ratios |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for b in data["benchmarks"]:
+        try:
+            with open(path) as f:
+                rows += json.load(f)["benchmarks"]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"(skipped {path}: {e})")
+    copy = next((b["extra_info"]["gbps_copy"] for b in rows if "gbps_copy" in b.get("extra_info", {})), None)
+    print("| test | device | dtype | shape | ms (median) | GB/s or TFLOP/s | peak MiB | ratios (baseline / ours) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for b in rows:
         info = b.get("extra_info", {})
-        ratios = ", ".join(f"{k[len('speedup_vs_'):]} {v:.2f}x" for k, v in info.items() if k.startswith("speedup_vs_"))
-        mem = ", ".join(f"mem/{k[len('memory_ratio_vs_'):]} {v:.1f}x" for k, v in info.items()
-                        if k.startswith("memory_ratio_vs_"))
-        ratios = "; ".join(x for x in (ratios, mem) if x)
+        ms = info.get("ms_triton", b["stats"]["median"] * 1e3)
+        ratios = _fmt_ratio(info, "speedup_vs_", "{} {:.2f}x")
+        ratios += _fmt_ratio(info, "memory_ratio_vs_", "mem {} {:.1f}x")
+        ratios += [f"{k[3:]} OOM" for k, v in info.items() if k.startswith("ms_") and v == "OOM"]
         gbps = info.get("gbps_triton", info.get("gbps_copy"))
         tflops = info.get("tflops_triton")
-        rate = f"{gbps:.0f} GB/s" if gbps is not None else f"{tflops:.0f} TFLOP/s" if tflops is not None else "-"
+        if gbps is not None:
+            rate = f"{gbps:.0f} GB/s"
+            if copy and "gbps_triton" in info:
+                rate += f" ({100 * gbps / copy:.0f}% of copy)"
+        else:
+            rate = f"{tflops:.0f} TFLOP/s" if tflops is not None else "-"
+        peak = info.get("peak_mb_triton")
+        peak = f"{peak:.0f}" if isinstance(peak, float) else "-"
         print(f"| {b['name']} | {info.get('device', '?')} | {info.get('dtype', '-')} | {info.get('shape', '-')} | "
-              f"{b['stats']['median'] * 1e3:.3f} | {rate} | {ratios or '-'} |")
+              f"{ms:.3f} | {rate} | {peak} | {', '.join(ratios) or '-'} |")
     return 0
 
 
