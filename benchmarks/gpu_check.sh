@@ -34,9 +34,9 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff
 
 # 1. Parity: the two kernel files in parallel (compilation is CPU-bound; 16 cores there).
 PT=("$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE)
-timeout 200 "${PT[@]}" tests/test_adaln_kernel.py >"$OUT_DIR/parity_adaln.log" 2>&1 &
+timeout 170 "${PT[@]}" tests/test_adaln_kernel.py >"$OUT_DIR/parity_adaln.log" 2>&1 &
 pa=$!
-timeout 200 "${PT[@]}" tests/test_attention_kernel.py >"$OUT_DIR/parity_attention.log" 2>&1 &
+timeout 170 "${PT[@]}" tests/test_attention_kernel.py >"$OUT_DIR/parity_attention.log" 2>&1 &
 pb=$!
 wait $pa; rc_a=$?
 wait $pb; rc_b=$?
@@ -46,8 +46,9 @@ done
 echo "parity exit codes: adaln $rc_a, attention $rc_b ($((SECONDS - start)) s so far)"
 
 # 2. Benchmarks, one file at a time (timings must not share the GPU), each with its own JSON so a timeout keeps the rest.
-for name in adaln attention train_step; do
-    timeout 150 "${PT[@]}" "benchmarks/test_$name.py" --benchmark --benchmark-json="$OUT_DIR/bench_$name.json" \
+for spec in adaln:150 attention:100 train_step:100; do
+    name=${spec%%:*}
+    timeout "${spec##*:}" "${PT[@]}" "benchmarks/test_$name.py" --benchmark --benchmark-json="$OUT_DIR/bench_$name.json" \
         >"$OUT_DIR/bench_$name.log" 2>&1
     echo "bench $name exit code $? ($((SECONDS - start)) s so far)"
     grep -E "passed|failed|FAILED|Error" "$OUT_DIR/bench_$name.log" | tail -6
