@@ -6,7 +6,7 @@
 #   3. a short table (GPU, dtype, shape, time, GB/s or TFLOP/s, peak memory, ratio to each baseline) as the last lines.
 # Needs torch, triton, pytest and pytest-benchmark. Packages missing there (diffusers for the model tests and the
 # training-step benchmark) travel as wheels in .whl/ or .wheels/ and are installed into a private folder, offline.
-# Logs and the JSON files land in ${OUT:-/tmp/mfsr_gpu_check}/.
+# parity.log, bench.log, one JSON per benchmark file and table.md land in ${OUT:-/tmp/mfsr_gpu_check}/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-/tmp/mfsr_gpu_check}"
@@ -34,14 +34,15 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff
 
 # 1. Parity: the two kernel files in parallel (compilation is CPU-bound; 16 cores there).
 PT=("$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE)
-timeout 170 "${PT[@]}" tests/test_adaln_kernel.py >"$OUT_DIR/parity_adaln.log" 2>&1 &
+timeout 170 "${PT[@]}" tests/test_adaln_kernel.py >/tmp/mfsr_parity_adaln.log 2>&1 &
 pa=$!
-timeout 170 "${PT[@]}" tests/test_attention_kernel.py >"$OUT_DIR/parity_attention.log" 2>&1 &
+timeout 170 "${PT[@]}" tests/test_attention_kernel.py >/tmp/mfsr_parity_attention.log 2>&1 &
 pb=$!
 wait $pa; rc_a=$?
 wait $pb; rc_b=$?
-for f in parity_adaln parity_attention; do
-    echo "== $f"; grep -E "passed|failed|error|FAILED|ERROR|SKIPPED" "$OUT_DIR/$f.log" | tail -12
+for f in adaln attention; do
+    echo "== parity $f"; grep -E "passed|failed|error|FAILED|ERROR|SKIPPED" "/tmp/mfsr_parity_$f.log" | tail -12
+    cat "/tmp/mfsr_parity_$f.log" >>"$OUT_DIR/parity.log"
 done
 echo "parity exit codes: adaln $rc_a, attention $rc_b ($((SECONDS - start)) s so far)"
 
@@ -49,9 +50,10 @@ echo "parity exit codes: adaln $rc_a, attention $rc_b ($((SECONDS - start)) s so
 for spec in adaln:150 attention:100 train_step:100; do
     name=${spec%%:*}
     timeout "${spec##*:}" "${PT[@]}" "benchmarks/test_$name.py" --benchmark --benchmark-json="$OUT_DIR/bench_$name.json" \
-        >"$OUT_DIR/bench_$name.log" 2>&1
+        >"/tmp/mfsr_bench_$name.log" 2>&1
     echo "bench $name exit code $? ($((SECONDS - start)) s so far)"
-    grep -E "passed|failed|FAILED|Error" "$OUT_DIR/bench_$name.log" | tail -6
+    grep -E "passed|failed|FAILED|Error" "/tmp/mfsr_bench_$name.log" | tail -6
+    cat "/tmp/mfsr_bench_$name.log" >>"$OUT_DIR/bench.log"
 done
 
 # 3. The table.
