@@ -22,6 +22,7 @@ def main(paths: list[str]) -> int:
         except (OSError, ValueError, KeyError) as e:
             print(f"(skipped {path}: {e})")
     copy = next((b["extra_info"]["gbps_copy"] for b in rows if "gbps_copy" in b.get("extra_info", {})), None)
+    gcopy = next((b["extra_info"]["gpu_gbps_copy"] for b in rows if "gpu_gbps_copy" in b.get("extra_info", {})), None)
     print("| test | device | dtype | shape | ms (median) | GB/s or TFLOP/s | peak MiB | ratios (baseline / ours) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for b in rows:
@@ -36,6 +37,11 @@ def main(paths: list[str]) -> int:
             rate = f"{gbps:.0f} GB/s"
             if copy and "gbps_triton" in info:
                 rate += f" ({100 * gbps / copy:.0f}% of copy)"
+            g = info.get("gpu_gbps_triton", info.get("gpu_gbps_copy"))
+            if isinstance(g, float):
+                rate += f"; GPU time {g:.0f} GB/s" + (f" ({100 * g / gcopy:.0f}% of copy)" if gcopy and
+                                                       "gpu_gbps_triton" in info else "")
+                ratios += _fmt_ratio(info, "gpu_speedup_vs_", "GPU time: {} {:.2f}x")
         else:
             rate = f"{tflops:.0f} TFLOP/s" if tflops is not None else "-"
         peak = info.get("peak_mb_triton")

@@ -218,3 +218,17 @@ def test_model_forward_and_jvp_with_triton_adaln_match_reference(monkeypatch):
     for a, b in zip(out_t, out_r):
         scale = b.abs().max()
         assert (a - b).abs().max() <= 1e-5 * scale
+
+
+def test_inference_calls_skip_the_autograd_function(monkeypatch):
+    """Without gradients or tangents the launcher runs directly (no Function overhead), with the same result."""
+    ts = _cast(_inputs(2, 5, 64), torch.float32, torch.float32)
+    with_fn = _fn("triton", True)(*ts)
+    ts[0].requires_grad_(True)
+    monkeypatch.setattr(adaln.AdaLNModulate, "apply", lambda *a: pytest.fail("Function used under no_grad"))
+    with torch.no_grad():
+        direct = _fn("triton", True)(*ts)
+    for a, b in zip(with_fn, direct):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(pytest.fail.Exception):
+        _fn("triton", True)(*ts)  # gradients recorded: the Function is required

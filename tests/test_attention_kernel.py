@@ -164,3 +164,12 @@ def test_tiny_model_jvp_triton_path_matches_reference_path():
         out[backend] = (u.detach(), u_tgt, m.blocks[0].attn.to_q.weight.grad.clone())
     for a, b in zip(out["triton"], out["reference"]):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (a - b).abs().max()
+
+
+def test_inference_calls_skip_the_autograd_function(monkeypatch):
+    q, k, v = (torch.randn(1, 2, 20, 32, device=DEVICE) for _ in range(3))
+    ref = kernels.attention(q, k, v, backend="triton")
+    monkeypatch.setattr(flash.FlashAttention, "apply", lambda *a: pytest.fail("Function used without autograd"))
+    torch.testing.assert_close(kernels.attention(q, k, v, backend="triton"), ref, rtol=0, atol=0)
+    with pytest.raises(pytest.fail.Exception):
+        torch.func.jvp(lambda a: kernels.attention(a, k, v, backend="triton"), (q,), (q,))
