@@ -62,16 +62,25 @@ class MFSRConfig:
     time_freq_dim: int = 256
     mlp_ratio: float = 4.0
     eps: float = 1e-6
+    prediction: str = "v"  # network output: "v" (velocity) or "x" (clean image; v = (z - x) / max(t, x_t_min))
+    x_t_min: float = 0.05
+    codec: str = "sd3-vae"  # image <-> model space: "sd3-vae" (16-channel latents) or "pixel4" (pixel-unshuffle x4)
+    learned_prompts: int = 0  # > 0: learned context tokens per named prompt (PROMPT_NAMES), stored with the weights
 
+
+# Named learned prompts of models trained without a text encoder (DESIGN section 3 / training/teacher.py).
+PROMPT_NAMES = ("positive", "negative", "null")
 
 PRESETS: dict[str, dict] = {
     # SD3.5-medium MM-DiT + DiT4SR LR stream: 2.5B parameters, GPU only.
     "dit4sr": {},
     # CPU presets over a pixel codec (pixel-unshuffle x4 of RGB = 48 channels), no text encoder: learned prompt tokens.
     "small": dict(in_channels=48, num_layers=6, num_heads=4, head_dim=64, context_dim=256, pooled_dim=256,
-                  sample_size=64, pos_embed_max_size=256, dual_attention_layers=(0, 1, 2)),
+                  sample_size=64, pos_embed_max_size=256, dual_attention_layers=(0, 1, 2), prediction="x",
+                  codec="pixel4", learned_prompts=4),
     "tiny": dict(in_channels=48, num_layers=4, num_heads=4, head_dim=32, context_dim=128, pooled_dim=128,
-                 sample_size=32, pos_embed_max_size=256, dual_attention_layers=(0, 1)),
+                 sample_size=32, pos_embed_max_size=256, dual_attention_layers=(0, 1), prediction="x",
+                 codec="pixel4", learned_prompts=4),
 }
 
 
@@ -317,6 +326,10 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         time_freq_dim: int = 256,
         mlp_ratio: float = 4.0,
         eps: float = 1e-6,
+        prediction: str = "v",
+        x_t_min: float = 0.05,
+        codec: str = "sd3-vae",
+        learned_prompts: int = 0,
     ):
         # Keyword arguments mirror MFSRConfig field by field: diffusers' ConfigMixin reads the signature.
         super().__init__()
@@ -339,6 +352,10 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         ])
         self.norm_out = nn.Linear(dim, 2 * dim)
         self.proj_out = nn.Linear(dim, p * p * cfg.in_channels)
+        if cfg.learned_prompts > 0:
+            n = len(PROMPT_NAMES)
+            self.prompt_context = nn.Parameter(torch.zeros(n, cfg.learned_prompts, cfg.context_dim))
+            self.prompt_pooled = nn.Parameter(torch.zeros(n, cfg.pooled_dim)) if cfg.pooled_dim > 0 else None
         self.initialize_weights()
 
     @classmethod
@@ -379,6 +396,10 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.norm_out.bias)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        if self.cfg.learned_prompts > 0:
+            nn.init.normal_(self.prompt_context, std=1.0)  # distinct prompts from the start
+            if self.prompt_pooled is not None:
+                nn.init.normal_(self.prompt_pooled, std=1.0)
 
     @staticmethod
     @torch.no_grad()
@@ -439,6 +460,34 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         x = self.proj_out(x)  # (B, N, p * p * C)
         x = x.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, hp, p, wp, p)
         return x.reshape(B, C, H, W)
+
+    def prompt(self, which, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context, pooled) of learned prompts: ``which`` is a name from PROMPT_NAMES (repeated ``batch`` times) or a
+        (B,) tensor of indices into PROMPT_NAMES."""
+        if self.cfg.learned_prompts <= 0:
+            raise ValueError("this model has no learned prompts (learned_prompts = 0): pass context and pooled")
+        if isinstance(which, str):
+            if which not in PROMPT_NAMES:
+                raise ValueError(f"unknown prompt {which!r}; known: {PROMPT_NAMES}")
+            idx = torch.full((batch or 1,), PROMPT_NAMES.index(which), dtype=torch.long,
+                             device=self.prompt_context.device)
+        else:
+            idx = torch.as_tensor(which, dtype=torch.long, device=self.prompt_context.device)
+        pooled = self.prompt_pooled[idx] if self.prompt_pooled is not None else None
+        return self.prompt_context[idx], pooled
+
+    def field(self, z: torch.Tensor, lr: torch.Tensor | None, t, r=None, context: torch.Tensor | None = None,
+              pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The velocity field in the model's parametrisation: u(z, r, t) (v when r = t). With ``prediction='x'``
+        the network predicts a clean image x and u = (z - x) / max(t, x_t_min) (DESIGN section 4b); one step from
+        noise (t = 1, r = 0) then returns x itself."""
+        out = self(z, lr, t, r, context, pooled)
+        if self.cfg.prediction == "v":
+            return out
+        tt = torch.as_tensor(t, dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)
+        tt = tt.expand(z.shape[0]) if tt.dim() == 0 else tt
+        tt = tt.clamp_min(self.cfg.x_t_min).reshape(-1, 1, 1, 1)
+        return ((z - out) / tt).to(z.dtype)
 
     @property
     def inner_dim(self) -> int:
@@ -520,6 +569,12 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
 
 
 def _check_config(cfg: MFSRConfig) -> None:
+    if cfg.prediction not in ("v", "x"):
+        raise ValueError(f"prediction must be 'v' or 'x', got {cfg.prediction!r}")
+    if cfg.codec not in ("sd3-vae", "pixel4"):
+        raise ValueError(f"codec must be 'sd3-vae' or 'pixel4', got {cfg.codec!r}")
+    if cfg.learned_prompts > 0 and cfg.context_dim <= 0:
+        raise ValueError("learned_prompts needs a context stream (context_dim > 0)")
     if cfg.qk_norm not in (None, "rms_norm"):
         raise ValueError(f"qk_norm must be None or 'rms_norm', got {cfg.qk_norm!r}")
     if cfg.num_layers < 1 or cfg.num_heads < 1 or cfg.head_dim < 1 or cfg.patch_size < 1 or cfg.in_channels < 1:

@@ -1,0 +1,191 @@
+"""Teacher and distillation commands: CLI, logs, checkpoints, exact resume after SIGKILL, signals, non-finite steps,
+and DDP over gloo equal to one process. Uses the ``micro`` presets (1-block model, 32 px crops) on generated images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+pytest.importorskip("diffusers")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        small = rng.uniform(0, 255, (6, 7, 3))
+        img = Image.fromarray(small.astype(np.uint8)).resize((48 + 4 * i, 40), Image.BICUBIC)
+        img.save(d / f"im{i}.png")
+    (d / "broken.png").write_bytes(b"not an image")
+    return str(d)
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def _weights(run_dir, sub="model"):
+    with open(os.path.join(run_dir, "checkpoints", "latest.json")) as f:
+        name = json.load(f)["path"]
+    return load_file(os.path.join(run_dir, "checkpoints", name, sub, "diffusion_pytorch_model.safetensors"))
+
+
+def _teacher(images, out, *extra):
+    return _run(["training.teacher", "--preset", "micro", "--data", images, "--output-dir", str(out), "--threads",
+                 "1", *extra])
+
+
+@pytest.fixture(scope="module")
+def teacher_run(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    res = _teacher(images, out)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return str(out), res
+
+
+def test_teacher_writes_config_log_and_checkpoints(teacher_run):
+    out, res = teacher_run
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    assert cfg["max_steps"] == 6 and cfg["crop"] == 32
+    assert "teacher config" in res.stdout and "skipped 1 unreadable" in res.stdout
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(np.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in rows)
+    kept = sorted(d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith("step_"))
+    assert kept == ["step_00000004", "step_00000006"]  # keep_checkpoints = 2
+    w0 = _weights(out)
+    assert any(k.startswith("prompt_context") for k in w0)
+
+
+def test_resume_after_sigkill_is_bit_exact(images, teacher_run, tmp_path):
+    ref_dir, _ = teacher_run
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "training.teacher", "--preset", "micro", "--data", images,
+                             "--output-dir", str(out), "--threads", "1", "--max-steps", "6"],
+                            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    step = json.load(open(latest))["step"]
+    assert step < 6
+    res = _teacher(images, out, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"(step {step})" in res.stdout
+    for sub in ("model", "ema"):
+        a, b = _weights(ref_dir, sub), _weights(str(out), sub)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{sub}/{k} differs after resume"
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(images, tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "training.teacher", "--preset", "micro", "--data", images,
+                             "--output-dir", str(out), "--threads", "1", "--max-steps", "1000", "--ckpt-every",
+                             "1000"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 300
+    while (not log.exists() or log.stat().st_size == 0) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "SIGTERM" in err and "--resume" in err
+    step = json.load(open(out / "checkpoints" / "latest.json"))["step"]
+    assert 1 <= step < 1000
+
+
+def test_nonfinite_steps_are_skipped_then_abort_with_checkpoint(images, tmp_path, monkeypatch):
+    from mfsr_fast.model import MFSRTransformer
+    from training import engine, teacher
+
+    cfg = teacher.TeacherConfig(**dict(teacher.PRESETS["micro"], data=images, output_dir=str(tmp_path / "nan"),
+                                       max_steps=20, max_nonfinite=3, ckpt_every=100))
+    model = MFSRTransformer.from_preset(cfg.model_preset, **cfg.model_overrides)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = teacher.make_loss(cfg, engine.codec_for(model))
+    calls = []
+
+    def loss_fn(field, m, batch, step, d):
+        calls.append(step)
+        loss = good(field, m, batch, step, d)
+        return loss * float("nan") if step >= 2 else loss  # two good steps, then it blows up
+
+    with pytest.raises(SystemExit):
+        engine.train(cfg, model, loss_fn, name="teacher")
+    meta = json.load(open(tmp_path / "nan" / "checkpoints" / "latest.json"))
+    assert meta["step"] == 5 and calls == [0, 1, 2, 3, 4]
+    state = json.load(open(tmp_path / "nan" / "checkpoints" / "step_00000005" / "trainer_state.json"))
+    assert state["extra"]["nonfinite_steps"] == 3
+    saved = _weights(str(tmp_path / "nan"))
+    after_two = {k: v for k, v in model.state_dict().items()}
+    for k in saved:  # the checkpoint holds the weights of the last good step, not NaN
+        assert torch.isfinite(saved[k]).all() and torch.equal(saved[k], after_two[k])
+    assert any(not torch.equal(before[k], saved[k]) for k in saved)
+
+
+def test_distill_from_teacher_run(images, teacher_run, tmp_path):
+    from training.distill import resolve_teacher
+
+    teacher_dir, _ = teacher_run
+    out = tmp_path / "student"
+    res = _run(["training.distill", "--preset", "micro", "--teacher", teacher_dir, "--data", images, "--output-dir",
+                str(out), "--threads", "1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert len(rows) == 6 and all(np.isfinite(r["loss"]) for r in rows)
+    student = _weights(str(out))
+    teacher = resolve_teacher(teacher_dir).state_dict()
+    assert student.keys() == teacher.keys()  # same architecture, prompts carried
+    assert any(not torch.equal(student[k], teacher[k]) for k in student)
+    bad = _run(["training.distill", "--preset", "micro", "--data", images, "--output-dir", str(tmp_path / "x")])
+    assert bad.returncode != 0 and "--teacher is required" in bad.stderr
+
+
+def test_cli_overrides_and_bad_values(images, tmp_path):
+    from training import engine
+    from training.distill import PRESETS, DistillConfig
+
+    cfg = engine.parse_config(DistillConfig, PRESETS, ["--preset", "micro", "--batch-size", "8", "--no-amp",
+                                                       "--model-overrides", '{"num_layers": 2}'], "x")
+    assert cfg.batch_size == 8 and cfg.amp is False and cfg.model_overrides == {"num_layers": 2} and cfg.crop == 32
+    with pytest.raises(SystemExit):
+        engine.parse_config(DistillConfig, PRESETS, ["--batch-size", "eight"], "x")
+
+
+def test_ddp_two_gloo_ranks_equal_one_process(images, tmp_path):
+    """torchrun with 2 CPU processes (gloo): both ranks end with the same weights as one process on the global batch."""
+    single, double = tmp_path / "one", tmp_path / "two"
+    res = _teacher(images, single, "--max-steps", "3", "--ema-decay", "0.5")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run(["torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "training.teacher",
+                "--preset", "micro", "--data", images, "--output-dir", str(double), "--threads", "1",
+                "--max-steps", "3", "--ema-decay", "0.5"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _weights(str(single)), _weights(str(double))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -1,0 +1,137 @@
+"""Distil a teacher into a one-step MeanFlow student: ``python -m training.distill --teacher DIR --data DIR``.
+
+The student (teacher architecture + the h = t - r embedder) starts as a copy of the teacher and learns the average
+velocity u(z_t, r, t) by the MeanFlow identity, with the teacher's guided velocity as both the target velocity and
+the JVP tangent (DESIGN section 3):
+
+    v_T   = v(z_t, t | LR, against) + w (v(z_t, t | LR, positive) - v(z_t, t | LR, against))
+    u_tgt = v_T - (t - r) (v_T . d_z u + d_t u)       (stop-gradient; one forward-mode JVP)
+
+Optionally mixed with the data velocity e - x (``data_mix``). The student keeps the teacher's learned prompts and is
+conditioned on ``positive`` alone, so inference needs no text encoder and no guidance pass.
+
+``--teacher`` takes a training run folder (its newest checkpoint), a checkpoint folder (its EMA weights unless
+``--no-teacher-ema``), or a ``save_pretrained`` folder of an MFSRTransformer (e.g. converted DiT4SR weights).
+Under torchrun the JVP runs on the inner module and the gradient pass through DDP (``jvp_mode='split'``), since
+``torch.func.jvp`` cannot take a DDP wrapper.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from mfsr_fast.meanflow import adaptive_loss, meanflow_target
+from mfsr_fast.model import MFSRTransformer
+from training import checkpoint as ckpt
+from training import engine
+from training.teacher import guided_velocity
+
+
+@dataclass
+class DistillConfig(engine.TrainConfig):
+    output_dir: str = "runs/student"
+    teacher: str = ""  # teacher run / checkpoint / save_pretrained folder (required)
+    teacher_ema: bool = True  # from a training checkpoint, use its EMA weights
+    guidance: float = 2.0  # w of the teacher's guided velocity (1: no guidance)
+    against: str = "negative"  # the guidance's other prompt: negative or null
+    equal_fraction: float = 0.5  # share of samples with r = t (plain velocity matching)
+    data_mix: float = 0.0  # weight of the data velocity e - x mixed into the target
+    jvp_mode: str = "auto"  # jvp | split | auto (jvp on one process, split under DDP)
+    jvp_fp32: bool = True  # the JVP pass outside bf16 autocast
+    loss_p: float = 1.0  # adaptive weighting L / sg(L + c)^p
+    loss_c: float = 1e-3
+
+
+PRESETS = {
+    # The embedded default's student: about 20 minutes on 2 CPU cores.
+    "tiny": dict(model_preset="tiny", max_steps=400, batch_size=32, crop=64, lr=1e-4, warmup_steps=20,
+                 ema_decay=0.99, ckpt_every=100, num_workers=1),
+    "small": dict(model_preset="small", max_steps=10000, batch_size=32, crop=256, lr=5e-5),
+    "micro": dict(model_preset="tiny", max_steps=6, batch_size=4, crop=32, warmup_steps=1, ckpt_every=2, log_every=1,
+                  num_workers=0),
+}
+
+
+def resolve_teacher(path: str, use_ema: bool = True) -> MFSRTransformer:
+    """Load a teacher from a run folder, a checkpoint folder or a save_pretrained folder."""
+    if not path:
+        raise SystemExit("--teacher is required: a teacher run folder (python -m training.teacher --output-dir ...), "
+                         "one of its checkpoints, or a save_pretrained MFSRTransformer folder")
+    if not os.path.isdir(path):
+        raise SystemExit(f"--teacher {path}: no such folder")
+    run_ckpt = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"))
+    if run_ckpt is not None:
+        path = run_ckpt
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        sub = "ema" if use_ema and os.path.isdir(os.path.join(path, "ema")) else "model"
+        path = os.path.join(path, sub)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"--teacher {path}: not a teacher (no config.json, no checkpoints/)")
+    return MFSRTransformer.from_pretrained(path)
+
+
+def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
+    def loss_fn(field, model: MFSRTransformer, batch, step: int, d) -> torch.Tensor:
+        hr, lr, seeds = batch
+        gens = engine.per_sample_generators(seeds)
+        x = codec.encode(hr)
+        c = engine.lr_condition(codec, lr)
+        B = x.shape[0]
+        e = engine.per_sample_randn(gens, tuple(x.shape[1:])).to(x.device)
+        a = engine.logit_normal(gens, cfg.t_mean, cfg.t_std)
+        b = engine.logit_normal(gens, cfg.t_mean, cfg.t_std)
+        equal = engine.per_sample_rand(gens) < cfg.equal_fraction
+        t = torch.maximum(a, b)
+        r = torch.where(equal, t, torch.minimum(a, b))
+        t, r = t.to(x.device), r.to(x.device)
+        tb = t.view(-1, 1, 1, 1)
+        z = (1 - tb) * x + tb * e
+        v_t = guided_velocity(teacher, z, c, t, cfg.guidance, cfg.against).float()
+        if cfg.data_mix > 0:
+            v_t = (1 - cfg.data_mix) * v_t + cfg.data_mix * (e - x)
+        ctx, pooled = model.prompt("positive", B)
+        mode = cfg.jvp_mode
+        if mode == "auto":
+            mode = "split" if d is not None and d.world > 1 else "jvp"
+
+        def fn(z_, t_, r_):
+            return field(z_, c, t_, r_, ctx, pooled)
+
+        def inner(z_, t_, r_):
+            return model.field(z_, c, t_, r_, ctx, pooled)
+
+        with torch.autocast("cuda", enabled=not cfg.jvp_fp32 and torch.is_autocast_enabled()):
+            u, u_tgt = meanflow_target(fn, z, t, r, v_t, mode=mode, jvp_fn=inner)
+        return adaptive_loss(u, u_tgt, p=cfg.loss_p, c=cfg.loss_c)
+    return loss_fn
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = engine.parse_config(DistillConfig, PRESETS, argv, "Distil a MeanFlow one-step student (DESIGN section 3).")
+    if cfg.jvp_mode not in ("auto", "jvp", "split"):
+        raise SystemExit(f"--jvp-mode must be auto, jvp or split, got {cfg.jvp_mode!r}")
+    if cfg.against not in ("negative", "null"):
+        raise SystemExit(f"--against must be negative or null, got {cfg.against!r}")
+    if cfg.jvp_mode == "jvp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("--jvp-mode jvp cannot run under DDP (torch.func.jvp cannot take the wrapper): use split")
+    teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema)
+    if teacher.cfg.learned_prompts <= 0:
+        raise SystemExit("the teacher has no learned prompts; DiT4SR-format teachers need prompt embeddings (issue 7)")
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    teacher.requires_grad_(False).eval()
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    teacher.to(device)
+    engine.train(cfg, student, make_loss(cfg, teacher, engine.codec_for(student)), name="distill",
+                 extra={"teacher": os.path.abspath(cfg.teacher), "guidance": cfg.guidance})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""The training loop shared by ``python -m training.teacher`` and ``python -m training.distill``.
+
+What it gives both commands:
+- a dataclass config with named presets, every field overridable from the command line (``--batch-size 8``), printed
+  at start and saved as ``<output-dir>/config.json``;
+- deterministic data: sample j of the global batch at step s is drawn from its own seed (seed, s, j): the HR crop,
+  its degradation, the noise, t, r and the prompt choice. A resumed run and a run split over N processes see exactly
+  the batches of one uninterrupted single process;
+- AdamW with linear warm-up, gradient clipping, EMA weights, bf16 autocast on CUDA;
+- checkpoints (training/checkpoint.py) every ``ckpt_every`` steps, at the end, and on SIGTERM/SIGINT; ``--resume``
+  continues from the newest one;
+- a non-finite loss or gradient skips the step and is counted; ``max_nonfinite`` in a row stop the run with a message
+  and a checkpoint of the weights from before the blow-up (skipped steps change nothing);
+- torchrun: DDP over gloo (CPU) or NCCL (GPU); the global batch is split over the ranks;
+- tqdm progress (loss, steps/s, images/s) and a JSONL log ``<output-dir>/log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from mfsr_fast.codec import PixelCodec
+from mfsr_fast.model import MFSRTransformer
+from training import checkpoint as ckpt
+from training.data import ImageFolder
+from training.degrade import PRESETS as DEGRADATIONS
+from training.degrade import degrade
+
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                            "train")
+
+
+@dataclass
+class TrainConfig:
+    """Fields common to both commands (each command adds its own)."""
+
+    model_preset: str = "tiny"  # MFSRTransformer preset
+    model_overrides: dict = field(default_factory=dict)  # MFSRConfig fields over the preset (JSON on the CLI)
+    data: str = DEFAULT_DATA  # any folder of images (recursive)
+    output_dir: str = "runs/run"
+    max_steps: int = 2000
+    batch_size: int = 16  # global batch (split over the processes)
+    crop: int = 128  # HR crop in pixels; LR is crop / 4
+    degradation: str = "realesrgan"  # training/degrade.py preset
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = False
+    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    t_mean: float = -0.4  # logit-normal time sampling
+    t_std: float = 1.0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    num_workers: int = 1  # data-loading processes (0: in the training process)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+def _parse_value(text: str, default):
+    if isinstance(default, bool):
+        return text.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, (dict, list)):
+        return json.loads(text)
+    return type(default)(text)
+
+
+def parse_config(cls, presets: dict[str, dict], argv: list[str] | None, description: str):
+    """Build ``cls`` from ``--preset NAME`` plus ``--field value`` overrides (dashes or underscores)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--preset", default=next(iter(presets)), choices=sorted(presets),
+                    help="named starting configuration (default: %(default)s)")
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            ap.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            ap.add_argument(flag, dest=f.name, default=None, metavar=type(default).__name__.upper(),
+                            help=f"default {json.dumps(default)}")
+    args = ap.parse_args(argv)
+    values = dict(presets[args.preset])
+    for f in dataclasses.fields(cls):
+        raw = getattr(args, f.name)
+        if raw is None:
+            continue
+        try:
+            values[f.name] = raw if isinstance(raw, bool) else _parse_value(raw, getattr(defaults, f.name))
+        except (ValueError, json.JSONDecodeError) as e:
+            ap.error(f"--{f.name.replace('_', '-')}: cannot read {raw!r}: {e}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        ap.error(str(e))
+
+
+# Distributed set-up (torchrun).
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(cfg: TrainConfig) -> Dist:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        if want == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group(backend="nccl" if want == "cuda" else "gloo")
+    else:
+        device = torch.device(want)
+    if cfg.batch_size % world:
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    return Dist(rank, world, device)
+
+
+# Data: one step's samples, each from its own seed.
+
+
+def sample_seed(seed: int, step: int, j: int) -> int:
+    return (seed * 1_000_003 + step * 65_537 + j) & 0x7FFF_FFFF_FFFF
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item s = this rank's part of the global batch of step s: HR (b, 3, crop, crop), LR (b, 3, crop/4, crop/4) and
+    the per-sample generator seeds. Deterministic in (seed, step, sample index) only."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, scale: int = 4):
+        self.cfg, self.rank, self.world, self.scale = cfg, rank, world, scale
+        self.images = ImageFolder(cfg.data, crop=cfg.crop, flip=True, seed=cfg.seed, multiple_of=scale)
+        self.degradation = DEGRADATIONS[cfg.degradation]
+        self.per_rank = cfg.batch_size // world
+
+    def __len__(self) -> int:
+        return self.cfg.max_steps
+
+    def __getitem__(self, step: int):
+        n = len(self.images)
+        hrs, lrs, seeds = [], [], []
+        for j in range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank):
+            flat = step * self.cfg.batch_size + j
+            epoch, pos = divmod(flat, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+            self.images.set_epoch(epoch)
+            hr = self.images[int(perm[pos])]
+            s = sample_seed(self.cfg.seed, step, j)
+            gt, lr = degrade(hr[None], self.degradation, seed=s)
+            hrs.append(gt[0])
+            lrs.append(lr[0])
+            seeds.append(s)
+        return torch.stack(hrs), torch.stack(lrs), torch.tensor(seeds, dtype=torch.long)
+
+
+def per_sample_generators(seeds: torch.Tensor) -> list[torch.Generator]:
+    # Offset from the degradation's seed so the noise is not correlated with the degradation draws.
+    return [torch.Generator().manual_seed(int(s) ^ 0x5DEECE66D) for s in seeds]
+
+
+def per_sample_randn(gens: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+
+def per_sample_rand(gens: list[torch.Generator]) -> torch.Tensor:
+    return torch.stack([torch.rand((), generator=g) for g in gens])
+
+
+def logit_normal(gens: list[torch.Generator], mean: float, std: float) -> torch.Tensor:
+    return torch.sigmoid(torch.stack([torch.randn((), generator=g) for g in gens]) * std + mean)
+
+
+def codec_for(model: MFSRTransformer):
+    if model.cfg.codec == "pixel4":
+        return PixelCodec(4)
+    raise SystemExit(f"codec {model.cfg.codec!r}: training here supports the pixel codec (presets tiny, small); the "
+                     "SD3.5 VAE loader is issue 7")
+
+
+def lr_condition(codec, lr: torch.Tensor, scale: int = 4) -> torch.Tensor:
+    """The LR stream's input: the LR image bicubic-upsampled to the output size, encoded like the target."""
+    up = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+    return codec.encode(up)
+
+
+# EMA.
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(pm.detach().to(pe.dtype), 1.0 - decay)
+
+
+# The loop.
+
+
+class Stop(Exception):
+    pass
+
+
+def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: str, extra: dict | None = None) -> str:
+    """Run the loop; ``loss_fn(model_for_grad, inner_model, batch, step, d) -> loss`` computes one step's loss.
+
+    Returns the path of the last checkpoint. ``extra`` is stored in every checkpoint (e.g. the teacher's path).
+    """
+    d = setup(cfg)
+    torch.manual_seed(cfg.seed)
+    model = model.to(d.device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    ckdir = os.path.join(cfg.output_dir, "checkpoints")
+    start = 0
+    if cfg.resume:
+        path = ckpt.latest_checkpoint(ckdir)
+        if path is None:
+            if d.main:
+                print(f"--resume: no checkpoint under {ckdir}; starting from step 0", flush=True)
+        else:
+            meta = ckpt.load_checkpoint(path, model=model, optimizer=opt, ema=ema)
+            start = meta["step"]
+            if d.main:
+                print(f"resumed from {path} (step {start})", flush=True)
+    if d.main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        text = json.dumps(dataclasses.asdict(cfg), indent=2)
+        print(f"{name} config:\n{text}", flush=True)
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            f.write(text)
+    wrapped = model
+    if d.world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            _Field(model), device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    else:
+        wrapped = _Field(model)
+
+    data = StepBatches(cfg, d.rank, d.world)
+    if d.main and data.images.skipped:
+        print(f"skipped {len(data.images.skipped)} unreadable images", flush=True)
+    sampler = range(start, cfg.max_steps)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
+                                         prefetch_factor=2 if cfg.num_workers > 0 else None,
+                                         persistent_workers=False)
+
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "a") if d.main else None
+    bar = None
+    if d.main:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stdout)
+    amp = cfg.amp and d.device.type == "cuda"
+    nonfinite = consecutive = 0
+    step = start
+    last_path = None
+    t0, done_since = time.perf_counter(), 0
+
+    def save(at: int) -> str:
+        path = None
+        if d.main:
+            path = ckpt.save_checkpoint(ckdir, at, model=model, optimizer=opt, ema=ema, config=dataclasses.asdict(cfg),
+                                        extra=dict(extra or {}, nonfinite_steps=nonfinite), keep=cfg.keep_checkpoints)
+        if d.world > 1:
+            dist.barrier()
+        return path
+
+    try:
+        for hr, lr, seeds in loader:
+            batch = (hr.to(d.device), lr.to(d.device), seeds)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(wrapped, model, batch, step, d)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            finite = bool(torch.isfinite(loss.detach()).item() and torch.isfinite(gnorm).item())
+            if d.world > 1:  # every rank must take the same decision
+                flag = torch.tensor([float(finite)], device=d.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = bool(flag.item())
+            if finite:
+                opt.step()
+                ema_update(ema, model, cfg.ema_decay)
+                consecutive = 0
+            else:
+                nonfinite += 1
+                consecutive += 1
+                opt.zero_grad(set_to_none=True)
+                if consecutive >= cfg.max_nonfinite:
+                    step += 1
+                    last_path = save(step)
+                    raise Stop(f"{consecutive} non-finite steps in a row (loss {loss.item()}); stopped at step "
+                               f"{step}. The checkpoint {last_path} holds the weights from before the blow-up: lower "
+                               "--lr or check the data, then continue with --resume")
+            step += 1
+            done_since += 1
+            if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                dt = time.perf_counter() - t0
+                rec = {"step": step, "loss": float(loss.item()), "grad_norm": float(gnorm),
+                       "lr": opt.param_groups[0]["lr"],
+                       "steps_per_s": done_since / dt, "images_per_s": done_since * cfg.batch_size / dt,
+                       "nonfinite_steps": nonfinite, "time": time.time()}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rec['steps_per_s']:.2f}",
+                                img_s=f"{rec['images_per_s']:.1f}")
+                t0, done_since = time.perf_counter(), 0
+            if bar is not None:
+                bar.update(1)
+            if stop["signal"] is not None:
+                last_path = save(step)
+                raise Stop(f"stopped by signal {signal.Signals(stop['signal']).name} at step {step}; checkpoint "
+                           f"{last_path}; continue with --resume")
+            if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+                last_path = save(step)
+        if step > start or last_path is None:
+            last_path = save(step)
+    except Stop as e:
+        if d.main:
+            print(f"\n{e}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+        if d.world > 1:
+            dist.destroy_process_group()
+    if d.main:
+        print(f"done: {step} steps, {nonfinite} skipped as non-finite; checkpoint {last_path}", flush=True)
+    return last_path
+
+
+class _Field(torch.nn.Module):
+    """Module whose forward is ``model.field``: what DDP wraps (its forward is what DDP synchronises)."""
+
+    def __init__(self, model: MFSRTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model.field(*args, **kwargs)
