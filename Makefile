@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test bench lint demo clean
+.PHONY: setup test bench lint demo train-default clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m mfsr_fast.demo
+
+# Regenerates the embedded default (mfsr_fast/weights/default) from ../shared/data/train: teacher, then student.
+TRAIN_DATA ?= ../shared/data/train
+train-default: $(STAMP)
+	$(PY) -m training.teacher --preset tiny --data $(TRAIN_DATA) --output-dir runs/default-teacher
+	$(PY) -m training.distill --preset tiny --data $(TRAIN_DATA) --teacher runs/default-teacher \
+		--output-dir runs/default-student
+	$(PY) -m training.export runs/default-student mfsr_fast/weights/default
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,0 +1,7 @@
+"""``python -m mfsr_fast``: the upscaling command line (same as ``mfsr-upscale``)."""
+
+import sys
+
+from mfsr_fast.cli import main
+
+sys.exit(main())

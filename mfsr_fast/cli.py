@@ -1,0 +1,134 @@
+"""``mfsr-upscale`` / ``python -m mfsr_fast``: upscale a file or a folder of images into an output folder.
+
+Never overwrites an input, writes each output atomically, continues past files that fail, lists them at the end and
+exits with status 1 if any failed (2 for a usage error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from mfsr_fast.imageio import ImageError, read_image, write_image
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+def _inputs(src: str, recursive: bool) -> list[tuple[str, str]]:
+    """(path, path relative to the input root) of every candidate image."""
+    if os.path.isfile(src):
+        return [(src, os.path.basename(src))]
+    if not os.path.isdir(src):
+        raise ImageError(f"{src}: no such file or folder")
+    found = []
+    if recursive:
+        for root, dirs, files in os.walk(src):
+            dirs.sort()
+            for f in sorted(files):
+                if f.lower().endswith(EXTENSIONS):
+                    p = os.path.join(root, f)
+                    found.append((p, os.path.relpath(p, src)))
+    else:
+        for f in sorted(os.listdir(src)):
+            p = os.path.join(src, f)
+            if os.path.isfile(p) and f.lower().endswith(EXTENSIONS):
+                found.append((p, f))
+    return found
+
+
+def _out_path(rel: str, out_dir: str, suffix: str, ext: str | None, bits: int) -> str:
+    stem, in_ext = os.path.splitext(rel)
+    if ext:
+        e = "." + ext.lower().lstrip(".")
+    elif bits == 16 or in_ext.lower() in (".gif", ".bmp"):
+        e = ".png"  # keep 16-bit depth; GIF/BMP outputs are better as PNG
+    else:
+        e = in_ext.lower()
+    return os.path.join(out_dir, stem + suffix + e)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mfsr-upscale", description="x4 real-world super-resolution (MeanFlow, "
+                                 "1-4 steps) of an image file or a folder of images.")
+    ap.add_argument("input", help="an image file or a folder of images")
+    ap.add_argument("-o", "--output", default="upscaled", help="output folder (default: %(default)s)")
+    ap.add_argument("-r", "--recursive", action="store_true", help="also take images in sub-folders")
+    ap.add_argument("--scale", type=float, default=4.0, help="output / input size (default 4)")
+    ap.add_argument("--steps", type=int, default=1, help="MeanFlow steps, 1-4 useful (default 1)")
+    ap.add_argument("--tile", type=int, default=None, help="LR tile side in pixels (default: from free memory)")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="default", help="'default' or a model / training run folder")
+    ap.add_argument("--suffix", default="_x4", help="added to each output name (default: %(default)s)")
+    ap.add_argument("--ext", default=None, help="output format: png, jpg, webp, tif (default: the input's)")
+    ap.add_argument("--color-fix", choices=("wavelet", "adain"), default=None, help="match colours to the LR")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    import torch
+
+    from mfsr_fast.upscale import load_model, upscale_array
+
+    if args.steps < 1 or args.steps > 64:
+        ap.error("--steps must be in 1..64")
+    if not 0 < args.scale <= 16:
+        ap.error("--scale must be in (0, 16]")
+    if args.ext and args.ext.lower().lstrip(".") not in ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"):
+        ap.error(f"--ext {args.ext}: use png, jpg, webp, tif or bmp")
+    try:
+        files = _inputs(args.input, args.recursive)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        model = load_model(args.model, args.device, dtype)
+    except (ImageError, ValueError) as e:
+        print(f"mfsr-upscale: {e}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"mfsr-upscale: no images in {args.input} ({', '.join(EXTENSIONS)})", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    failed: list[tuple[str, str]] = []
+    written = 0
+    t0 = time.perf_counter()
+    inputs = {os.path.realpath(p) for p, _ in files}
+    bar = tqdm(files, unit="img", desc="upscale", disable=None)
+    for path, rel in bar:
+        bar.set_postfix_str(rel[-40:])
+        try:
+            arr, meta = read_image(path)
+            out_path = _out_path(rel, args.output, args.suffix, args.ext, meta.bits)
+            if os.path.realpath(out_path) in inputs:
+                raise ImageError(f"output {out_path} would overwrite an input; choose another --output or --suffix")
+            if os.path.exists(out_path) and not args.overwrite:
+                raise ImageError(f"{out_path} exists (use --overwrite to replace it)")
+            res = upscale_array(arr, scale=args.scale, steps=args.steps, model=model, tile=args.tile, seed=args.seed,
+                                color_fix_method=args.color_fix)
+            write_image(out_path, res, meta)
+            written += 1
+            for note in meta.notes:
+                tqdm.write(f"{rel}: {note}")
+        except (ImageError, ValueError, OSError) as e:
+            failed.append((path, str(e)))
+            tqdm.write(f"failed: {e}")
+        except torch.OutOfMemoryError:
+            failed.append((path, "out of memory even at the smallest tile; try --tile 64 or --device cpu"))
+    dt = time.perf_counter() - t0
+    print(f"{written} image(s) written to {args.output} in {dt:.1f} s"
+          + (f" ({dt / written:.2f} s per image)" if written else ""))
+    if failed:
+        print(f"{len(failed)} failed:", file=sys.stderr)
+        for path, why in failed:
+            print(f"  {path}: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Reading and writing images for the upscaler without losing what the user gave: bit depth, alpha, greyscale,
+EXIF orientation, ICC profile and EXIF metadata.
+
+Pixels travel as float32 arrays (H, W, C) in [0, 1] with C = 1 (grey), 2 (grey + alpha), 3 (RGB) or 4 (RGBA), plus
+an ``ImageMeta``. 16-bit PNGs are read with pypng: Pillow opens 16-bit RGB(A) PNGs as 8-bit without a word.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+# Largest input accepted, in pixels (the output is 16x that at x4). Pillow's own bomb check uses its default limit.
+MAX_INPUT_PIXELS = 64_000_000
+
+
+class ImageError(ValueError):
+    """A user-facing problem with an input or output image (clear message, no traceback needed)."""
+
+
+@dataclass
+class ImageMeta:
+    bits: int = 8  # 8 or 16 (per channel, as read)
+    icc_profile: bytes | None = None
+    exif: bytes | None = None  # with the orientation reset to 1 (the pixels are already upright)
+    format: str | None = None
+    notes: list[str] = field(default_factory=list)  # what was done to read it (first frame of an animation, ...)
+
+
+_ORIENT = {  # EXIF orientation -> numpy ops making the image upright
+    2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.swapaxes(a, 0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _png_bit_depth(path: str) -> int | None:
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return head[24]
+    return None
+
+
+def _read_png16(path: str) -> np.ndarray:
+    import png
+
+    w, h, rows, info = png.Reader(filename=path).asDirect()
+    planes = info["planes"]
+    arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
+    return arr.astype(np.float32) / 65535.0
+
+
+def _exif_bytes(im: Image.Image) -> tuple[bytes | None, int]:
+    try:
+        exif = im.getexif()
+    except Exception:  # malformed EXIF: keep the pixels, drop the metadata
+        return None, 1
+    orientation = int(exif.get(0x0112, 1) or 1)
+    if not exif:
+        return None, 1
+    if 0x0112 in exif:
+        exif[0x0112] = 1
+    try:
+        return exif.tobytes(), orientation
+    except Exception:
+        return None, orientation
+
+
+def read_image(path: str) -> tuple[np.ndarray, ImageMeta]:
+    """(H, W, C) float32 in [0, 1] and its metadata; ImageError with a clear message for anything unreadable."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ImageError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise ImageError(f"{path}: is a folder, not an image")
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"{path}: empty file")
+    meta = ImageMeta()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read the image ({e}; truncated or corrupt?)") from None
+    meta.format = im.format
+    if im.width * im.height > MAX_INPUT_PIXELS:
+        raise ImageError(f"{path}: {im.width}x{im.height} is larger than the {MAX_INPUT_PIXELS} pixel input limit")
+    if im.width < 1 or im.height < 1:
+        raise ImageError(f"{path}: zero-size image")
+    if getattr(im, "n_frames", 1) > 1:
+        meta.notes.append(f"animated ({im.n_frames} frames): upscaled the first frame")
+        im.seek(0)
+    meta.icc_profile = im.info.get("icc_profile")
+    meta.exif, orientation = _exif_bytes(im)
+
+    bits = _png_bit_depth(path) if im.format == "PNG" else None
+    if bits == 16:
+        arr = _read_png16(path)
+        meta.bits = 16
+    else:
+        arr = _pil_to_array(im, meta)
+    if orientation in _ORIENT:
+        arr = np.ascontiguousarray(_ORIENT[orientation](arr))
+    return arr, meta
+
+
+def _pil_to_array(im: Image.Image, meta: ImageMeta) -> np.ndarray:
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        meta.bits = 16
+        return np.clip(a / 65535.0, 0, 1).astype(np.float32)[..., None]
+    if mode == "F":
+        return np.clip(np.asarray(im, dtype=np.float32), 0, 1)[..., None]
+    if mode == "1":
+        im = im.convert("L")
+    elif mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
+        im = im.convert("RGB")
+        meta.notes.append(f"converted from {mode} to RGB")
+    elif mode == "La":
+        im = im.convert("LA")
+    elif mode == "RGBa":
+        im = im.convert("RGBA")
+    if im.mode not in ("L", "LA", "RGB", "RGBA"):
+        im = im.convert("RGB")
+    a = np.asarray(im, dtype=np.float32) / 255.0
+    return a[..., None] if a.ndim == 2 else a
+
+
+def pil_to_array(im: Image.Image) -> tuple[np.ndarray, ImageMeta]:
+    """A PIL image already in memory (EXIF orientation applied, metadata kept)."""
+    meta = ImageMeta(format=im.format, icc_profile=im.info.get("icc_profile"))
+    meta.exif, orientation = _exif_bytes(im)
+    arr = _pil_to_array(im, meta)
+    if orientation in _ORIENT:
+        arr = np.ascontiguousarray(_ORIENT[orientation](arr))
+    return arr, meta
+
+
+def array_to_pil(arr: np.ndarray, meta: ImageMeta) -> Image.Image:
+    """8-bit PIL image in the mode the input had (L, LA, RGB, RGBA), metadata in ``.info``."""
+    a = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[a.shape[2]]
+    im = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a, mode=mode)
+    if meta.icc_profile:
+        im.info["icc_profile"] = meta.icc_profile
+    if meta.exif:
+        im.info["exif"] = meta.exif
+    return im
+
+
+def to_uint16(arr: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(arr * 65535.0), 0, 65535).astype(np.uint16)
+
+
+def _encode(arr: np.ndarray, meta: ImageMeta, ext: str) -> bytes:
+    ext = ext.lower().lstrip(".")
+    buf = io.BytesIO()
+    if meta.bits == 16 and ext == "png":
+        import png
+
+        a = to_uint16(arr)
+        h, w, c = a.shape
+        writer = png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16)
+        writer.write(buf, a.reshape(h, w * c))
+        return buf.getvalue()
+    if ext in ("jpg", "jpeg") and arr.shape[2] in (2, 4):
+        arr = arr[..., :-1]  # JPEG has no alpha
+        meta.notes.append("alpha dropped: JPEG has no alpha channel")
+    im = array_to_pil(arr, meta)
+    kw = {}
+    if meta.icc_profile:
+        kw["icc_profile"] = meta.icc_profile
+    if meta.exif and ext in ("jpg", "jpeg", "png", "webp", "tif", "tiff"):
+        kw["exif"] = meta.exif
+    fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "tif": "TIFF", "tiff": "TIFF",
+           "bmp": "BMP"}.get(ext)
+    if fmt is None:
+        raise ImageError(f"unsupported output extension .{ext} (png, jpg, webp, tif, bmp)")
+    if fmt == "JPEG":
+        kw["quality"] = 95
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def write_image(path: str, arr: np.ndarray, meta: ImageMeta) -> None:
+    """Write atomically (temporary file in the same folder, then rename): a crash never leaves half a file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    data = _encode(arr, meta, os.path.splitext(path)[1] or ".png")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mfsr-", suffix=".part")
+    except OSError as e:
+        raise ImageError(f"cannot write to {folder}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not silently grey pixels

@@ -1,0 +1,361 @@
+"""``mfsr_fast.upscale``: x4 real-world super-resolution in 1 to 4 MeanFlow steps, for any image a user has.
+
+Inputs: a path, a PIL image, a numpy array (H, W[, C]) of uint8 / uint16 / float in [0, 1], or a torch tensor
+((C, H, W) or (B, C, H, W), float in [0, 1]). Output: a PIL image for a path or PIL input (a uint16 numpy array
+when the file was 16-bit, which PIL cannot hold as RGB), the input's own type otherwise.
+
+Large images are processed in overlapping tiles blended with a raised-cosine window (the noise is one global field,
+sliced per tile, so overlapping tiles see the same noise); the tile size comes from the free memory, and a CUDA
+out-of-memory error retries with half the tile.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mfsr_fast.codec import PixelCodec
+from mfsr_fast.imageio import ImageError, ImageMeta, array_to_pil, pil_to_array, read_image, to_uint16
+from mfsr_fast.meanflow import sample
+from mfsr_fast.model import MFSRTransformer
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "default")
+MODEL_SCALE = 4
+
+
+def resolve_device(device=None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return dev
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: str, device: str, dtype: str) -> MFSRTransformer:
+    m = MFSRTransformer.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=getattr(torch, dtype))
+    return m.to(device=device).eval().requires_grad_(False)
+
+
+def find_weights(path: str) -> str:
+    """A save_pretrained folder, a training checkpoint (its EMA weights) or a training run (newest checkpoint)."""
+    if os.path.isfile(os.path.join(path, "config.json")) and any(
+            f.endswith(".safetensors") for f in os.listdir(path)):
+        return path
+    latest = os.path.join(path, "checkpoints", "latest.json")
+    if os.path.isfile(latest):
+        import json
+
+        with open(latest) as f:
+            path = os.path.join(path, "checkpoints", json.load(f)["path"])
+    for sub in ("ema", "model"):
+        if os.path.isfile(os.path.join(path, sub, "config.json")):
+            return os.path.join(path, sub)
+    raise ValueError(f"model {path!r}: no weights found (expected a save_pretrained folder, a training checkpoint "
+                     "or a training run folder)")
+
+
+def load_model(model="default", device=None, dtype=None) -> MFSRTransformer:
+    """The model as an MFSRTransformer on ``device``: 'default', a folder, or an MFSRTransformer."""
+    dev = resolve_device(device)
+    if isinstance(model, MFSRTransformer):
+        m = model
+    else:
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError(f"model must be 'default', a folder or an MFSRTransformer, got {type(model).__name__}")
+        model = os.fspath(model)
+        if model == "default":
+            if not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
+                raise ValueError(f"the embedded default model is missing from {DEFAULT_MODEL}: reinstall the "
+                                 "package or regenerate it with `make train-default`")
+            path = DEFAULT_MODEL
+        elif os.path.isdir(model):
+            path = find_weights(model)
+        else:
+            raise ValueError(f"model {model!r}: not 'default' and not a folder")
+        dt = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
+        m = _load(path, str(dev), str(dt).replace("torch.", ""))
+    if m.cfg.codec != "pixel4":
+        raise ValueError(f"this model uses the {m.cfg.codec!r} codec; upscale() supports pixel-codec models here "
+                         "(SD3.5 VAE models: issue 7)")
+    if m.cfg.learned_prompts <= 0:
+        raise ValueError("this model has no learned prompts: it was not trained by training.teacher/distill")
+    if dtype is not None and next(m.parameters()).dtype != dtype:
+        m = m.to(dtype=dtype)
+    return m.to(dev)
+
+
+# Colour correction against the LR image.
+
+
+def _blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
+    k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype, device=x.device) / 16
+    C = x.shape[1]
+    pad = 2 * dilation
+    x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, 5).expand(C, 1, 1, 5).contiguous(), groups=C, dilation=(1, dilation))
+    return F.conv2d(x, k.view(1, 1, 5, 1).expand(C, 1, 5, 1).contiguous(), groups=C, dilation=(dilation, 1))
+
+
+def _low(x: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    for i in range(levels):
+        x = _blur(x, 2 ** i)
+    return x
+
+
+def color_fix(out: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor:
+    """Match the colours of ``out`` to ``ref`` (the bicubic-upsampled LR): 'wavelet' swaps the low-frequency band,
+    'adain' matches each channel's mean and standard deviation."""
+    if method == "wavelet":
+        return (out - _low(out) + _low(ref)).clamp(0, 1)
+    if method == "adain":
+        dims = (2, 3)
+        mo, so = out.mean(dims, keepdim=True), out.std(dims, keepdim=True)
+        mr, sr = ref.mean(dims, keepdim=True), ref.std(dims, keepdim=True)
+        return ((out - mo) / (so + 1e-6) * sr + mr).clamp(0, 1)
+    raise ValueError(f"color_fix must be None, 'wavelet' or 'adain', got {method!r}")
+
+
+# The model on one (tile of an) RGB image.
+
+
+def _bicubic(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+
+
+@torch.inference_mode()
+def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+    """lr (B, 3, h, w) in [0, 1], h and w even; noise (B, 48, h, w): -> (B, 3, 4h, 4w)."""
+    codec = PixelCodec(MODEL_SCALE)
+    B, _, h, w = lr.shape
+    dtype = next(model.parameters()).dtype
+    c = codec.encode(_bicubic(lr, (MODEL_SCALE * h, MODEL_SCALE * w))).to(dtype)
+    ctx, pooled = model.prompt("positive", B)
+
+    def fn(z, t, r):
+        return model.field(z, c, t.expand(B), r.expand(B), ctx, pooled)
+
+    x = sample(fn, noise.to(dtype), steps=steps)
+    return codec.decode(x.float()).clamp(0, 1)
+
+
+def _window(n: int, left: int, right: int, device) -> torch.Tensor:
+    """1-D blending weights: raised-cosine ramps of the given lengths at each end, 1 in between."""
+    w = torch.ones(n, device=device)
+    if left > 0:
+        w[:left] = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(left, device=device) + 0.5) / left)
+    if right > 0:
+        w[n - right:] = 0.5 + 0.5 * torch.cos(math.pi * (torch.arange(right, device=device) + 0.5) / right)
+    return w
+
+
+def _starts(size: int, tile: int, overlap: int) -> list[int]:
+    if size <= tile:
+        return [0]
+    step = tile - overlap
+    starts = list(range(0, size - tile, step)) + [size - tile]
+    return sorted(set(starts))
+
+
+def auto_tile(model: MFSRTransformer, device: torch.device) -> int:
+    """Largest LR tile side whose estimated working memory fits in a quarter of the free memory."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = 2 * 2**30
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        free = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    cfg = model.cfg
+    width = cfg.num_heads * cfg.head_dim
+    for tile in (512, 384, 256, 192, 128, 96, 64):
+        tokens = 2 * (tile // cfg.patch_size) ** 2  # HR and LR streams
+        est = tokens * width * 4 * 40 + tile * tile * 48 * 4 * 8
+        if est < free / 4:
+            return tile
+    return 64
+
+
+def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, seed: int = 0, tile: int | None = None,
+                overlap: int | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] on the model's device -> (B, 3, 4H, 4W), tiled when larger than ``tile`` LR pixels."""
+    B, _, H, W = rgb.shape
+    device = rgb.device
+    # Pad to even sizes (2x2 patches) by reflection (replicate for 1-pixel sides).
+    Hp, Wp = H + H % 2, W + W % 2
+    if (Hp, Wp) != (H, W):
+        mode = "reflect" if min(H, W) > 1 else "replicate"
+        rgb = F.pad(rgb, (0, Wp - W, 0, Hp - H), mode=mode)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    noise = torch.randn(B, 3 * MODEL_SCALE ** 2, Hp, Wp, generator=g).to(device)
+    tile = tile or auto_tile(model, device)
+    while True:
+        try:
+            out = _tiled(model, rgb, noise, steps, tile, overlap, progress)
+            break
+        except torch.OutOfMemoryError:
+            if device.type != "cuda" or tile <= 32:
+                raise
+            torch.cuda.empty_cache()
+            tile //= 2
+    return out[:, :, : MODEL_SCALE * H, : MODEL_SCALE * W]
+
+
+def _tiled(model, rgb, noise, steps, tile, overlap, progress):
+    B, _, H, W = rgb.shape
+    tile = max(16, tile - tile % 2)
+    if H <= tile and W <= tile:
+        out = _sr_tile(model, rgb, noise, steps)
+        if progress:
+            progress(1, 1)
+        return out
+    ov = overlap if overlap is not None else max(8, tile // 8)
+    ov = min(ov - ov % 2, tile // 2)
+    ys, xs = _starts(H, min(tile, H), ov), _starts(W, min(tile, W), ov)
+    s = MODEL_SCALE
+    acc = torch.zeros(B, 3, s * H, s * W, device=rgb.device)
+    wsum = torch.zeros(1, 1, s * H, s * W, device=rgb.device)
+    total, done = len(ys) * len(xs), 0
+    th, tw = min(tile, H), min(tile, W)
+    for i, y in enumerate(ys):
+        for j, x in enumerate(xs):
+            out = _sr_tile(model, rgb[:, :, y:y + th, x:x + tw], noise[:, :, y:y + th, x:x + tw], steps)
+            # Ramps only where a neighbouring tile overlaps (the true overlap, which the last tile may exceed).
+            top = s * (ys[i - 1] + th - y) if i > 0 else 0
+            bottom = s * (y + th - ys[i + 1]) if i + 1 < len(ys) else 0
+            left = s * (xs[j - 1] + tw - x) if j > 0 else 0
+            right = s * (x + tw - xs[j + 1]) if j + 1 < len(xs) else 0
+            wy = _window(s * th, top, bottom, rgb.device)
+            wx = _window(s * tw, left, right, rgb.device)
+            w = (wy[:, None] * wx[None, :])[None, None]
+            acc[:, :, s * y:s * (y + th), s * x:s * (x + tw)] += out.float() * w
+            wsum[:, :, s * y:s * (y + th), s * x:s * (x + tw)] += w
+            done += 1
+            if progress:
+                progress(done, total)
+    return acc / wsum.clamp_min(1e-8)
+
+
+# The public function.
+
+
+def _as_float(arr: np.ndarray) -> tuple[np.ndarray, int]:
+    """numpy image -> (H, W, C) float32 in [0, 1] and its bit depth (8, 16, or 0 for float input)."""
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
+        raise ValueError(f"numpy image must be (H, W) or (H, W, C) with C in 1..4, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0, 8
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float32) / 65535.0, 16
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ValueError("numpy image contains NaN or infinity")
+        return np.clip(arr.astype(np.float32), 0, 1), 0
+    raise ValueError(f"numpy image dtype must be uint8, uint16 or float, got {arr.dtype}")
+
+
+def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="default", device=None, dtype=None,
+                  tile: int | None = None, seed: int = 0, progress=None, color_fix_method: str | None = None,
+                  ) -> np.ndarray:
+    """(H, W, C) float32 in [0, 1], C in 1..4 (grey, grey + alpha, RGB, RGBA) -> the upscaled array, same C."""
+    H, W, C = arr.shape
+    if H < 1 or W < 1:
+        raise ValueError(f"zero-size image ({W}x{H})")
+    if not (isinstance(steps, int) and 1 <= steps <= 64):
+        raise ValueError(f"steps must be an integer in 1..64, got {steps!r}")
+    if not (isinstance(scale, (int, float)) and 0 < scale <= 16):
+        raise ValueError(f"scale must be a number in (0, 16], got {scale!r}")
+    m = load_model(model, device, dtype)
+    dev = next(m.parameters()).device
+    has_alpha = C in (2, 4)
+    color = arr[..., : C - 1] if has_alpha else arr
+    rgb = np.repeat(color, 3, axis=2) if color.shape[2] == 1 else color
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(dev)  # (1, 3, H, W)
+    bar = None
+    if progress is True:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, desc="upscale", unit="tile", leave=False)
+
+        def progress(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+    out = upscale_rgb(m, x, steps=steps, seed=seed, tile=tile, progress=progress or None)
+    if bar is not None:
+        bar.close()
+    if color_fix_method:
+        out = color_fix(out, _bicubic(x.float(), out.shape[-2:]), color_fix_method)
+    oh, ow = max(1, round(H * scale)), max(1, round(W * scale))
+    if (oh, ow) != tuple(out.shape[-2:]):
+        out = _bicubic(out, (oh, ow))
+    res = out[0].permute(1, 2, 0).float().cpu().numpy()
+    if color.shape[2] == 1:
+        res = res.mean(axis=2, keepdims=True)  # greyscale stays greyscale
+    if has_alpha:
+        a = torch.from_numpy(np.ascontiguousarray(arr[..., -1:])).permute(2, 0, 1)[None]
+        a = _bicubic(a, (oh, ow))[0].permute(1, 2, 0).numpy()
+        res = np.concatenate([res, a], axis=2)
+    return np.clip(res, 0, 1).astype(np.float32)
+
+
+def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=None, dtype=None,
+            tile: int | None = None, seed: int = 0, progress=None, color_fix: str | None = None):
+    """Upscale ``image`` (path, PIL image, numpy array or torch tensor) by ``scale`` (the model's x4, then a
+    high-quality resize for other factors) in ``steps`` MeanFlow steps (1 to 4 is the useful range).
+
+    Returns a PIL image for path/PIL input (a uint16 numpy array for 16-bit files), otherwise the input's type.
+    ``tile``: LR tile side in pixels (None: from free memory). ``progress``: True for a bar, or a callable
+    (done, total). ``color_fix``: None, 'wavelet' or 'adain' (match colours to the LR). Deterministic for a seed.
+    """
+    kw = dict(scale=scale, steps=steps, model=model, device=device, dtype=dtype, tile=tile, seed=seed,
+              progress=progress, color_fix_method=color_fix)
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        arr, meta = read_image(image)
+        res = upscale_array(arr, **kw)
+        return to_uint16(res) if meta.bits == 16 else array_to_pil(res, meta)
+    if isinstance(image, Image.Image):
+        arr, meta = pil_to_array(image)
+        res = upscale_array(arr, **kw)
+        return to_uint16(res) if meta.bits == 16 else array_to_pil(res, meta)
+    if isinstance(image, np.ndarray):
+        arr, bits = _as_float(image)
+        res = upscale_array(arr, **kw)
+        if image.ndim == 2:
+            res = res[..., 0]
+        if bits == 8:
+            return np.clip(np.rint(res * 255), 0, 255).astype(np.uint8)
+        if bits == 16:
+            return to_uint16(res)
+        return res.astype(image.dtype)
+    if isinstance(image, torch.Tensor):
+        t = image
+        batched = t.dim() == 4
+        if t.dim() == 3:
+            t = t[None]
+        if t.dim() != 4 or t.shape[1] not in (1, 2, 3, 4) or not t.is_floating_point():
+            raise ValueError("tensor image must be float (C, H, W) or (B, C, H, W) in [0, 1] with C in 1..4, got "
+                             f"{tuple(image.shape)} {image.dtype}")
+        outs = [torch.from_numpy(upscale_array(np.clip(s.permute(1, 2, 0).float().cpu().numpy(), 0, 1), **kw))
+                .permute(2, 0, 1) for s in t]
+        out = torch.stack(outs).to(device=image.device, dtype=image.dtype)
+        return out if batched else out[0]
+    raise ValueError(f"image must be a path, PIL image, numpy array or torch tensor, got {type(image).__name__}")
+
+
+__all__ = ["upscale", "upscale_array", "upscale_rgb", "load_model", "color_fix", "ImageError", "ImageMeta"]

@@ -1,0 +1,195 @@
+"""mfsr_fast.upscale and the mfsr-upscale CLI: input and output types, image modes and depths, metadata, scale,
+determinism, tiling, colour fix, and every kind of bad input (clear message, nothing lost)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("diffusers")
+
+from mfsr_fast import imageio  # noqa: E402
+from mfsr_fast.upscale import DEFAULT_MODEL, upscale  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 1-block random model with learned prompts and the pixel codec (fast; outputs are not meant to look good)."""
+    from conftest import randomize_
+
+    from mfsr_fast.model import MFSRTransformer
+
+    torch.manual_seed(0)
+    m = MFSRTransformer.from_preset("tiny", num_layers=1, num_heads=2, head_dim=16, dual_attention_layers=(0,))
+    randomize_(m, std=0.05)
+    d = tmp_path_factory.mktemp("model")
+    m.save_pretrained(str(d))
+    return str(d)
+
+
+def _photo(h=20, w=24, seed=0):
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0, 255, (4, 5, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+
+
+def test_types_modes_and_sizes(model_dir, tmp_path):
+    img = _photo()
+    out = upscale(img, model=model_dir)
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (80, 96, 3)
+    grey = upscale(img[..., 0], model=model_dir)
+    assert grey.shape == (80, 96)
+    t = torch.from_numpy(img.copy()).permute(2, 0, 1).float() / 255
+    tout = upscale(t, model=model_dir)
+    assert isinstance(tout, torch.Tensor) and tout.shape == (3, 80, 96) and tout.dtype == torch.float32
+    assert np.abs(tout.permute(1, 2, 0).numpy() * 255 - out).max() <= 1.0  # same pixels through both paths
+    pil = upscale(Image.fromarray(img).convert("L"), model=model_dir)
+    assert isinstance(pil, Image.Image) and pil.mode == "L" and pil.size == (96, 80)
+    rgba = np.concatenate([img, np.full(img.shape[:2] + (1,), 77, np.uint8)], axis=2)
+    ra = upscale(Image.fromarray(rgba, "RGBA"), model=model_dir)
+    assert ra.mode == "RGBA" and abs(float(np.asarray(ra)[..., 3].mean()) - 77) < 1.0
+    assert upscale(img, model=model_dir, scale=2.5).shape == (50, 60, 3)
+    assert upscale(img, model=model_dir, scale=1).shape == (20, 24, 3)
+    one = upscale(np.full((1, 1, 3), 128, np.uint8), model=model_dir)
+    assert one.shape == (4, 4, 3)
+    odd = upscale(_photo(7, 9), model=model_dir)
+    assert odd.shape == (28, 36, 3)
+
+
+def test_determinism_seed_steps_and_color_fix(model_dir):
+    img = _photo()
+    a = upscale(img, model=model_dir, seed=3, steps=2)
+    b = upscale(img, model=model_dir, seed=3, steps=2)
+    c = upscale(img, model=model_dir, seed=4, steps=2)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    plain = upscale(img, model=model_dir).astype(float)
+    fixed = upscale(img, model=model_dir, color_fix="adain").astype(float)
+    bic = np.asarray(Image.fromarray(img).resize((96, 80), Image.BICUBIC)).astype(float)
+    err = lambda x: np.abs(x.mean((0, 1)) - bic.mean((0, 1))).max()  # noqa: E731
+    assert err(fixed) <= err(plain) + 1e-6 and err(fixed) < 2.0
+    wav = upscale(img, model=model_dir, color_fix="wavelet")
+    assert wav.shape == plain.shape
+    with pytest.raises(ValueError, match="color_fix"):
+        upscale(img, model=model_dir, color_fix="magic")
+
+
+def test_files_keep_depth_alpha_orientation_and_metadata(model_dir, tmp_path):
+    import png
+
+    # 16-bit RGBA PNG: Pillow alone would read it as 8-bit.
+    rng = np.random.default_rng(1)
+    a16 = (rng.uniform(0, 65535, (6, 8, 4))).astype(np.uint16)
+    p16 = tmp_path / "deep.png"
+    with open(p16, "wb") as f:
+        png.Writer(8, 6, greyscale=False, alpha=True, bitdepth=16).write(f, a16.reshape(6, -1))
+    out = upscale(str(p16), model=model_dir)
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint16 and out.shape == (24, 32, 4)
+    # EXIF orientation 6 (rotate 90): the output is upright; ICC and EXIF travel to the written file.
+    img = Image.fromarray(_photo(12, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "TestCam"
+    icc = b"fake-icc-profile-bytes"
+    pj = tmp_path / "cam.jpg"
+    img.save(pj, exif=exif.tobytes(), icc_profile=icc, quality=95)
+    res = upscale(str(pj), model=model_dir)
+    assert res.size == (48, 80)  # (w, h) after rotation: 12 x 20 -> upright 20 tall... x4
+    assert res.info.get("icc_profile") == icc
+    outdir = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "mfsr_fast", str(pj), "-o", str(outdir), "--model", model_dir],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with Image.open(outdir / "cam_x4.jpg") as im:
+        assert im.size == (48, 80) and im.info.get("icc_profile") == icc
+        ex = im.getexif()
+        assert ex.get(0x010F) == "TestCam" and ex.get(0x0112, 1) == 1
+
+
+def test_tiled_matches_untiled_away_from_borders():
+    if not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
+        pytest.skip("embedded default model not present")
+    img = _photo(64, 64, seed=5)
+    full = upscale(img, tile=64).astype(float)
+    tiled = upscale(img, tile=32).astype(float)
+    assert full.shape == tiled.shape == (256, 256, 3)
+    inner = np.abs(full - tiled)[16:-16, 16:-16]
+    assert inner.mean() < 3.0, inner.mean()  # out of 255: no seams
+
+
+def test_bad_inputs_have_clear_messages(model_dir, tmp_path, monkeypatch):
+    with pytest.raises(imageio.ImageError, match="no such file"):
+        upscale(str(tmp_path / "missing.png"), model=model_dir)
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(imageio.ImageError, match="not an image"):
+        upscale(str(tmp_path / "text.png"), model=model_dir)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(imageio.ImageError, match="empty"):
+        upscale(str(tmp_path / "empty.jpg"), model=model_dir)
+    buf = io.BytesIO()
+    Image.fromarray(_photo(40, 40)).save(buf, format="PNG")
+    (tmp_path / "trunc.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(imageio.ImageError, match="truncated or corrupt"):
+        upscale(str(tmp_path / "trunc.png"), model=model_dir)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.fromarray(_photo(20, 20)).save(tmp_path / "bomb.png")
+    with pytest.raises(imageio.ImageError, match="decompression bomb"):
+        upscale(str(tmp_path / "bomb.png"), model=model_dir)
+    monkeypatch.undo()
+    # Modes that are converted, not refused: palette, CMYK, LA; an animated GIF gives its first frame.
+    base = Image.fromarray(_photo(10, 12))
+    for mode, expect in (("P", "RGB"), ("CMYK", "RGB"), ("LA", "LA"), ("1", "L")):
+        path = tmp_path / f"m_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        base.convert(mode).save(path)
+        out = upscale(str(path), model=model_dir)
+        assert out.mode == expect and out.size == (48, 40), (mode, out.mode)
+    frames = [Image.fromarray(_photo(10, 12, seed=s)) for s in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    arr, meta = imageio.read_image(str(tmp_path / "anim.gif"))
+    assert arr.shape[:2] == (10, 12) and "first frame" in meta.notes[0]
+    with pytest.raises(ValueError, match="steps"):
+        upscale(_photo(), model=model_dir, steps=0)
+    with pytest.raises(ValueError, match="model"):
+        upscale(_photo(), model=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="numpy image"):
+        upscale(np.zeros((4, 4, 7), np.uint8), model=model_dir)
+    with pytest.raises(ValueError, match="image must be"):
+        upscale(12, model=model_dir)
+
+
+def test_cli_folder_failures_listed_and_inputs_never_overwritten(model_dir, tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(_photo()).save(src / "a.png")
+    Image.fromarray(_photo(seed=2)).save(src / "sub" / "b.jpg")
+    (src / "bad.png").write_text("not an image")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mfsr_fast", str(src), "-o", str(out), "--model", model_dir, "-r"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1
+    assert "1 failed" in r.stderr and "bad.png" in r.stderr
+    assert (out / "a_x4.png").exists() and (out / "sub" / "b_x4.jpg").exists()
+    with Image.open(out / "a_x4.png") as im:
+        assert im.size == (96, 80)
+    # Same folder, empty suffix: the input would be overwritten -> refused, input intact.
+    before = (src / "a.png").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "mfsr_fast", str(src / "a.png"), "-o", str(src), "--suffix", "",
+                        "--model", model_dir], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "overwrite an input" in r.stderr and (src / "a.png").read_bytes() == before
+    # Unwritable output "folder" (an existing file): a clear error per image, exit status 1.
+    blocker = tmp_path / "file_not_dir"
+    blocker.write_text("x")
+    r = subprocess.run([sys.executable, "-m", "mfsr_fast", str(src / "a.png"), "-o", str(blocker / "o"),
+                        "--model", model_dir], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "cannot write" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "mfsr_fast", str(tmp_path / "nothing"), "--model", model_dir],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no such file or folder" in r.stderr

@@ -1,0 +1,77 @@
+"""Export a trained student as a self-contained model folder: ``python -m training.export RUN_DIR OUT_DIR``.
+
+Takes the EMA weights of the run's newest checkpoint (or of the checkpoint folder given), writes them with
+``save_pretrained`` (config.json + safetensors; the learned prompts travel inside) and an ``info.json`` with where
+they came from: the student run, its teacher, steps, wall time from the JSONL logs, and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+
+import torch
+
+from mfsr_fast.upscale import find_weights
+
+
+def _log_summary(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    if not rows:
+        return {}
+    steps = rows[-1]["step"]
+    prev, wall = 0, 0.0
+    for r in rows:  # each row's rate covers the steps since the previous row
+        wall += (r["step"] - prev) / max(r["steps_per_s"], 1e-9)
+        prev = r["step"]
+    return {"steps": steps, "train_seconds": round(wall, 1), "final_loss": rows[-1]["loss"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="student run folder (or checkpoint / save_pretrained folder)")
+    ap.add_argument("output", help="folder to write (replaced atomically)")
+    args = ap.parse_args(argv)
+    from mfsr_fast.model import MFSRTransformer
+
+    src = find_weights(args.run)
+    model = MFSRTransformer.from_pretrained(src, low_cpu_mem_usage=False, torch_dtype=torch.float32)
+    info = {"source": os.path.abspath(src), "student": _log_summary(args.run),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    cfg_path = os.path.join(args.run, "config.json")
+    if os.path.isfile(cfg_path):
+        run_cfg = json.load(open(cfg_path))
+        info["student_config"] = run_cfg
+        teacher = run_cfg.get("teacher")
+        if teacher and os.path.isdir(teacher):
+            info["teacher"] = _log_summary(teacher)
+            tcfg = os.path.join(teacher, "config.json")
+            if os.path.isfile(tcfg):
+                info["teacher_config"] = json.load(open(tcfg))
+    parent = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    model.save_pretrained(tmp, safe_serialization=True)
+    with open(os.path.join(tmp, "info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    os.chmod(tmp, 0o755)
+    for f in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, f), 0o644)
+    if os.path.isdir(args.output):
+        shutil.rmtree(args.output)
+    os.replace(tmp, args.output)
+    size = sum(os.path.getsize(os.path.join(args.output, f)) for f in os.listdir(args.output))
+    print(f"exported {src} -> {args.output} ({size / 2**20:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
