@@ -62,7 +62,9 @@ class MFSRConfig:
     time_freq_dim: int = 256
     mlp_ratio: float = 4.0
     eps: float = 1e-6
-    prediction: str = "v"  # network output: "v" (velocity) or "x" (clean image; v = (z - x) / max(t, x_t_min))
+    # Network output: "v" (velocity), "x" (clean image; v = (z - x) / max(t, x_t_min)), or "x_lr" (the clean image as
+    # a residual over the LR stream's input: x = lr + output, so a zero-initialised model starts as the upsampled LR).
+    prediction: str = "v"
     x_t_min: float = 0.05
     codec: str = "sd3-vae"  # image <-> model space: "sd3-vae" (16-channel latents) or "pixel4" (pixel-unshuffle x4)
     learned_prompts: int = 0  # > 0: learned context tokens per named prompt (PROMPT_NAMES), stored with the weights
@@ -76,10 +78,10 @@ PRESETS: dict[str, dict] = {
     "dit4sr": {},
     # CPU presets over a pixel codec (pixel-unshuffle x4 of RGB = 48 channels), no text encoder: learned prompt tokens.
     "small": dict(in_channels=48, num_layers=6, num_heads=4, head_dim=64, context_dim=256, pooled_dim=256,
-                  sample_size=64, pos_embed_max_size=256, dual_attention_layers=(0, 1, 2), prediction="x",
+                  sample_size=64, pos_embed_max_size=256, dual_attention_layers=(0, 1, 2), prediction="x_lr",
                   codec="pixel4", learned_prompts=4),
     "tiny": dict(in_channels=48, num_layers=4, num_heads=4, head_dim=32, context_dim=128, pooled_dim=128,
-                 sample_size=32, pos_embed_max_size=256, dual_attention_layers=(0, 1), prediction="x",
+                 sample_size=32, pos_embed_max_size=256, dual_attention_layers=(0, 1), prediction="x_lr",
                  codec="pixel4", learned_prompts=4),
 }
 
@@ -480,10 +482,14 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
               pooled: torch.Tensor | None = None) -> torch.Tensor:
         """The velocity field in the model's parametrisation: u(z, r, t) (v when r = t). With ``prediction='x'``
         the network predicts a clean image x and u = (z - x) / max(t, x_t_min) (DESIGN section 4b); one step from
-        noise (t = 1, r = 0) then returns x itself."""
+        noise (t = 1, r = 0) then returns x itself. ``'x_lr'``: x = lr + network output."""
         out = self(z, lr, t, r, context, pooled)
         if self.cfg.prediction == "v":
             return out
+        if self.cfg.prediction == "x_lr":
+            if lr is None:
+                raise ValueError("prediction 'x_lr' needs the LR input")
+            out = lr + out
         tt = torch.as_tensor(t, dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)
         tt = tt.expand(z.shape[0]) if tt.dim() == 0 else tt
         tt = tt.clamp_min(self.cfg.x_t_min).reshape(-1, 1, 1, 1)
@@ -569,8 +575,8 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
 
 
 def _check_config(cfg: MFSRConfig) -> None:
-    if cfg.prediction not in ("v", "x"):
-        raise ValueError(f"prediction must be 'v' or 'x', got {cfg.prediction!r}")
+    if cfg.prediction not in ("v", "x", "x_lr"):
+        raise ValueError(f"prediction must be 'v', 'x' or 'x_lr', got {cfg.prediction!r}")
     if cfg.codec not in ("sd3-vae", "pixel4"):
         raise ValueError(f"codec must be 'sd3-vae' or 'pixel4', got {cfg.codec!r}")
     if cfg.learned_prompts > 0 and cfg.context_dim <= 0:

@@ -221,3 +221,33 @@ def test_model_without_lr_stream_refuses_lr():
         m(**{**inp, "lr": inp["z"]})
     with torch.no_grad():
         assert m(**inp).shape == inp["z"].shape
+
+
+@pytest.mark.parametrize("prediction", ["v", "x", "x_lr"])
+def test_field_parametrisations_and_learned_prompts(prediction):
+    from conftest import randomize_
+
+    m = randomize_(MFSRTransformer.from_preset("tiny", num_layers=1, num_heads=2, head_dim=16,
+                                               dual_attention_layers=(0,), prediction=prediction), std=0.1)
+    g = torch.Generator().manual_seed(0)
+    z, lr = (torch.randn(2, 48, 4, 6, generator=g) for _ in range(2))
+    t, r = torch.tensor([1.0, 0.02]), torch.tensor([0.0, 0.01])
+    ctx, pooled = m.prompt("positive", 2)
+    assert ctx.shape == (2, 4, 128) and pooled.shape == (2, 128)
+    idx_ctx, _ = m.prompt(torch.tensor([0, 2]))
+    assert torch.equal(idx_ctx[0], ctx[0]) and not torch.equal(idx_ctx[1], ctx[1])
+    out = m(z, lr, t, r, ctx, pooled)
+    u = m.field(z, lr, t, r, ctx, pooled)
+    if prediction == "v":
+        expect = out
+    else:
+        x = out + lr if prediction == "x_lr" else out
+        expect = (z - x) / t.clamp_min(m.cfg.x_t_min).view(-1, 1, 1, 1)
+    torch.testing.assert_close(u, expect)
+    if prediction != "v":  # one step from t = 1 to r = 0 lands on the predicted clean image
+        torch.testing.assert_close((z - u)[0], (out + lr if prediction == "x_lr" else out)[0])
+    with pytest.raises(ValueError, match="unknown prompt"):
+        m.prompt("sharp")
+    with pytest.raises(ValueError, match="no learned prompts"):
+        bare = MFSRTransformer.from_preset("tiny", num_layers=1, dual_attention_layers=(), learned_prompts=0)
+        bare.prompt("positive")

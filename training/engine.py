@@ -68,6 +68,7 @@ class TrainConfig:
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     t_mean: float = -0.4  # logit-normal time sampling
     t_std: float = 1.0
+    t_one_fraction: float = 0.0  # share of samples at t = 1 exactly (pure noise: the one-step start)
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     num_workers: int = 1  # data-loading processes (0: in the training process)
@@ -205,6 +206,13 @@ def logit_normal(gens: list[torch.Generator], mean: float, std: float) -> torch.
     return torch.sigmoid(torch.stack([torch.randn((), generator=g) for g in gens]) * std + mean)
 
 
+def sample_t(gens: list[torch.Generator], cfg: TrainConfig) -> torch.Tensor:
+    """Logit-normal t, with ``t_one_fraction`` of the samples at exactly 1 (where one-step sampling starts, and
+    which a logit-normal almost never draws)."""
+    t = logit_normal(gens, cfg.t_mean, cfg.t_std)
+    return torch.where(per_sample_rand(gens) < cfg.t_one_fraction, torch.ones_like(t), t)
+
+
 def codec_for(model: MFSRTransformer):
     if model.cfg.codec == "pixel4":
         return PixelCodec(4)
@@ -232,6 +240,13 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 class Stop(Exception):
     pass
+
+
+def _ignore_signals(_worker_id: int) -> None:
+    """Data workers leave SIGTERM/SIGINT to the main process (schedulers signal the whole process group), which
+    checkpoints and then shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: str, extra: dict | None = None) -> str:
@@ -276,7 +291,7 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     sampler = range(start, cfg.max_steps)
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
                                          prefetch_factor=2 if cfg.num_workers > 0 else None,
-                                         persistent_workers=False)
+                                         persistent_workers=False, worker_init_fn=_ignore_signals)
 
     stop = {"signal": None}
 
@@ -321,7 +336,9 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
                 finite = bool(flag.item())
             if finite:
                 opt.step()
-                ema_update(ema, model, cfg.ema_decay)
+                # EMA warm-up: early on the average follows the weights closely, so short runs do not keep a
+                # large share of the initial weights (0.999^600 would still be 55% of them).
+                ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
                 consecutive = 0
             else:
                 nonfinite += 1

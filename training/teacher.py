@@ -31,8 +31,8 @@ class TeacherConfig(engine.TrainConfig):
 
 PRESETS = {
     # The embedded default's teacher: about 25 minutes on 2 CPU cores.
-    "tiny": dict(model_preset="tiny", max_steps=1000, batch_size=32, crop=64, lr=4e-4, warmup_steps=50,
-                 ema_decay=0.995, ckpt_every=100, num_workers=1),
+    "tiny": dict(model_preset="tiny", max_steps=600, batch_size=32, crop=64, lr=4e-4, warmup_steps=50,
+                 ema_decay=0.995, ckpt_every=100, num_workers=1, t_mean=0.4, t_one_fraction=0.1),
     "small": dict(model_preset="small", max_steps=20000, batch_size=32, crop=256, lr=2e-4),
     # A few steps of a 1-block model on 32 px crops: for tests.
     "micro": dict(model_preset="tiny", model_overrides={"num_layers": 1, "dual_attention_layers": [0],
@@ -60,7 +60,7 @@ def make_loss(cfg: TeacherConfig, codec):
         neg = (which == PROMPT_NAMES.index("negative")).view(-1, 1, 1, 1)
         x = torch.where(neg, c, x)  # the negative prompt's target: the degraded-looking upsampled LR
         e = engine.per_sample_randn(gens, tuple(x.shape[1:])).to(x.device)
-        t = engine.logit_normal(gens, cfg.t_mean, cfg.t_std).to(x.device)
+        t = engine.sample_t(gens, cfg).to(x.device)
         tb = t.view(-1, 1, 1, 1)
         z = (1 - tb) * x + tb * e
         ctx, pooled = model.prompt(which)

@@ -1,0 +1,159 @@
+"""Paper-style evaluation: ``python -m mfsr_fast.evaluate --data DIR [--teacher DIR] --niqe-params FILE``.
+
+DIR holds ``HR/`` and ``LR/`` (pairs matched by name, ignoring 'HR' / 'LR' tokens). Methods (``--methods``):
+``bicubic``; ``student:N`` (the MeanFlow student, N steps, NFE N); ``teacher:N`` (N Euler steps, NFE N) and
+``teacher:N:cfgW`` (N steps with guidance w against the negative prompt, NFE 2N). For each: NFE, seconds per image,
+PSNR and SSIM (RGB and Y, 4-pixel border crop) and NIQE (Y, lower is better), as a Markdown table.
+LPIPS and DISTS need backbone weights that cannot be downloaded here: not computed (asked for, they say so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mfsr_fast import metrics
+
+
+def pairs(root: str) -> list[tuple[str, str]]:
+    hr_dir, lr_dir = os.path.join(root, "HR"), os.path.join(root, "LR")
+    if not (os.path.isdir(hr_dir) and os.path.isdir(lr_dir)):
+        raise SystemExit(f"{root}: expected HR/ and LR/ sub-folders")
+    key = lambda f: re.sub(r"[_-]?(HR|LR)(?=[_.-])", "", os.path.splitext(f)[0])  # noqa: E731
+    lrs = {key(f): f for f in os.listdir(lr_dir)}
+    out = []
+    for f in sorted(os.listdir(hr_dir)):
+        if key(f) in lrs:
+            out.append((os.path.join(hr_dir, f), os.path.join(lr_dir, lrs[key(f)])))
+    if not out:
+        raise SystemExit(f"{root}: no HR/LR pairs found")
+    return out
+
+
+def _rgb(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _to_uint8(x: torch.Tensor) -> np.ndarray:
+    return (x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+
+
+def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: int) -> tuple[np.ndarray, int]:
+    """(SR uint8 image, NFE)."""
+    from mfsr_fast.upscale import _bicubic, upscale_rgb
+
+    x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
+    h, w = hr_shape[:2]
+    if method == "bicubic":
+        return np.asarray(Image.fromarray(lr).resize((w, h), Image.BICUBIC)), 0
+    kind, *rest = method.split(":")
+    steps = int(rest[0]) if rest else 1
+    if kind == "student":
+        dev = next(student.parameters()).device
+        out = upscale_rgb(student, x.to(dev), steps=steps, seed=seed, tile=10**6)
+        return _to_uint8(_bicubic(out, (h, w)) if out.shape[-2:] != (h, w) else out), steps
+    if kind == "teacher":
+        if teacher is None:
+            raise SystemExit(f"method {method}: pass --teacher DIR")
+        from mfsr_fast.codec import PixelCodec
+        from training.teacher import sample_teacher
+
+        w_cfg = float(rest[1][3:]) if len(rest) > 1 and rest[1].startswith("cfg") else 1.0
+        dev = next(teacher.parameters()).device
+        codec = PixelCodec(4)
+        lh, lw = lr.shape[:2]
+        ph, pw = lh % 2, lw % 2
+        xp = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate").to(dev)
+        c = codec.encode(_bicubic(xp, (4 * xp.shape[-2], 4 * xp.shape[-1])))
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(c.shape, generator=g).to(dev)
+        with torch.inference_mode():
+            z = sample_teacher(teacher, c, noise, steps=steps, guidance=w_cfg)
+        out = codec.decode(z.float()).clamp(0, 1)[:, :, : 4 * lh, : 4 * lw]
+        if out.shape[-2:] != (h, w):
+            out = _bicubic(out, (h, w))
+        return _to_uint8(out), steps * (2 if w_cfg != 1.0 else 1)
+    raise SystemExit(f"unknown method {method!r} (bicubic, student:N, teacher:N, teacher:N:cfgW)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="folder with HR/ and LR/")
+    ap.add_argument("--methods", default="bicubic,student:1,student:2,student:4")
+    ap.add_argument("--model", default="default", help="the student: 'default' or a folder")
+    ap.add_argument("--teacher", default=None, help="teacher run / checkpoint / model folder (for teacher:* methods)")
+    ap.add_argument("--niqe-params", default=None, help="NIQE pristine parameters (.npz); without it, no NIQE")
+    ap.add_argument("--limit", type=int, default=0, help="first N pairs only (0: all)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lpips", action="store_true", help="(needs local backbone weights: not available)")
+    ap.add_argument("--output", default=None, help="also write the table to this Markdown file")
+    args = ap.parse_args(argv)
+    if args.lpips:
+        print("LPIPS/DISTS: not computed: they need pretrained backbone weights (VGG/AlexNet) that this machine "
+              "cannot download; nothing in this package ships them.", file=sys.stderr)
+    params = None
+    if args.niqe_params:
+        try:
+            params = metrics.load_niqe_params(args.niqe_params)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(str(e)) from None
+    else:
+        print(f"NIQE skipped. {metrics.NIQE_HELP}", file=sys.stderr)
+    from mfsr_fast.upscale import load_model
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    student = load_model(args.model, args.device) if any(m.startswith("student") for m in methods) else None
+    teacher = None
+    if args.teacher:
+        from mfsr_fast.model import MFSRTransformer
+        from mfsr_fast.upscale import find_weights, resolve_device
+
+        teacher = MFSRTransformer.from_pretrained(find_weights(args.teacher), low_cpu_mem_usage=False)
+        teacher = teacher.to(resolve_device(args.device)).eval().requires_grad_(False)
+    items = pairs(args.data)
+    if args.limit:
+        items = items[: args.limit]
+    rows = []
+    for method in methods:
+        acc = {"psnr": [], "ssim": [], "psnr_y": [], "ssim_y": [], "niqe": [], "sec": []}
+        nfe = 0
+        for hr_path, lr_path in items:
+            hr, lr = _rgb(hr_path), _rgb(lr_path)
+            t0 = time.perf_counter()
+            sr, nfe = run_method(method, lr, hr.shape, student, teacher, args.seed)
+            acc["sec"].append(time.perf_counter() - t0)
+            acc["psnr"].append(metrics.psnr(sr, hr))
+            acc["ssim"].append(metrics.ssim(sr, hr))
+            acc["psnr_y"].append(metrics.psnr(sr, hr, y=True))
+            acc["ssim_y"].append(metrics.ssim(sr, hr, y=True))
+            if params is not None:
+                acc["niqe"].append(metrics.niqe_rgb(sr, params))
+        mean = {k: float(np.mean(v)) if v else float("nan") for k, v in acc.items()}
+        rows.append((method, nfe, mean))
+        print(f"{method}: PSNR {mean['psnr']:.2f} SSIM {mean['ssim']:.4f} NIQE {mean['niqe']:.3f} "
+              f"({mean['sec']:.2f} s/img)", file=sys.stderr, flush=True)
+    lines = [f"{os.path.basename(os.path.normpath(args.data))}, {len(items)} images",
+             "", "| method | NFE | s / image | PSNR | SSIM | PSNR-Y | SSIM-Y | NIQE |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method, nfe, m in rows:
+        lines.append(f"| {method} | {nfe} | {m['sec']:.2f} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['psnr_y']:.2f} "
+                     f"| {m['ssim_y']:.4f} | {m['niqe']:.3f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
