@@ -26,7 +26,7 @@ def pairs(root: str) -> list[tuple[str, str]]:
     hr_dir, lr_dir = os.path.join(root, "HR"), os.path.join(root, "LR")
     if not (os.path.isdir(hr_dir) and os.path.isdir(lr_dir)):
         raise SystemExit(f"{root}: expected HR/ and LR/ sub-folders")
-    key = lambda f: re.sub(r"[_-]?(HR|LR)(?=[_.-])", "", os.path.splitext(f)[0])  # noqa: E731
+    key = lambda f: re.sub(r"[_-]?(HR|LR)(?=[_.-]|$)", "", os.path.splitext(f)[0])  # noqa: E731
     lrs = {key(f): f for f in os.listdir(lr_dir)}
     out = []
     for f in sorted(os.listdir(hr_dir)):
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NIQE skipped. {metrics.NIQE_HELP}", file=sys.stderr)
     from mfsr_fast.upscale import load_model
 
+    items = pairs(args.data)
+    if args.limit:
+        items = items[: args.limit]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     student = load_model(args.model, args.device) if any(m.startswith("student") for m in methods) else None
     teacher = None
@@ -119,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
 
         teacher = MFSRTransformer.from_pretrained(find_weights(args.teacher), low_cpu_mem_usage=False)
         teacher = teacher.to(resolve_device(args.device)).eval().requires_grad_(False)
-    items = pairs(args.data)
-    if args.limit:
-        items = items[: args.limit]
     rows = []
     for method in methods:
         acc = {"psnr": [], "ssim": [], "psnr_y": [], "ssim_y": [], "niqe": [], "sec": []}

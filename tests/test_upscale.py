@@ -193,3 +193,19 @@ def test_cli_folder_failures_listed_and_inputs_never_overwritten(model_dir, tmp_
     r = subprocess.run([sys.executable, "-m", "mfsr_fast", str(tmp_path / "nothing"), "--model", model_dir],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "no such file or folder" in r.stderr
+
+
+def test_demo_writes_outputs_comparisons_and_times(tmp_path):
+    if not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
+        pytest.skip("embedded default model not present")
+    pytest.importorskip("skimage")
+    from mfsr_fast import demo
+
+    assert demo.main(["--output", str(tmp_path), "--photos", "chelsea", "--side", "128"]) == 0
+    for name in ("chelsea_lr.png", "chelsea_bicubic.png", "chelsea_mfsr_1step.png", "chelsea_mfsr_4step.png",
+                 "chelsea_comparison.png", "times.md"):
+        assert (tmp_path / name).exists(), name
+    with Image.open(tmp_path / "chelsea_comparison.png") as im:
+        assert im.size == (5 * 128, 128)
+    with Image.open(tmp_path / "chelsea_mfsr_1step.png") as im:
+        assert im.size == (128, 128)

@@ -1,0 +1,80 @@
+"""PSNR / SSIM conventions and NIQE: conformance against MATLAB's value on ../shared/data/metrics/baboon.png, and
+the properties the measures must have."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mfsr_fast import metrics
+
+
+def _img(seed=0, h=200, w=210):
+    rng = np.random.default_rng(seed)
+    small = rng.uniform(0, 255, (h // 8, w // 8, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+
+
+def test_niqe_matches_matlab_on_the_conformance_image(shared_data):
+    params = metrics.load_niqe_params(os.path.join(shared_data, "metrics", "niqe_pris_params.npz"))
+    img = np.asarray(Image.open(os.path.join(shared_data, "metrics", "baboon.png")).convert("RGB"))
+    assert metrics.niqe_rgb(img, params) == pytest.approx(5.7296, abs=0.01)
+
+
+def test_niqe_ranks_noise_as_less_natural(shared_data):
+    params = metrics.load_niqe_params(os.path.join(shared_data, "metrics", "niqe_pris_params.npz"))
+    img = np.asarray(Image.open(os.path.join(shared_data, "metrics", "baboon.png")).convert("RGB"))[:192, :192]
+    noisy = np.clip(img + np.random.default_rng(0).normal(0, 25, img.shape), 0, 255).astype(np.uint8)
+    assert metrics.niqe_rgb(noisy, params) > metrics.niqe_rgb(img, params) + 1.0
+
+
+def test_niqe_params_missing_says_where_they_come_from(tmp_path):
+    with pytest.raises(FileNotFoundError, match="BasicSR"):
+        metrics.load_niqe_params(None)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        metrics.load_niqe_params(str(tmp_path / "none.npz"))
+
+
+def test_psnr_ssim_conventions():
+    a = _img()
+    assert metrics.psnr(a, a) == float("inf") and metrics.ssim(a, a) == pytest.approx(1.0)
+    b = np.clip(a.astype(int) + 4, 0, 255).astype(np.uint8)
+    assert metrics.psnr(a, b) == pytest.approx(10 * np.log10(255 ** 2 / 16), abs=0.05)
+    # The border crop ignores the 4-pixel frame: damage there changes nothing.
+    c = a.copy()
+    c[:4] = 0
+    assert metrics.psnr(a, c) == float("inf")
+    assert metrics.psnr(a, b, y=True) > metrics.psnr(a, b)  # a +4 offset is 3.4 in luma
+    y = metrics.rgb_to_y(np.array([[[255, 255, 255], [0, 0, 0]]]))
+    np.testing.assert_allclose(y, [[235.0, 16.0]])
+
+
+def test_matlab_imresize_half():
+    # MATLAB: imresize(magic-free ramp, 0.5) of a linear ramp is the ramp at the new sample centres.
+    x = np.tile(np.arange(16, dtype=np.float64), (16, 1))
+    out = metrics.imresize(x, 0.5)
+    assert out.shape == (8, 8)
+    np.testing.assert_allclose(out[:, 2:-2], np.tile(np.arange(0.5, 16, 2)[2:-2], (8, 1)), atol=1e-9)
+
+
+def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
+    from mfsr_fast import evaluate
+
+    (tmp_path / "HR").mkdir()
+    (tmp_path / "LR").mkdir()
+    for i in range(2):
+        hr = Image.fromarray(_img(i, 96, 96))
+        hr.save(tmp_path / "HR" / f"img_{i}_HR.png")
+        hr.resize((24, 24), Image.BICUBIC).save(tmp_path / "LR" / f"img_{i}_LR.png")
+    assert [os.path.basename(h) for h, _ in evaluate.pairs(str(tmp_path))] == ["img_0_HR.png", "img_1_HR.png"]
+    out = tmp_path / "table.md"
+    assert evaluate.main(["--data", str(tmp_path), "--methods", "bicubic", "--output", str(out)]) == 0
+    table = out.read_text()
+    assert "| bicubic | 0 |" in table and "2 images" in table
+    psnr = float(table.strip().splitlines()[-1].split("|")[4])
+    assert 20 < psnr < 60
+    with pytest.raises(SystemExit, match="HR/ and LR/"):
+        evaluate.main(["--data", str(tmp_path / "HR")])
