@@ -49,7 +49,7 @@ class DistillConfig(engine.TrainConfig):
 
 PRESETS = {
     # The embedded default's student: about 20 minutes on 2 CPU cores.
-    "tiny": dict(model_preset="tiny", max_steps=300, batch_size=32, crop=64, lr=1e-4, warmup_steps=20,
+    "tiny": dict(model_preset="tiny", max_steps=200, batch_size=32, crop=64, lr=1e-4, warmup_steps=20,
                  ema_decay=0.99, ckpt_every=100, num_workers=1, t_mean=0.4, t_one_fraction=0.2),
     "small": dict(model_preset="small", max_steps=10000, batch_size=32, crop=256, lr=5e-5),
     "micro": dict(model_preset="tiny", max_steps=6, batch_size=4, crop=32, warmup_steps=1, ckpt_every=2, log_every=1,
