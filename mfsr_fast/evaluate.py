@@ -46,7 +46,8 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
-def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: int) -> tuple[np.ndarray, int]:
+def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: int, tile: int | None = None
+               ) -> tuple[np.ndarray, int]:
     """(SR uint8 image, NFE)."""
     from mfsr_fast.upscale import _bicubic, upscale_rgb
 
@@ -58,29 +59,15 @@ def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: in
     steps = int(rest[0]) if rest else 1
     if kind == "student":
         dev = next(student.parameters()).device
-        out = upscale_rgb(student, x.to(dev), steps=steps, seed=seed, tile=10**6)
+        out = upscale_rgb(student, x.to(dev), steps=steps, seed=seed, tile=tile)
         return _to_uint8(_bicubic(out, (h, w)) if out.shape[-2:] != (h, w) else out), steps
     if kind == "teacher":
         if teacher is None:
             raise SystemExit(f"method {method}: pass --teacher DIR")
-        from mfsr_fast.codec import PixelCodec
-        from training.teacher import sample_teacher
-
         w_cfg = float(rest[1][3:]) if len(rest) > 1 and rest[1].startswith("cfg") else 1.0
         dev = next(teacher.parameters()).device
-        codec = PixelCodec(4)
-        lh, lw = lr.shape[:2]
-        ph, pw = lh % 2, lw % 2
-        xp = torch.nn.functional.pad(x, (0, pw, 0, ph), mode="replicate").to(dev)
-        c = codec.encode(_bicubic(xp, (4 * xp.shape[-2], 4 * xp.shape[-1])))
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(c.shape, generator=g).to(dev)
-        with torch.inference_mode():
-            z = sample_teacher(teacher, c, noise, steps=steps, guidance=w_cfg)
-        out = codec.decode(z.float()).clamp(0, 1)[:, :, : 4 * lh, : 4 * lw]
-        if out.shape[-2:] != (h, w):
-            out = _bicubic(out, (h, w))
-        return _to_uint8(out), steps * (2 if w_cfg != 1.0 else 1)
+        out = upscale_rgb(teacher, x.to(dev), steps=steps, seed=seed, tile=tile, teacher_guidance=w_cfg)
+        return _to_uint8(_bicubic(out, (h, w)) if out.shape[-2:] != (h, w) else out), steps * (1 if w_cfg == 1 else 2)
     raise SystemExit(f"unknown method {method!r} (bicubic, student:N, teacher:N, teacher:N:cfgW)")
 
 
@@ -94,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="first N pairs only (0: all)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tile", type=int, default=None, help="LR tile side (default: as upscale(), the model's size)")
     ap.add_argument("--lpips", action="store_true", help="(needs local backbone weights: not available)")
     ap.add_argument("--output", default=None, help="also write the table to this Markdown file")
     args = ap.parse_args(argv)
@@ -129,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         for hr_path, lr_path in items:
             hr, lr = _rgb(hr_path), _rgb(lr_path)
             t0 = time.perf_counter()
-            sr, nfe = run_method(method, lr, hr.shape, student, teacher, args.seed)
+            sr, nfe = run_method(method, lr, hr.shape, student, teacher, args.seed, args.tile)
             acc["sec"].append(time.perf_counter() - t0)
             acc["psnr"].append(metrics.psnr(sr, hr))
             acc["ssim"].append(metrics.ssim(sr, hr))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mfsr_fast.codec import PixelCodec
+from mfsr_fast.guidance import sample_teacher
 from mfsr_fast.imageio import ImageError, ImageMeta, array_to_pil, pil_to_array, read_image, to_uint16
 from mfsr_fast.meanflow import sample
 from mfsr_fast.model import MFSRTransformer
@@ -131,12 +132,17 @@ def _bicubic(x: torch.Tensor, size) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
-    """lr (B, 3, h, w) in [0, 1], h and w even; noise (B, 48, h, w): -> (B, 3, 4h, 4w)."""
+def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, steps: int,
+             teacher_guidance: float | None = None) -> torch.Tensor:
+    """lr (B, 3, h, w) in [0, 1], h and w even; noise (B, 48, h, w): -> (B, 3, 4h, 4w). A student takes MeanFlow
+    jumps; with ``teacher_guidance`` the model is sampled as a teacher (Euler steps of the guided velocity)."""
     codec = PixelCodec(MODEL_SCALE)
     B, _, h, w = lr.shape
     dtype = next(model.parameters()).dtype
     c = codec.encode(_bicubic(lr, (MODEL_SCALE * h, MODEL_SCALE * w))).to(dtype)
+    if teacher_guidance is not None:
+        x = sample_teacher(model, c, noise.to(dtype), steps=steps, guidance=teacher_guidance)
+        return codec.decode(x.float()).clamp(0, 1)
     ctx, pooled = model.prompt("positive", B)
 
     def fn(z, t, r):
@@ -165,7 +171,10 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
 
 
 def auto_tile(model: MFSRTransformer, device: torch.device) -> int:
-    """Largest LR tile side whose estimated working memory fits in a quarter of the free memory."""
+    """LR tile side: the model's native size (``sample_size``, the latent side its positions are scaled for and
+    near what it was trained on), or less when its estimated working memory would not fit in a quarter of the free
+    memory. Measured on the tiny default (128 px DRealSR LR, CPU): tiles of 32 gave 33.26 dB / NIQE 6.81 in 9 s,
+    the whole image 33.06 dB / 6.33 in 14 s."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
@@ -179,17 +188,20 @@ def auto_tile(model: MFSRTransformer, device: torch.device) -> int:
             pass
     cfg = model.cfg
     width = cfg.num_heads * cfg.head_dim
-    for tile in (512, 384, 256, 192, 128, 96, 64):
+    native = max(32, cfg.sample_size)
+    for tile in (512, 384, 256, 192, 128, 96, 64, 32):
         tokens = 2 * (tile // cfg.patch_size) ** 2  # HR and LR streams
         est = tokens * width * 4 * 40 + tile * tile * 48 * 4 * 8
-        if est < free / 4:
+        if tile <= native and est < free / 4:
             return tile
-    return 64
+    return 32
 
 
 def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, seed: int = 0, tile: int | None = None,
-                overlap: int | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] on the model's device -> (B, 3, 4H, 4W), tiled when larger than ``tile`` LR pixels."""
+                overlap: int | None = None, progress: Callable[[int, int], None] | None = None,
+                teacher_guidance: float | None = None) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] on the model's device -> (B, 3, 4H, 4W), tiled when larger than ``tile`` LR pixels.
+    ``teacher_guidance=w`` samples the model as a flow-matching teacher (Euler, CFG w; 1: no guidance)."""
     B, _, H, W = rgb.shape
     device = rgb.device
     # Pad to even sizes (2x2 patches) by reflection (replicate for 1-pixel sides).
@@ -202,7 +214,7 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
     tile = tile or auto_tile(model, device)
     while True:
         try:
-            out = _tiled(model, rgb, noise, steps, tile, overlap, progress)
+            out = _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance)
             break
         except torch.OutOfMemoryError:
             if device.type != "cuda" or tile <= 32:
@@ -212,11 +224,11 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
     return out[:, :, : MODEL_SCALE * H, : MODEL_SCALE * W]
 
 
-def _tiled(model, rgb, noise, steps, tile, overlap, progress):
+def _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance=None):
     B, _, H, W = rgb.shape
     tile = max(16, tile - tile % 2)
     if H <= tile and W <= tile:
-        out = _sr_tile(model, rgb, noise, steps)
+        out = _sr_tile(model, rgb, noise, steps, teacher_guidance)
         if progress:
             progress(1, 1)
         return out
@@ -230,7 +242,8 @@ def _tiled(model, rgb, noise, steps, tile, overlap, progress):
     th, tw = min(tile, H), min(tile, W)
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
-            out = _sr_tile(model, rgb[:, :, y:y + th, x:x + tw], noise[:, :, y:y + th, x:x + tw], steps)
+            out = _sr_tile(model, rgb[:, :, y:y + th, x:x + tw], noise[:, :, y:y + th, x:x + tw], steps,
+                           teacher_guidance)
             # Ramps only where a neighbouring tile overlaps (the true overlap, which the last tile may exceed).
             top = s * (ys[i - 1] + th - y) if i > 0 else 0
             bottom = s * (y + th - ys[i + 1]) if i + 1 < len(ys) else 0
