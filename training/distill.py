@@ -50,7 +50,7 @@ class DistillConfig(engine.TrainConfig):
 PRESETS = {
     # The embedded default's student: about 20 minutes on 2 CPU cores.
     "tiny": dict(model_preset="tiny", max_steps=200, batch_size=32, crop=64, lr=1e-4, warmup_steps=20,
-                 ema_decay=0.99, ckpt_every=100, num_workers=1, t_mean=0.4, t_one_fraction=0.2),
+                 ema_decay=0.99, ckpt_every=100, num_workers=1, t_mean=0.4, t_one_fraction=0.2, guidance=1.5),
     "small": dict(model_preset="small", max_steps=10000, batch_size=32, crop=256, lr=5e-5),
     "micro": dict(model_preset="tiny", max_steps=6, batch_size=4, crop=32, warmup_steps=1, ckpt_every=2, log_every=1,
                   num_workers=0),
@@ -88,7 +88,10 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
         equal = engine.per_sample_rand(gens) < cfg.equal_fraction
         t = torch.maximum(a, b)
         r = torch.where(equal, t, torch.minimum(a, b))
-        r = torch.where((a == 1) & ~equal, torch.zeros_like(r), r)  # t = 1 draws train the one-step jump (r = 0)
+        # Half of the t = 1 draws train the one-step jump (r = 0); the rest keep r from the second draw, so the first
+        # jump of a multi-step schedule (t = 1 to r > 0) is trained too.
+        one_step = (a == 1) & ~equal & (engine.per_sample_rand(gens) < 0.5)
+        r = torch.where(one_step, torch.zeros_like(r), r)
         t, r = t.to(x.device), r.to(x.device)
         tb = t.view(-1, 1, 1, 1)
         z = (1 - tb) * x + tb * e
