@@ -16,13 +16,13 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
 
 
 def _photo(name: str, side: int) -> np.ndarray:
     from skimage import data
 
-    img = getattr(data, name)()
+    img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
     h, w = img.shape[:2]

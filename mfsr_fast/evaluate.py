@@ -51,7 +51,7 @@ def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: in
     """(SR uint8 image, NFE)."""
     from mfsr_fast.upscale import _bicubic, upscale_rgb
 
-    x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.ascontiguousarray(lr).copy()).permute(2, 0, 1)[None].float() / 255
     h, w = hr_shape[:2]
     if method == "bicubic":
         return np.asarray(Image.fromarray(lr).resize((w, h), Image.BICUBIC)), 0
