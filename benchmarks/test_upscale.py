@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timing import median_seconds
 
-from mfsr_fast.upscale import DEFAULT_MODEL, load_model, upscale_rgb
+from mfsr_fast.inference import DEFAULT_MODEL, load_model, upscale_rgb
 
 
 class _DenseBlock(nn.Module):

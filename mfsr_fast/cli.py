@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from mfsr_fast.upscale import load_model, upscale_array
+    from mfsr_fast.inference import load_model, upscale_array
 
     if args.steps < 1 or args.steps > 64:
         ap.error("--steps must be in 1..64")

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--photos", nargs="*", default=list(PHOTOS))
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
-    from mfsr_fast.upscale import load_model, upscale
+    from mfsr_fast.inference import load_model, upscale
 
     os.makedirs(args.output, exist_ok=True)
     model = load_model("default", args.device)

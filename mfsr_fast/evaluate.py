@@ -49,7 +49,7 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: int, tile: int | None = None
                ) -> tuple[np.ndarray, int]:
     """(SR uint8 image, NFE)."""
-    from mfsr_fast.upscale import _bicubic, upscale_rgb
+    from mfsr_fast.inference import _bicubic, upscale_rgb
 
     x = torch.from_numpy(np.ascontiguousarray(lr).copy()).permute(2, 0, 1)[None].float() / 255
     h, w = hr_shape[:2]
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(e)) from None
     else:
         print(f"NIQE skipped. {metrics.NIQE_HELP}", file=sys.stderr)
-    from mfsr_fast.upscale import load_model
+    from mfsr_fast.inference import load_model
 
     items = pairs(args.data)
     if args.limit:
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     student = load_model(args.model, args.device) if any(m.startswith("student") for m in methods) else None
     teacher = None
     if args.teacher:
+        from mfsr_fast.inference import find_weights, resolve_device
         from mfsr_fast.model import MFSRTransformer
-        from mfsr_fast.upscale import find_weights, resolve_device
 
         teacher = MFSRTransformer.from_pretrained(find_weights(args.teacher), low_cpu_mem_usage=False)
         teacher = teacher.to(resolve_device(args.device)).eval().requires_grad_(False)

@@ -16,7 +16,7 @@ from PIL import Image
 pytest.importorskip("diffusers")
 
 from mfsr_fast import imageio  # noqa: E402
-from mfsr_fast.upscale import DEFAULT_MODEL, upscale  # noqa: E402
+from mfsr_fast.inference import DEFAULT_MODEL, upscale  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,6 +43,9 @@ def _photo(h=20, w=24, seed=0):
 
 
 def test_types_modes_and_sizes(model_dir, tmp_path):
+    import mfsr_fast
+
+    assert mfsr_fast.upscale is upscale  # the documented entry point
     img = _photo()
     out = upscale(img, model=model_dir)
     assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (80, 96, 3)

@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from mfsr_fast.upscale import find_weights
+from mfsr_fast.inference import find_weights
 
 
 def _log_summary(run_dir: str) -> dict:
