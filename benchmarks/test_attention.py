@@ -16,23 +16,12 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as F
-from timing import median_seconds
+from timing import median_seconds, peak_mb
 
 import kernels
 
 CUDA = torch.cuda.is_available()
 HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
-
-
-def _peak_mb(fn):
-    if not CUDA:
-        return float("nan")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _sdpa(backend):
@@ -105,7 +94,7 @@ def test_attention(benchmark, full, env_info, mode, L):
         try:
             fn = run(f)
             info[f"ms_{name}"] = median_seconds(fn, reps) * 1e3
-            info[f"peak_mb_{name}"] = _peak_mb(fn)
+            info[f"peak_mb_{name}"] = peak_mb(fn)
         except torch.OutOfMemoryError:
             info[f"ms_{name}"] = "OOM"
             torch.cuda.empty_cache()

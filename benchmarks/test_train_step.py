@@ -20,7 +20,7 @@ import copy
 
 import pytest
 import torch
-from timing import median_seconds
+from timing import median_seconds, peak_mb
 
 from mfsr_fast import MFSRTransformer
 from mfsr_fast.meanflow import adaptive_loss, meanflow_target
@@ -87,15 +87,6 @@ def _step(m, fn, z, t, r, v, kind, guided=None):
     return step
 
 
-def _peak_mb(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 @pytest.mark.parametrize("kind", ["fm", "mf_jvp", "mf_split", "distill"])
 def test_train_step(benchmark, full, env_info, kind):
     m, fn, z, t, r, v = _setup(full)
@@ -112,7 +103,7 @@ def test_train_step(benchmark, full, env_info, kind):
             step = _step(m.set_kernel_backend(backend), fn, z, t, r, v, kind, guided)
             times[backend] = median_seconds(step, 5 if full else 2)
             info[f"ms_{backend}"] = times[backend] * 1e3
-            info[f"peak_mb_{backend}"] = _peak_mb(step)
+            info[f"peak_mb_{backend}"] = peak_mb(step)
         info["speedup_vs_reference"] = times["reference"] / times["triton"]
         info["memory_ratio_vs_reference"] = info["peak_mb_reference"] / max(info["peak_mb_triton"], 1e-6)
         backend = "triton"

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -105,12 +106,20 @@ def load_niqe_params(path: str | None) -> dict:
 _GAM = np.arange(0.2, 10.001, 0.001)
 
 
+@functools.lru_cache(maxsize=1)
+def _r_gam() -> np.ndarray:
+    """rho(gamma) = Gamma(2/g)^2 / (Gamma(1/g) Gamma(3/g)) over the search grid: computed once."""
+    from scipy.special import gamma
+
+    return gamma(2 / _GAM) ** 2 / (gamma(1 / _GAM) * gamma(3 / _GAM))
+
+
 def _aggd(x: np.ndarray) -> tuple[float, float, float]:
     """Asymmetric generalised Gaussian fit by moment matching: (alpha, beta_left, beta_right)."""
     from scipy.special import gamma
 
     x = x.ravel()
-    r_gam = gamma(2 / _GAM) ** 2 / (gamma(1 / _GAM) * gamma(3 / _GAM))
+    r_gam = _r_gam()
     left = math.sqrt(np.mean(x[x < 0] ** 2)) if np.any(x < 0) else 0.0
     right = math.sqrt(np.mean(x[x > 0] ** 2)) if np.any(x > 0) else 0.0
     g = left / right if right > 0 else np.inf

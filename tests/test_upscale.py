@@ -105,7 +105,7 @@ def test_files_keep_depth_alpha_orientation_and_metadata(model_dir, tmp_path):
     pj = tmp_path / "cam.jpg"
     img.save(pj, exif=exif.tobytes(), icc_profile=icc, quality=95)
     res = upscale(str(pj), model=model_dir)
-    assert res.size == (48, 80)  # (w, h) after rotation: 12 x 20 -> upright 20 tall... x4
+    assert res.size == (48, 80)  # stored 20 wide x 12 tall, orientation 6 -> upright 12 x 20, x4 -> (48, 80)
     assert res.info.get("icc_profile") == icc
     outdir = tmp_path / "out"
     r = subprocess.run([sys.executable, "-m", "mfsr_fast", str(pj), "-o", str(outdir), "--model", model_dir],

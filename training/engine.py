@@ -175,10 +175,13 @@ class StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int):
         n = len(self.images)
         hrs, lrs, seeds = [], [], []
+        perms: dict[int, torch.Tensor] = {}
         for j in range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank):
             flat = step * self.cfg.batch_size + j
             epoch, pos = divmod(flat, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+            perm = perms[epoch]
             self.images.set_epoch(epoch)
             hr = self.images[int(perm[pos])]
             s = sample_seed(self.cfg.seed, step, j)
@@ -278,7 +281,6 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
         print(f"{name} config:\n{text}", flush=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             f.write(text)
-    wrapped = model
     if d.world > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             _Field(model), device_ids=[d.device.index] if d.device.type == "cuda" else None)
