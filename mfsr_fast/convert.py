@@ -1,4 +1,19 @@
-"""Weight conversion into MFSRTransformer: the seed of real checkpoint loading.
+"""Real checkpoints into MFSRTransformer: SD3 / SD3.5 transformers and DiT4SR-format teachers.
+
+``load_transformer(folder)`` reads a diffusers-layout folder (config.json + safetensors, single or sharded, or a
+``.bin`` read with ``weights_only=True``) without building the diffusers model, and returns the MFSRTransformer with a
+``LoadReport``:
+- an MFSRTransformer folder (our own ``save_pretrained``) loads as it is;
+- a DiT4SR-format folder (SD3Transformer2DModel keys plus ``*_control`` projections and ``ff.control_conv``) loads
+  strictly: every key must land, and the report lists missing, unexpected and mis-shaped keys. The released DiT4SR
+  code computes the LR keys from the normalised image keys (DESIGN section 4), so ``dit4sr_norm_k_bug`` defaults to
+  on for these weights; DiT4SR's second attentions carry context projections that its forward never uses, and these
+  are skipped (counted in the report);
+- a plain SD3 / SD3.5 transformer gives a teacher with a fresh DiT4SR LR stream (zero control layers, output
+  projections copied) unless ``lr_stream=False``.
+The h = t - r embedder is always fresh (its last layer zero), so the result is the teacher exactly when r = t.
+Weights are assigned from a meta-device model, so a 2.5B-parameter checkpoint is held once in memory, in its own
+dtype (or ``dtype``).
 
 ``from_sd3(model_or_state_dict, config=...)`` maps a diffusers ``SD3Transformer2DModel`` (SD3 / SD3.5: QK RMSNorm,
 MMDiT-X dual attention) onto MFSRTransformer. Module names follow diffusers' with these renames:
@@ -23,7 +38,10 @@ zero-initialised last layer, so the result reproduces SD3 exactly for r = t.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from dataclasses import dataclass, field
 
 import torch
 
@@ -118,3 +136,167 @@ def from_sd3(sd3, *, lr_stream: bool = False, **overrides) -> MFSRTransformer:
             MFSRTransformer.zero_init_lr_stream(blk)
     dtype = next(iter(state_dict.values())).dtype
     return model if dtype == torch.float32 else model.to(dtype)
+
+
+# Folders of real checkpoints.
+
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+_INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+_BIN_FILES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+# DiT4SR builds its second attentions with context projections that its forward never calls.
+_DIT4SR_DEAD = re.compile(r"^transformer_blocks\.\d+\.attn2\.(add_q_proj|add_k_proj|add_v_proj|to_add_out|"
+                          r"norm_added_q|norm_added_k)\.")
+_CONTROL = re.compile(r"_control\.|\.control_conv\.")
+
+
+@dataclass
+class LoadReport:
+    """What ``load_transformer`` found and did."""
+
+    path: str
+    format: str  # "mfsr" | "dit4sr" | "sd3"
+    loaded: int = 0  # tensors loaded from the checkpoint
+    fresh: list[str] = field(default_factory=list)  # parameters initialised here (h embedder, a fresh LR stream)
+    skipped: list[str] = field(default_factory=list)  # checkpoint tensors its own forward never uses
+    dit4sr_norm_k_bug: bool = False
+    lr_conv_scale: float = 1.2
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: {self.format} checkpoint, {self.loaded} tensors loaded"]
+        if self.fresh:
+            groups = sorted({re.sub(r"^blocks\.\d+\.", "blocks.*.", k).rsplit(".", 1)[0] for k in self.fresh})
+            lines.append(f"  fresh ({len(self.fresh)} tensors): {', '.join(groups)}")
+        if self.skipped:
+            lines.append(f"  skipped as unused by the checkpoint's own forward: {len(self.skipped)} tensors")
+        if self.format == "dit4sr":
+            lines.append(f"  dit4sr_norm_k_bug={self.dit4sr_norm_k_bug} (LR keys from the normalised image keys, as "
+                         f"the released DiT4SR code), lr_conv_scale={self.lr_conv_scale}")
+        return "\n".join(lines)
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) of a diffusers-layout model folder. Safetensors (single or sharded) are preferred; a
+    ``.bin`` is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling)."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r}: no such folder")
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "transformer")):
+        path = os.path.join(path, "transformer")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"checkpoint {path!r}: no config.json (expected a diffusers model folder)")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    for name in _WEIGHT_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            return config, load_file(os.path.join(path, name))
+    for name in _INDEX_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            with open(os.path.join(path, name)) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            sd = {}
+            for shard in shards:
+                sd.update(load_file(os.path.join(path, shard)))
+            return config, sd
+    for name in _BIN_FILES:
+        if os.path.isfile(os.path.join(path, name)):
+            try:
+                return config, torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+            except Exception as e:  # weights_only refuses pickled code: say so instead of a deep traceback
+                raise ValueError(f"{os.path.join(path, name)}: not a plain tensor file ({e}); convert it to "
+                                 "safetensors") from None
+    raise ValueError(f"checkpoint {path!r}: no weights (looked for {', '.join(_WEIGHT_FILES + _INDEX_FILES)}, "
+                     f"{', '.join(_BIN_FILES)})")
+
+
+def load_transformer(path: str, *, lr_stream: bool = True, dit4sr_norm_k_bug: bool | None = None,
+                     lr_conv_scale: float | None = None, dtype: torch.dtype | None = None, seed: int = 0,
+                     **overrides) -> tuple[MFSRTransformer, LoadReport]:
+    """An MFSRTransformer from a folder: our own, DiT4SR-format or plain SD3 / SD3.5 (see the module docstring).
+
+    ``dit4sr_norm_k_bug``: None keeps the checkpoint's behaviour (on for DiT4SR weights). ``lr_conv_scale``: the
+    weight of the LR stream's conv (DESIGN: 1.2; set it to what the checkpoint was trained with). ``seed`` fixes the
+    fresh h embedder's random first layer. Raises ValueError with the key report when the weights do not fit.
+    """
+    config, sd = read_checkpoint(path)
+    cls = config.get("_class_name", "")
+    if cls == "MFSRTransformer":
+        model = MFSRTransformer.from_pretrained(os.path.dirname(_config_file(path)), low_cpu_mem_usage=False)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model, LoadReport(os.fspath(path), "mfsr", loaded=len(sd),
+                                 dit4sr_norm_k_bug=model.cfg.dit4sr_norm_k_bug, lr_conv_scale=model.cfg.lr_conv_scale)
+    if "num_attention_heads" not in config or "joint_attention_dim" not in config:
+        raise ValueError(f"checkpoint {path!r}: config.json is neither an MFSRTransformer nor an SD3 transformer "
+                         f"(_class_name {cls!r})")
+    dit4sr = any(_CONTROL.search(k) for k in sd)
+    fmt = "dit4sr" if dit4sr else "sd3"
+    skipped = sorted(k for k in sd if dit4sr and _DIT4SR_DEAD.match(k))
+    state = convert_sd3_state_dict({k: v for k, v in sd.items() if k not in set(skipped)})
+    extra = {}
+    if dit4sr:
+        extra["dit4sr_norm_k_bug"] = True if dit4sr_norm_k_bug is None else dit4sr_norm_k_bug
+    elif dit4sr_norm_k_bug:
+        extra["dit4sr_norm_k_bug"] = True
+    if lr_conv_scale is not None:
+        extra["lr_conv_scale"] = lr_conv_scale
+    cfg = config_from_sd3(config, lr_stream=lr_stream or dit4sr, **extra, **overrides)
+    with torch.device("meta"):
+        model = MFSRTransformer(**cfg)
+    expected = model.state_dict()
+    fresh_re = re.compile(r"^h_embed\.") if dit4sr else re.compile(r"^h_embed\.|_control\.|\.control_conv\.")
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(k for k in set(expected) - set(state) if not fresh_re.search(k))
+    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                        for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if unexpected or missing or mismatched:
+        raise ValueError(f"{path}: the {fmt} checkpoint does not fit MFSRTransformer({_brief(cfg)}):\n"
+                         f"  missing keys ({len(missing)}): {missing[:20]}\n"
+                         f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}\n"
+                         f"  shape mismatches ({len(mismatched)}): {mismatched[:20]}")
+    dt = dtype or next(iter(sd.values())).dtype
+    model.load_state_dict({k: v.to(dt) for k, v in state.items()}, strict=False, assign=True)
+    fresh = sorted(set(expected) - set(state))
+    _materialize_fresh(model, dt, torch.Generator().manual_seed(seed))
+    report = LoadReport(os.fspath(path), fmt, loaded=len(state), fresh=fresh, skipped=skipped,
+                        dit4sr_norm_k_bug=model.cfg.dit4sr_norm_k_bug, lr_conv_scale=model.cfg.lr_conv_scale)
+    return model, report
+
+
+def _config_file(path: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        path = os.path.join(path, "transformer")
+    return os.path.join(path, "config.json")
+
+
+def _brief(cfg: dict) -> str:
+    return ", ".join(f"{k}={cfg[k]}" for k in ("num_layers", "num_heads", "head_dim", "in_channels", "context_dim"))
+
+
+@torch.no_grad()
+def _materialize_fresh(model: MFSRTransformer, dtype: torch.dtype, gen: torch.Generator) -> None:
+    """Give the parameters the checkpoint did not hold (still on the meta device) their initial values: the h
+    embedder as in ``initialize_weights`` and, for a fresh LR stream, DiT4SR's zero / copied init."""
+    owners = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters() if p.is_meta})
+    odd = [n for n in owners if not (n.startswith("h_embed.") or _CONTROL.search(n + "."))]
+    if odd:
+        raise RuntimeError(f"parameters of {odd} are neither in the checkpoint nor fresh by design")
+    for name in owners:
+        mod = model.get_submodule(name)
+        mod.to_empty(device="cpu", recurse=False)
+        for p in mod.parameters(recurse=False):
+            p.data = torch.zeros(p.shape, dtype=dtype)
+    if "h_embed.linear_1" in owners:  # MeanFlow: a small random first layer, a zero last layer
+        w = model.h_embed.linear_1.weight
+        w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
+    for name in owners:
+        if name.endswith(".to_out_control"):  # DiT4SR: the LR output projection starts as the image one
+            attn = model.get_submodule(name.rsplit(".", 1)[0])
+            attn.to_out_control.weight.copy_(attn.to_out.weight)
+            attn.to_out_control.bias.copy_(attn.to_out.bias)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left on the meta device: {leftover[:10]}")
