@@ -74,7 +74,7 @@ class VAECodec:
                              "'vae' folder of stable-diffusion-3.5-medium)")
         try:
             vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
-        except (OSError, ValueError, EnvironmentError) as e:
+        except (OSError, ValueError) as e:
             raise ValueError(f"VAE {path!r}: cannot load it as a diffusers AutoencoderKL: {e}") from e
         return cls(vae.to(device), tile=tile, overlap=overlap)
 
