@@ -478,6 +478,24 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         pooled = self.prompt_pooled[idx] if self.prompt_pooled is not None else None
         return self.prompt_context[idx], pooled
 
+    @torch.no_grad()
+    def set_prompts(self, context: torch.Tensor, pooled: torch.Tensor | None, *, trainable: bool = False) -> None:
+        """Store fixed prompt embeddings in the model (e.g. from ``mfsr_fast.prompts``): ``context`` (3, L, context_dim)
+        and ``pooled`` (3, pooled_dim) in PROMPT_NAMES order. They become the model's prompts (``learned_prompts =
+        L``), travel with ``save_pretrained``, and are frozen unless ``trainable``."""
+        cfg = self.cfg
+        n = len(PROMPT_NAMES)
+        if context.dim() != 3 or context.shape[0] != n or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"prompt context must be ({n}, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        if (pooled is None) != (cfg.pooled_dim == 0) or (pooled is not None and pooled.shape != (n, cfg.pooled_dim)):
+            raise ValueError(f"prompt pooled must be ({n}, {cfg.pooled_dim}), got "
+                             f"{None if pooled is None else tuple(pooled.shape)}")
+        ref = self.pos_embed.weight
+        self.prompt_context = nn.Parameter(context.to(ref), requires_grad=trainable)
+        self.prompt_pooled = (nn.Parameter(pooled.to(ref), requires_grad=trainable) if pooled is not None else None)
+        self.cfg = dataclasses.replace(cfg, learned_prompts=context.shape[1])
+        self.register_to_config(learned_prompts=context.shape[1])
+
     def field(self, z: torch.Tensor, lr: torch.Tensor | None, t, r=None, context: torch.Tensor | None = None,
               pooled: torch.Tensor | None = None) -> torch.Tensor:
         """The velocity field in the model's parametrisation: u(z, r, t) (v when r = t). With ``prediction='x'``
