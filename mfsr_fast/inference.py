@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mfsr_fast.codec import PixelCodec
+from mfsr_fast.codec import PixelCodec, VAECodec
 from mfsr_fast.guidance import sample_teacher
 from mfsr_fast.imageio import ImageError, ImageMeta, array_to_pil, pil_to_array, read_image, to_uint16
 from mfsr_fast.meanflow import sample
@@ -39,17 +39,55 @@ def resolve_device(device=None) -> torch.device:
     return dev
 
 
+def codec_of(model: MFSRTransformer):
+    """The codec between images and ``model``'s space: the pixel codec, or the SD3 VAE loaded with the model."""
+    codec = getattr(model, "_mfsr_codec", None)
+    if codec is not None:
+        return codec
+    if model.cfg.codec == "pixel4":
+        return PixelCodec(MODEL_SCALE)
+    raise ValueError(f"this model uses the {model.cfg.codec!r} codec and no VAE was loaded with it: load it from a "
+                     "folder with a vae/ subfolder (load_model(PATH)), or attach_codec(model, VAECodec(...))")
+
+
+def attach_codec(model: MFSRTransformer, codec) -> MFSRTransformer:
+    """Keep ``codec`` with ``model`` (for models whose codec is a VAE), on the model's device."""
+    p = next(model.parameters())
+    if isinstance(codec, VAECodec):
+        codec.to(device=p.device)
+    model._mfsr_codec = codec
+    return model
+
+
 @functools.lru_cache(maxsize=4)
 def _load(path: str, device: str, dtype: str) -> MFSRTransformer:
     m = MFSRTransformer.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=getattr(torch, dtype))
-    return m.to(device=device).eval().requires_grad_(False)
+    m = m.to(device=device).eval().requires_grad_(False)
+    if m.cfg.codec == "sd3-vae":
+        vae = _vae_folder(path)
+        if vae is None:
+            raise ValueError(f"model {path!r} uses the SD3 VAE, but there is no vae/ folder next to it (expected "
+                             f"{os.path.join(os.path.dirname(path), 'vae')} or {os.path.join(path, 'vae')})")
+        vae_dtype = torch.float32 if device == "cpu" else getattr(torch, dtype)
+        attach_codec(m, VAECodec.from_pretrained(vae, dtype=vae_dtype, device=device))
+    return m
+
+
+def _vae_folder(path: str) -> str | None:
+    for cand in (os.path.join(path, "vae"), os.path.join(os.path.dirname(os.path.abspath(path)), "vae")):
+        if os.path.isfile(os.path.join(cand, "config.json")):
+            return cand
+    return None
 
 
 def find_weights(path: str) -> str:
-    """A save_pretrained folder, a training checkpoint (its EMA weights) or a training run (newest checkpoint)."""
+    """A save_pretrained folder (or a pipeline-style folder with transformer/ and vae/), a training checkpoint (its
+    EMA weights) or a training run (newest checkpoint)."""
     if os.path.isfile(os.path.join(path, "config.json")) and any(
             f.endswith(".safetensors") for f in os.listdir(path)):
         return path
+    if os.path.isfile(os.path.join(path, "transformer", "config.json")):
+        return os.path.join(path, "transformer")
     latest = os.path.join(path, "checkpoints", "latest.json")
     if os.path.isfile(latest):
         import json
@@ -83,14 +121,16 @@ def load_model(model="default", device=None, dtype=None) -> MFSRTransformer:
             raise ValueError(f"model {model!r}: not 'default' and not a folder")
         dt = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
         m = _load(path, str(dev), str(dt).replace("torch.", ""))
-    if m.cfg.codec != "pixel4":
-        raise ValueError(f"this model uses the {m.cfg.codec!r} codec; upscale() supports pixel-codec models here "
-                         "(SD3.5 VAE models: issue 7)")
     if m.cfg.learned_prompts <= 0:
-        raise ValueError("this model has no learned prompts: it was not trained by training.teacher/distill")
+        raise ValueError("this model stores no prompts: a student from training.distill carries its positive "
+                         "conditioning; for a converted teacher, add prompt embeddings with model.set_prompts")
+    codec_of(m)  # a VAE model without its VAE fails here, before any work
     if dtype is not None and next(m.parameters()).dtype != dtype:
         m = m.to(dtype=dtype)
-    return m.to(dev)
+    m = m.to(dev)
+    if isinstance(getattr(m, "_mfsr_codec", None), VAECodec):
+        m._mfsr_codec.to(device=dev)
+    return m
 
 
 # Colour correction against the LR image.
@@ -134,9 +174,10 @@ def _bicubic(x: torch.Tensor, size) -> torch.Tensor:
 @torch.inference_mode()
 def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, steps: int,
              teacher_guidance: float | None = None) -> torch.Tensor:
-    """lr (B, 3, h, w) in [0, 1], h and w even; noise (B, 48, h, w): -> (B, 3, 4h, 4w). A student takes MeanFlow
-    jumps; with ``teacher_guidance`` the model is sampled as a teacher (Euler steps of the guided velocity)."""
-    codec = PixelCodec(MODEL_SCALE)
+    """lr (B, 3, h, w) in [0, 1], h and w multiples of ``_lr_multiple``; noise (B, C, 4h / f, 4w / f) in the codec's
+    space: -> (B, 3, 4h, 4w). A student takes MeanFlow jumps; with ``teacher_guidance`` the model is sampled as a
+    teacher (Euler steps of the guided velocity)."""
+    codec = codec_of(model)
     B, _, h, w = lr.shape
     dtype = next(model.parameters()).dtype
     c = codec.encode(_bicubic(lr, (MODEL_SCALE * h, MODEL_SCALE * w))).to(dtype)
@@ -170,6 +211,11 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
+def _lr_multiple(model: MFSRTransformer) -> int:
+    """LR sizes must be multiples of this so that the latent is whole patches: patch x codec factor / 4."""
+    return max(1, model.cfg.patch_size * codec_of(model).factor // MODEL_SCALE)
+
+
 def auto_tile(model: MFSRTransformer, device: torch.device) -> int:
     """LR tile side: the model's native size (``sample_size``, the latent side its positions are scaled for and
     near what it was trained on), or less when its estimated working memory would not fit in a quarter of the free
@@ -187,11 +233,15 @@ def auto_tile(model: MFSRTransformer, device: torch.device) -> int:
         except OSError:
             pass
     cfg = model.cfg
+    codec = codec_of(model)
     width = cfg.num_heads * cfg.head_dim
-    native = max(32, cfg.sample_size)
+    lat = MODEL_SCALE / codec.factor  # latent cells per LR pixel
+    native = max(32, int(cfg.sample_size / lat))
     for tile in (512, 384, 256, 192, 128, 96, 64, 32):
-        tokens = 2 * (tile // cfg.patch_size) ** 2  # HR and LR streams
-        est = tokens * width * 4 * 40 + tile * tile * 48 * 4 * 8
+        tokens = 2 * (int(tile * lat) // cfg.patch_size) ** 2  # HR and LR streams
+        est = tokens * width * 4 * 40 + (MODEL_SCALE * tile) ** 2 * 3 * 4 * 8
+        if isinstance(codec, VAECodec):  # the VAE decoder's full-resolution activations (128 channels, fp32)
+            est += (MODEL_SCALE * tile) ** 2 * 128 * 4 * 6
         if tile <= native and est < free / 4:
             return tile
     return 32
@@ -204,13 +254,16 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
     ``teacher_guidance=w`` samples the model as a flow-matching teacher (Euler, CFG w; 1: no guidance)."""
     B, _, H, W = rgb.shape
     device = rgb.device
-    # Pad to even sizes (2x2 patches) by reflection (replicate for 1-pixel sides).
-    Hp, Wp = H + H % 2, W + W % 2
+    codec = codec_of(model)
+    m = _lr_multiple(model)
+    # Pad to whole patches in the latent by reflection (replicate where a side is too short to reflect).
+    Hp, Wp = -(-H // m) * m, -(-W // m) * m
     if (Hp, Wp) != (H, W):
-        mode = "reflect" if min(H, W) > 1 else "replicate"
+        mode = "reflect" if Hp - H < H and Wp - W < W else "replicate"
         rgb = F.pad(rgb, (0, Wp - W, 0, Hp - H), mode=mode)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(B, 3 * MODEL_SCALE ** 2, Hp, Wp, generator=g).to(device)
+    lh, lw = Hp * MODEL_SCALE // codec.factor, Wp * MODEL_SCALE // codec.factor
+    noise = torch.randn(B, codec.latent_channels, lh, lw, generator=g).to(device)
     tile = tile or auto_tile(model, device)
     while True:
         try:
@@ -226,14 +279,16 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
 
 def _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance=None):
     B, _, H, W = rgb.shape
-    tile = max(16, tile - tile % 2)
+    m = _lr_multiple(model)
+    n = noise.shape[-1] / W  # latent cells per LR pixel
+    tile = max(8 * m, tile - tile % m)
     if H <= tile and W <= tile:
         out = _sr_tile(model, rgb, noise, steps, teacher_guidance)
         if progress:
             progress(1, 1)
         return out
     ov = overlap if overlap is not None else max(8, tile // 8)
-    ov = min(ov - ov % 2, tile // 2)
+    ov = min(ov - ov % m, tile // 2)
     ys, xs = _starts(H, min(tile, H), ov), _starts(W, min(tile, W), ov)
     s = MODEL_SCALE
     acc = torch.zeros(B, 3, s * H, s * W, device=rgb.device)
@@ -242,7 +297,8 @@ def _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance=N
     th, tw = min(tile, H), min(tile, W)
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
-            out = _sr_tile(model, rgb[:, :, y:y + th, x:x + tw], noise[:, :, y:y + th, x:x + tw], steps,
+            ny, nx, nh, nw = (int(v * n) for v in (y, x, th, tw))
+            out = _sr_tile(model, rgb[:, :, y:y + th, x:x + tw], noise[:, :, ny:ny + nh, nx:nx + nw], steps,
                            teacher_guidance)
             # Ramps only where a neighbouring tile overlaps (the true overlap, which the last tile may exceed).
             top = s * (ys[i - 1] + th - y) if i > 0 else 0
@@ -371,4 +427,5 @@ def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=
     raise ValueError(f"image must be a path, PIL image, numpy array or torch tensor, got {type(image).__name__}")
 
 
-__all__ = ["upscale", "upscale_array", "upscale_rgb", "load_model", "color_fix", "ImageError", "ImageMeta"]
+__all__ = ["upscale", "upscale_array", "upscale_rgb", "load_model", "attach_codec", "codec_of", "color_fix",
+           "ImageError", "ImageMeta"]
