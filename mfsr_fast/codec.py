@@ -100,6 +100,11 @@ class VAECodec:
         self.vae.to(device=device, dtype=dtype)
         return self
 
+    def _follow(self, x: torch.Tensor) -> None:
+        """Move the VAE to the input's device (training hands it batches on the training device)."""
+        if next(self.vae.parameters()).device != x.device:
+            self.vae.to(x.device)
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
@@ -111,6 +116,7 @@ class VAECodec:
             raise ValueError(f"expected (B, {self.channels}, H, W) images, got {tuple(img.shape)}")
         if img.shape[-2] % self.factor or img.shape[-1] % self.factor:
             raise ValueError(f"image size {tuple(img.shape[-2:])} must be divisible by {self.factor}")
+        self._follow(img)
         x = (img * 2 - 1).to(self.dtype)
         mean = self.vae.encode(x).latent_dist.mode()  # (B, 16, H / 8, W / 8)
         return ((mean.float() - self.shift) * self.scale).to(img.dtype)
@@ -120,6 +126,7 @@ class VAECodec:
         """Inverse of encode, clamped to [0, 1]."""
         if z.dim() != 4 or z.shape[1] != self.latent_channels:
             raise ValueError(f"expected (B, {self.latent_channels}, h, w) latents, got {tuple(z.shape)}")
+        self._follow(z)
         lat = (z.float() / self.scale + self.shift).to(self.dtype)
         img = self.vae.decode(lat).sample  # (B, 3, H, W) in about [-1, 1]
         return ((img.float() + 1) / 2).clamp(0, 1).to(z.dtype)

@@ -16,11 +16,11 @@ DUAL = (0, 1)
 HID = 4 * 32  # feed-forward width of the tiny config
 
 
-def _sd35(seed=0):
+def _sd35(seed=0, channels=4):
     torch.manual_seed(seed)
-    sd3 = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+    sd3 = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=channels, num_layers=3, attention_head_dim=8,
                                 num_attention_heads=4, joint_attention_dim=12, caption_projection_dim=32,
-                                pooled_projection_dim=10, out_channels=4, pos_embed_max_size=24,
+                                pooled_projection_dim=10, out_channels=channels, pos_embed_max_size=24,
                                 dual_attention_layers=DUAL, qk_norm="rms_norm").eval()
     with torch.no_grad():  # diffusers' init leaves norms at 1 and gates at 0: perturb everything
         for name, p in sd3.named_parameters():
@@ -51,8 +51,8 @@ def _dit4sr_extra(sd3, seed=1) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write_dit4sr(tmp_path, edit=None):
-    sd3 = _sd35()
+def _write_dit4sr(tmp_path, edit=None, channels=4):
+    sd3 = _sd35(channels=channels)
     folder = tmp_path / "dit4sr"
     sd3.save_pretrained(folder)
     f = folder / "diffusion_pytorch_model.safetensors"

@@ -11,7 +11,11 @@ Optionally mixed with the data velocity e - x (``data_mix``). The student keeps 
 conditioned on ``positive`` alone, so inference needs no text encoder and no guidance pass.
 
 ``--teacher`` takes a training run folder (its newest checkpoint), a checkpoint folder (its EMA weights unless
-``--no-teacher-ema``), or a ``save_pretrained`` folder of an MFSRTransformer (e.g. converted DiT4SR weights).
+``--no-teacher-ema``), a ``save_pretrained`` folder of an MFSRTransformer, or a DiT4SR-format / SD3.5 transformer
+folder (``mfsr_fast.convert.load_transformer``). A teacher without stored prompts (DiT4SR, SD3.5) needs ``--prompts``,
+a prompt-embedding file (``python -m mfsr_fast.prompts``); these embeddings are stored, frozen, in the student. Models
+in SD3 VAE latent space need ``--vae``. The ``dit4sr`` preset is the real recipe (guidance 8.0 against the negative
+prompt, bf16 autocast, FSDP2 over the GPUs under torchrun): see the README for memory needs.
 Under torchrun the JVP runs on the inner module and the gradient pass through DDP (``jvp_mode='split'``), since
 ``torch.func.jvp`` cannot take a DDP wrapper.
 """
@@ -25,8 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+from mfsr_fast.convert import load_transformer
 from mfsr_fast.meanflow import adaptive_loss, meanflow_target
 from mfsr_fast.model import MFSRTransformer
+from mfsr_fast.prompts import load_prompts, stacked
 from training import checkpoint as ckpt
 from training import engine
 from training.teacher import guided_velocity
@@ -35,8 +41,10 @@ from training.teacher import guided_velocity
 @dataclass
 class DistillConfig(engine.TrainConfig):
     output_dir: str = "runs/student"
-    teacher: str = ""  # teacher run / checkpoint / save_pretrained folder (required)
+    teacher: str = ""  # teacher run / checkpoint / save_pretrained / DiT4SR / SD3.5 folder (required)
     teacher_ema: bool = True  # from a training checkpoint, use its EMA weights
+    prompts: str = ""  # prompt-embedding file (mfsr_fast.prompts) for teachers without stored prompts
+    teacher_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on the CPU) | float32 | bfloat16
     guidance: float = 2.0  # w of the teacher's guided velocity (1: no guidance)
     against: str = "negative"  # the guidance's other prompt: negative or null
     equal_fraction: float = 0.5  # share of samples with r = t (plain velocity matching)
@@ -54,14 +62,21 @@ PRESETS = {
     "small": dict(model_preset="small", max_steps=10000, batch_size=32, crop=256, lr=5e-5),
     "micro": dict(model_preset="tiny", max_steps=6, batch_size=4, crop=32, warmup_steps=1, ckpt_every=2, log_every=1,
                   num_workers=0),
+    # MFSR's recipe on a DiT4SR teacher (SD3.5-medium size): 512 px crops in SD3 VAE latents, CFG 8.0 against the
+    # negative prompt, bf16 autocast with the JVP in fp32, FSDP2 across the GPUs (torchrun).
+    "dit4sr": dict(model_preset="dit4sr", max_steps=20000, batch_size=16, crop=512, lr=1e-5, warmup_steps=500,
+                   ema_decay=0.999, ckpt_every=500, num_workers=4, guidance=8.0, against="negative",
+                   equal_fraction=0.5, t_one_fraction=0.1, fsdp=True),
 }
 
 
-def resolve_teacher(path: str, use_ema: bool = True) -> MFSRTransformer:
-    """Load a teacher from a run folder, a checkpoint folder or a save_pretrained folder."""
+def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "") -> MFSRTransformer:
+    """Load a teacher from a run folder, a checkpoint folder, a save_pretrained folder or a DiT4SR / SD3.5 folder;
+    ``prompts`` (a prompt file) gives it prompt embeddings, frozen."""
     if not path:
         raise SystemExit("--teacher is required: a teacher run folder (python -m training.teacher --output-dir ...), "
-                         "one of its checkpoints, or a save_pretrained MFSRTransformer folder")
+                         "one of its checkpoints, a save_pretrained MFSRTransformer folder, or a DiT4SR-format "
+                         "transformer folder")
     if not os.path.isdir(path):
         raise SystemExit(f"--teacher {path}: no such folder")
     run_ckpt = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"))
@@ -70,9 +85,22 @@ def resolve_teacher(path: str, use_ema: bool = True) -> MFSRTransformer:
     if os.path.isfile(os.path.join(path, "trainer_state.json")):
         sub = "ema" if use_ema and os.path.isdir(os.path.join(path, "ema")) else "model"
         path = os.path.join(path, sub)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise SystemExit(f"--teacher {path}: not a teacher (no config.json, no checkpoints/)")
-    return MFSRTransformer.from_pretrained(path)
+    try:
+        teacher, report = load_transformer(path)
+    except ValueError as e:
+        raise SystemExit(f"--teacher: {e}") from None
+    if report.format != "mfsr":
+        print(report, flush=True)
+    if prompts:
+        try:
+            ctx, pooled = stacked(load_prompts(prompts))
+            teacher.set_prompts(ctx.to(teacher.pos_embed.weight.dtype), pooled)
+        except ValueError as e:
+            raise SystemExit(f"--prompts: {e}") from None
+    elif teacher.cfg.learned_prompts <= 0:
+        raise SystemExit(f"the teacher ({report.format}) stores no prompts: pass --prompts, a prompt-embedding file "
+                         "made with `python -m mfsr_fast.prompts --positive ... --negative ... --out FILE`")
+    return teacher
 
 
 def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
@@ -95,7 +123,8 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
         t, r = t.to(x.device), r.to(x.device)
         tb = t.view(-1, 1, 1, 1)
         z = (1 - tb) * x + tb * e
-        v_t = guided_velocity(teacher, z, c, t, cfg.guidance, cfg.against).float()
+        tdt = teacher.pos_embed.weight.dtype
+        v_t = guided_velocity(teacher, z.to(tdt), c.to(tdt), t, cfg.guidance, cfg.against).float()
         if cfg.data_mix > 0:
             v_t = (1 - cfg.data_mix) * v_t + cfg.data_mix * (e - x)
         ctx, pooled = model.prompt("positive", B)
@@ -123,17 +152,26 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--against must be negative or null, got {cfg.against!r}")
     if cfg.jvp_mode == "jvp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("--jvp-mode jvp cannot run under DDP (torch.func.jvp cannot take the wrapper): use split")
-    teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema)
-    if teacher.cfg.learned_prompts <= 0:
-        raise SystemExit("the teacher has no learned prompts; DiT4SR-format teachers need prompt embeddings (issue 7)")
-    student = copy.deepcopy(teacher).requires_grad_(True)
+    if cfg.teacher_dtype not in ("auto", "float32", "bfloat16"):
+        raise SystemExit(f"--teacher-dtype must be auto, float32 or bfloat16, got {cfg.teacher_dtype!r}")
+    teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema, cfg.prompts)
+    frozen_prompts = bool(cfg.prompts)
+    student = copy.deepcopy(teacher).float().requires_grad_(True)  # fp32 master weights
+    if frozen_prompts:  # embeddings of a text encoder: conditioning, not weights to learn
+        student.prompt_context.requires_grad_(False)
+        if student.prompt_pooled is not None:
+            student.prompt_pooled.requires_grad_(False)
     teacher.requires_grad_(False).eval()
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    teacher.to(device)
-    engine.train(cfg, student, make_loss(cfg, teacher, engine.codec_for(student)), name="distill",
-                 extra={"teacher": os.path.abspath(cfg.teacher), "guidance": cfg.guidance})
+    tdt = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+           "bfloat16": torch.bfloat16}[cfg.teacher_dtype]
+    teacher.to(device=device, dtype=tdt)
+    codec = engine.codec_for(student, cfg.vae)
+    engine.train(cfg, student, make_loss(cfg, teacher, codec), name="distill",
+                 extra={"teacher": os.path.abspath(cfg.teacher), "guidance": cfg.guidance,
+                        "vae": os.path.abspath(cfg.vae) if cfg.vae else ""})
     return 0
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mfsr_fast.codec import PixelCodec
+from mfsr_fast.codec import PixelCodec, VAECodec
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
 from training.data import ImageFolder
@@ -50,6 +50,7 @@ class TrainConfig:
     model_preset: str = "tiny"  # MFSRTransformer preset
     model_overrides: dict = field(default_factory=dict)  # MFSRConfig fields over the preset (JSON on the CLI)
     data: str = DEFAULT_DATA  # any folder of images (recursive)
+    vae: str = ""  # diffusers AutoencoderKL folder, for models in SD3 VAE latent space (codec "sd3-vae")
     output_dir: str = "runs/run"
     max_steps: int = 2000
     batch_size: int = 16  # global batch (split over the processes)
@@ -71,6 +72,7 @@ class TrainConfig:
     t_one_fraction: float = 0.0  # share of samples at t = 1 exactly (pure noise: the one-step start)
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP
     num_workers: int = 1  # data-loading processes (0: in the training process)
     threads: int = 0  # torch CPU threads (0: torch's default)
 
@@ -216,11 +218,22 @@ def sample_t(gens: list[torch.Generator], cfg: TrainConfig) -> torch.Tensor:
     return torch.where(per_sample_rand(gens) < cfg.t_one_fraction, torch.ones_like(t), t)
 
 
-def codec_for(model: MFSRTransformer):
+def codec_for(model: MFSRTransformer, vae: str = ""):
+    """The pixel codec, or the SD3 VAE from ``vae`` (a diffusers AutoencoderKL folder) for "sd3-vae" models."""
     if model.cfg.codec == "pixel4":
+        if vae:
+            raise SystemExit("--vae is for models in SD3 VAE latent space; this model uses the pixel codec")
         return PixelCodec(4)
-    raise SystemExit(f"codec {model.cfg.codec!r}: training here supports the pixel codec (presets tiny, small); the "
-                     "SD3.5 VAE loader is issue 7")
+    if not vae:
+        raise SystemExit(f"this model works in SD3 VAE latents (codec {model.cfg.codec!r}): pass --vae, the VAE "
+                         "folder (e.g. stable-diffusion-3.5-medium/vae)")
+    try:
+        codec = VAECodec.from_pretrained(vae)
+    except ValueError as e:
+        raise SystemExit(f"--vae: {e}") from None
+    if codec.latent_channels != model.cfg.in_channels:
+        raise SystemExit(f"--vae has {codec.latent_channels} latent channels, the model {model.cfg.in_channels}")
+    return codec
 
 
 def lr_condition(codec, lr: torch.Tensor, scale: int = 4) -> torch.Tensor:

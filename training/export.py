@@ -2,7 +2,9 @@
 
 Takes the EMA weights of the run's newest checkpoint (or of the checkpoint folder given), writes them with
 ``save_pretrained`` (config.json + safetensors; the learned prompts travel inside) and an ``info.json`` with where
-they came from: the student run, its teacher, steps, wall time from the JSONL logs, and the machine.
+they came from: the student run, its teacher, steps, wall time from the JSONL logs, and the machine. A student in SD3
+VAE latent space gets its VAE copied to ``OUT_DIR/vae`` (from ``--vae``, or the run's own ``vae`` setting), so that
+``upscale(..., model=OUT_DIR)`` finds everything in one folder.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="student run folder (or checkpoint / save_pretrained folder)")
     ap.add_argument("output", help="folder to write (replaced atomically)")
+    ap.add_argument("--vae", help="the VAE folder of an SD3-VAE student (default: the run's --vae)")
     args = ap.parse_args(argv)
     from mfsr_fast.model import MFSRTransformer
 
@@ -56,19 +59,33 @@ def main(argv: list[str] | None = None) -> int:
             tcfg = os.path.join(teacher, "config.json")
             if os.path.isfile(tcfg):
                 info["teacher_config"] = json.load(open(tcfg))
+    vae = args.vae or info.get("student_config", {}).get("vae", "")
+    if model.cfg.codec == "sd3-vae" and not vae:
+        raise SystemExit("this student works in SD3 VAE latents: pass --vae, the VAE folder it was trained with")
     parent = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
     model.save_pretrained(tmp, safe_serialization=True)
+    if model.cfg.codec == "sd3-vae":
+        from mfsr_fast.codec import VAECodec
+
+        try:
+            VAECodec.from_pretrained(vae).vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
+        except ValueError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SystemExit(f"--vae: {e}") from None
     with open(os.path.join(tmp, "info.json"), "w") as f:
         json.dump(info, f, indent=2)
     os.chmod(tmp, 0o755)
-    for f in os.listdir(tmp):
-        os.chmod(os.path.join(tmp, f), 0o644)
+    for dirpath, dirs, files in os.walk(tmp):
+        for d in dirs:
+            os.chmod(os.path.join(dirpath, d), 0o755)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o644)
     if os.path.isdir(args.output):
         shutil.rmtree(args.output)
     os.replace(tmp, args.output)
-    size = sum(os.path.getsize(os.path.join(args.output, f)) for f in os.listdir(args.output))
+    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.output) for f in fs)
     print(f"exported {src} -> {args.output} ({size / 2**20:.1f} MB)")
     return 0
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     model = MFSRTransformer.from_preset(cfg.model_preset, **cfg.model_overrides)
     if model.cfg.learned_prompts <= 0:
         raise SystemExit(f"model preset {cfg.model_preset!r} has no learned prompts (learned_prompts = 0)")
-    engine.train(cfg, model, make_loss(cfg, engine.codec_for(model)), name="teacher")
+    engine.train(cfg, model, make_loss(cfg, engine.codec_for(model, cfg.vae)), name="teacher")
     return 0
 
 
