@@ -426,9 +426,15 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         return self
 
     def forward(self, z: torch.Tensor, lr: torch.Tensor | None, t, r=None, context: torch.Tensor | None = None,
-                pooled: torch.Tensor | None = None) -> torch.Tensor:
-        """Average velocity u(z, r, t) (B, C, H, W). r defaults to t (instantaneous velocity, the teacher)."""
+                pooled: torch.Tensor | None = None, prompt=None) -> torch.Tensor:
+        """Average velocity u(z, r, t) (B, C, H, W). r defaults to t (instantaneous velocity, the teacher).
+        ``prompt``: a stored prompt (a name or (B,) indices, see ``prompt``) instead of context and pooled; looked up
+        inside forward, where FSDP has gathered the weights."""
         cfg = self.cfg
+        if prompt is not None:
+            if context is not None or pooled is not None:
+                raise ValueError("pass either prompt or context/pooled, not both")
+            context, pooled = self.prompt(prompt, z.shape[0] if isinstance(z, torch.Tensor) else None)
         t, r = self._check_inputs(z, lr, t, r, context, pooled)
         B, C, H, W = z.shape
         p = cfg.patch_size
@@ -497,11 +503,11 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         self.register_to_config(learned_prompts=context.shape[1])
 
     def field(self, z: torch.Tensor, lr: torch.Tensor | None, t, r=None, context: torch.Tensor | None = None,
-              pooled: torch.Tensor | None = None) -> torch.Tensor:
+              pooled: torch.Tensor | None = None, prompt=None) -> torch.Tensor:
         """The velocity field in the model's parametrisation: u(z, r, t) (v when r = t). With ``prediction='x'``
         the network predicts a clean image x and u = (z - x) / max(t, x_t_min) (DESIGN section 4b); one step from
         noise (t = 1, r = 0) then returns x itself. ``'x_lr'``: x = lr + network output."""
-        out = self(z, lr, t, r, context, pooled)
+        out = self(z, lr, t, r, context, pooled, prompt)
         if self.cfg.prediction == "v":
             return out
         if self.cfg.prediction == "x_lr":

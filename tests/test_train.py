@@ -228,3 +228,31 @@ def test_distill_dit4sr_teacher_with_vae_and_prompt_file(images, tmp_path):
     assert res.returncode != 0 and "stores no prompts: pass --prompts" in res.stderr
     res = _run([*base, "--prompts", str(tmp_path / "p.safetensors"), "--output-dir", str(tmp_path / "y")])
     assert res.returncode != 0 and "pass --vae" in res.stderr
+
+
+def test_fsdp2_two_gloo_ranks_equal_one_process_and_resume(images, teacher_run, tmp_path):
+    """Distillation with --fsdp (FSDP2, 2 CPU processes over gloo; the JVP under no_grad on the sharded model, the
+    gradient pass through it) ends with the weights and EMA of one process on the global batch; a sharded run resumes
+    from its own checkpoint (optimizer state re-sharded) to the same weights as an uninterrupted single process."""
+    teacher_dir, _ = teacher_run
+    args = ["--preset", "micro", "--teacher", teacher_dir, "--data", images, "--threads", "1", "--jvp-mode", "split",
+            "--ema-decay", "0.5"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    res = _run(["training.distill", *args, "--output-dir", str(single), "--max-steps", "4"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun = ["torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", "-m", "training.distill", *args,
+                "--fsdp", "--output-dir", str(double)]
+    res = _run([*torchrun, "--max-steps", "3"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run([*torchrun, "--max-steps", "4", "--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stdout and "step 3" in res.stdout
+    for sub in ("model", "ema"):
+        a, b = _weights(str(single), sub), _weights(str(double), sub)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{sub}: {k}")
+    with open(os.path.join(double, "checkpoints", "latest.json")) as f:
+        name = json.load(f)["path"]
+    cfg = json.load(open(os.path.join(double, "checkpoints", name, "model", "config.json")))
+    assert cfg["_class_name"] == "MFSRTransformer"

@@ -38,8 +38,9 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _optimizer_to_files(opt: torch.optim.Optimizer | None, sd: dict | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = sd if sd is not None else opt.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for name, val in st.items():
@@ -50,7 +51,8 @@ def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Ten
     return tensors, {"param_groups": sd["param_groups"], "scalar_state": scalars}
 
 
-def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _optimizer_from_files(opt: torch.optim.Optimizer | None, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Load into ``opt`` (or, with ``opt=None``, return the index-keyed state dict)."""
     state: dict[int, dict] = {}
     for key, val in tensors.items():
         _, idx, name = key.split(".", 2)
@@ -64,7 +66,10 @@ def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.T
         if "betas" in g and isinstance(g["betas"], list):
             g["betas"] = tuple(g["betas"])
         groups.append(g)
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    sd = {"state": state, "param_groups": groups}
+    if opt is not None:
+        opt.load_state_dict(sd)
+    return sd
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -90,19 +95,39 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
+def _save_model(module, state: dict[str, torch.Tensor] | None, folder: str) -> None:
+    """``save_pretrained``, or the same files from a gathered full state dict (FSDP2 modules hold shards)."""
+    if state is None:
+        module.save_pretrained(folder, safe_serialization=True)
+        return
+    os.makedirs(folder, exist_ok=True)
+    cfg = json.loads(module.to_json_string())
+    # FSDP2 gives the module a subclass named FSDP<class>: record the model's own class.
+    cfg["_class_name"] = next(c.__name__ for c in type(module).__mro__ if not c.__name__.startswith("FSDP"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+              os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
 def save_checkpoint(root: str, step: int, *, model, optimizer: torch.optim.Optimizer | None = None, ema=None,
-                    config: dict | None = None, extra: dict | None = None, keep: int = 3) -> str:
-    """Write ``root/step_<step>/`` atomically, point ``root/latest.json`` at it, keep the newest ``keep``."""
+                    config: dict | None = None, extra: dict | None = None, keep: int = 3,
+                    model_state: dict | None = None, ema_state: dict | None = None,
+                    optimizer_state: dict | None = None) -> str:
+    """Write ``root/step_<step>/`` atomically, point ``root/latest.json`` at it, keep the newest ``keep``.
+
+    ``model_state`` / ``ema_state`` / ``optimizer_state``: full state dicts gathered from sharded (FSDP2) modules,
+    written instead of the modules' own (the optimizer's keyed by parameter index, as ``optimizer.state_dict()``)."""
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step_{step:08d}")
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-")
     try:
-        model.save_pretrained(os.path.join(tmp, "model"), safe_serialization=True)
+        _save_model(model, model_state, os.path.join(tmp, "model"))
         if ema is not None:
-            ema.save_pretrained(os.path.join(tmp, "ema"), safe_serialization=True)
+            _save_model(ema, ema_state, os.path.join(tmp, "ema"))
         meta = {"step": step, "config": config or {}, "extra": extra or {}}
-        if optimizer is not None:
-            tensors, opt_meta = _optimizer_to_files(optimizer)
+        if optimizer is not None or optimizer_state is not None:
+            tensors, opt_meta = _optimizer_to_files(optimizer, optimizer_state)
             save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
             meta["optimizer"] = opt_meta
         rng_tensors, meta["rng"] = _rng_state()
@@ -131,6 +156,15 @@ def latest_checkpoint(root: str) -> str | None:
         name = json.load(f)["path"]
     full = os.path.join(root, name)
     return full if os.path.isdir(full) else None
+
+
+def load_optimizer_state(path: str) -> dict:
+    """The optimizer state of a checkpoint as an index-keyed ``optimizer.state_dict()`` (for sharded optimizers)."""
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        meta = json.load(f)
+    if "optimizer" not in meta:
+        raise ValueError(f"{path} holds no optimizer state")
+    return _optimizer_from_files(None, load_file(os.path.join(path, "optimizer.safetensors")), meta["optimizer"])
 
 
 def load_checkpoint(path: str, *, model, optimizer: torch.optim.Optimizer | None = None, ema=None,

@@ -109,7 +109,6 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
         gens = engine.per_sample_generators(seeds)
         x = codec.encode(hr)
         c = engine.lr_condition(codec, lr)
-        B = x.shape[0]
         e = engine.per_sample_randn(gens, tuple(x.shape[1:])).to(x.device)
         a = engine.sample_t(gens, cfg)
         b = engine.logit_normal(gens, cfg.t_mean, cfg.t_std)
@@ -127,16 +126,16 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
         v_t = guided_velocity(teacher, z.to(tdt), c.to(tdt), t, cfg.guidance, cfg.against).float()
         if cfg.data_mix > 0:
             v_t = (1 - cfg.data_mix) * v_t + cfg.data_mix * (e - x)
-        ctx, pooled = model.prompt("positive", B)
         mode = cfg.jvp_mode
         if mode == "auto":
             mode = "split" if d is not None and d.world > 1 else "jvp"
 
+        # The prompt is looked up inside forward, where FSDP has gathered the weights.
         def fn(z_, t_, r_):
-            return field(z_, c, t_, r_, ctx, pooled)
+            return field(z_, c, t_, r_, prompt="positive")
 
         def inner(z_, t_, r_):
-            return model.field(z_, c, t_, r_, ctx, pooled)
+            return model.field(z_, c, t_, r_, prompt="positive")
 
         with torch.autocast("cuda", enabled=not cfg.jvp_fp32 and torch.is_autocast_enabled()):
             u, u_tgt = meanflow_target(fn, z, t, r, v_t, mode=mode, jvp_fn=inner)

@@ -11,7 +11,9 @@ What it gives both commands:
   continues from the newest one;
 - a non-finite loss or gradient skips the step and is counted; ``max_nonfinite`` in a row stop the run with a message
   and a checkpoint of the weights from before the blow-up (skipped steps change nothing);
-- torchrun: DDP over gloo (CPU) or NCCL (GPU); the global batch is split over the ranks;
+- torchrun: DDP over gloo (CPU) or NCCL (GPU); the global batch is split over the ranks. ``--fsdp`` shards the
+  weights, gradients and optimizer state with FSDP2 instead (one unit per transformer block); checkpoints are gathered
+  to rank 0 in the same format, so a sharded run resumes from a single-process checkpoint and the other way round;
 - tqdm progress (loss, steps/s, images/s) and a JSONL log ``<output-dir>/log.jsonl``.
 """
 
@@ -274,30 +276,40 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     torch.manual_seed(cfg.seed)
     model = model.to(d.device)
     ema = copy.deepcopy(model).requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    fsdp = cfg.fsdp and d.world > 1
+    if cfg.fsdp and d.world == 1 and d.main:
+        print("--fsdp: one process, nothing to shard; training unsharded", flush=True)
     ckdir = os.path.join(cfg.output_dir, "checkpoints")
     start = 0
-    if cfg.resume:
-        path = ckpt.latest_checkpoint(ckdir)
-        if path is None:
-            if d.main:
-                print(f"--resume: no checkpoint under {ckdir}; starting from step 0", flush=True)
+    resume_from = ckpt.latest_checkpoint(ckdir) if cfg.resume else None
+    if cfg.resume and resume_from is None and d.main:
+        print(f"--resume: no checkpoint under {ckdir}; starting from step 0", flush=True)
+    if resume_from is not None and fsdp:
+        # Weights load before sharding; the optimizer state after, through torch.distributed.checkpoint.
+        start = ckpt.load_checkpoint(resume_from, model=model, ema=ema)["step"]
+    if fsdp:
+        shard_(model, d)
+        shard_(ema, d)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    if resume_from is not None:
+        if fsdp:
+            _set_sharded_optimizer_state(model, opt, names, ckpt.load_optimizer_state(resume_from))
         else:
-            meta = ckpt.load_checkpoint(path, model=model, optimizer=opt, ema=ema)
-            start = meta["step"]
-            if d.main:
-                print(f"resumed from {path} (step {start})", flush=True)
+            start = ckpt.load_checkpoint(resume_from, model=model, optimizer=opt, ema=ema)["step"]
+        if d.main:
+            print(f"resumed from {resume_from} (step {start})", flush=True)
     if d.main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         text = json.dumps(dataclasses.asdict(cfg), indent=2)
         print(f"{name} config:\n{text}", flush=True)
         with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
             f.write(text)
-    if d.world > 1:
+    if d.world > 1 and not fsdp:
         wrapped = torch.nn.parallel.DistributedDataParallel(
             _Field(model), device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    else:
+    else:  # one process, or FSDP2 (the sharded model is its own wrapper)
         wrapped = _Field(model)
 
     data = StepBatches(cfg, d.rank, d.world)
@@ -327,9 +339,11 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
 
     def save(at: int) -> str:
         path = None
+        states = _gather_full_states(model, ema, opt, names) if fsdp else {}  # collective: every rank
         if d.main:
             path = ckpt.save_checkpoint(ckdir, at, model=model, optimizer=opt, ema=ema, config=dataclasses.asdict(cfg),
-                                        extra=dict(extra or {}, nonfinite_steps=nonfinite), keep=cfg.keep_checkpoints)
+                                        extra=dict(extra or {}, nonfinite_steps=nonfinite), keep=cfg.keep_checkpoints,
+                                        **states)
         if d.world > 1:
             dist.barrier()
         return path
@@ -344,6 +358,8 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
                 loss = loss_fn(wrapped, model, batch, step, d)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+                gnorm = gnorm.full_tensor()
             finite = bool(torch.isfinite(loss.detach()).item() and torch.isfinite(gnorm).item())
             if d.world > 1:  # every rank must take the same decision
                 flag = torch.tensor([float(finite)], device=d.device)
@@ -404,6 +420,52 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     if d.main:
         print(f"done: {step} steps, {nonfinite} skipped as non-finite; checkpoint {last_path}", flush=True)
     return last_path
+
+
+# FSDP2 (torch.distributed.fsdp.fully_shard).
+
+
+def shard_(model: MFSRTransformer, d: Dist) -> None:
+    """Shard ``model`` in place with FSDP2 over all processes: each transformer block is one unit (its weights are
+    gathered just before it runs and freed after), the embedders, prompts and output layers form the root unit."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    for blk in model.blocks:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _gather_full_states(model, ema, opt, names: list[str]) -> dict:
+    """Full (unsharded) state dicts on rank 0, in the checkpoint's own format (optimizer keyed by index)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _full_options()
+    msd = get_model_state_dict(model, options=opts)
+    esd = get_model_state_dict(ema, options=opts)
+    osd = get_optimizer_state_dict(model, opt, options=opts)
+    if "state" not in osd:  # ranks other than 0 receive empty dicts (cpu_offload keeps the full copy on rank 0)
+        return {}
+    index = {n: i for i, n in enumerate(names)}
+    by_index = {"state": {index[k]: v for k, v in osd["state"].items()},
+                "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in osd["param_groups"]]}
+    return {"model_state": msd, "ema_state": esd, "optimizer_state": by_index}
+
+
+def _set_sharded_optimizer_state(model, opt, names: list[str], sd: dict) -> None:
+    """Load an index-keyed full optimizer state into the sharded optimizer (each rank keeps its shard)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    by_name = {"state": {names[i]: v for i, v in sd["state"].items()},
+               "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in sd["param_groups"]]}
+    set_optimizer_state_dict(model, opt, by_name, options=_full_options())
 
 
 class _Field(torch.nn.Module):

@@ -63,8 +63,7 @@ def make_loss(cfg: TeacherConfig, codec):
         t = engine.sample_t(gens, cfg).to(x.device)
         tb = t.view(-1, 1, 1, 1)
         z = (1 - tb) * x + tb * e
-        ctx, pooled = model.prompt(which)
-        v_hat = field(z, c, t, t, ctx, pooled)
+        v_hat = field(z, c, t, t, prompt=which)  # the prompt is looked up inside forward (FSDP-safe)
         return (v_hat.float() - (e - x).float()).pow(2).mean()
     return loss_fn
 
