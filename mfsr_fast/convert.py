@@ -169,8 +169,9 @@ class LoadReport:
         if self.skipped:
             lines.append(f"  skipped as unused by the checkpoint's own forward: {len(self.skipped)} tensors")
         if self.format == "dit4sr":
-            lines.append(f"  dit4sr_norm_k_bug={self.dit4sr_norm_k_bug} (LR keys from the normalised image keys, as "
-                         f"the released DiT4SR code), lr_conv_scale={self.lr_conv_scale}")
+            how = ("LR keys from the normalised image keys, as the released DiT4SR code" if self.dit4sr_norm_k_bug
+                   else "LR keys from their own control projections")
+            lines.append(f"  dit4sr_norm_k_bug={self.dit4sr_norm_k_bug} ({how}), lr_conv_scale={self.lr_conv_scale}")
         return "\n".join(lines)
 
 

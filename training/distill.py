@@ -45,6 +45,8 @@ class DistillConfig(engine.TrainConfig):
     teacher_ema: bool = True  # from a training checkpoint, use its EMA weights
     prompts: str = ""  # prompt-embedding file (mfsr_fast.prompts) for teachers without stored prompts
     teacher_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on the CPU) | float32 | bfloat16
+    norm_k_bug: str = "auto"  # DiT4SR/SD3.5 teachers: auto (on for DiT4SR weights, as released) | on | off
+    lr_conv_scale: float = 0.0  # DiT4SR/SD3.5 teachers: weight of the LR conv (0: DESIGN's 1.2)
     guidance: float = 2.0  # w of the teacher's guided velocity (1: no guidance)
     against: str = "negative"  # the guidance's other prompt: negative or null
     equal_fraction: float = 0.5  # share of samples with r = t (plain velocity matching)
@@ -70,7 +72,8 @@ PRESETS = {
 }
 
 
-def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "") -> MFSRTransformer:
+def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "", norm_k_bug: str = "auto",
+                    lr_conv_scale: float = 0.0) -> MFSRTransformer:
     """Load a teacher from a run folder, a checkpoint folder, a save_pretrained folder or a DiT4SR / SD3.5 folder;
     ``prompts`` (a prompt file) gives it prompt embeddings, frozen."""
     if not path:
@@ -85,10 +88,16 @@ def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "") -> MFSRT
     if os.path.isfile(os.path.join(path, "trainer_state.json")):
         sub = "ema" if use_ema and os.path.isdir(os.path.join(path, "ema")) else "model"
         path = os.path.join(path, sub)
+    if norm_k_bug not in ("auto", "on", "off"):
+        raise SystemExit(f"--norm-k-bug must be auto, on or off, got {norm_k_bug!r}")
     try:
-        teacher, report = load_transformer(path)
+        teacher, report = load_transformer(path, dit4sr_norm_k_bug={"auto": None, "on": True, "off": False}[norm_k_bug],
+                                           lr_conv_scale=lr_conv_scale or None)
     except ValueError as e:
         raise SystemExit(f"--teacher: {e}") from None
+    if report.format == "mfsr" and (norm_k_bug != "auto" or lr_conv_scale):
+        raise SystemExit("--norm-k-bug / --lr-conv-scale apply to DiT4SR / SD3.5 folders; this teacher is an "
+                         "MFSRTransformer that already records both in its config")
     if report.format != "mfsr":
         print(report, flush=True)
     if prompts:
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--jvp-mode jvp cannot run under DDP (torch.func.jvp cannot take the wrapper): use split")
     if cfg.teacher_dtype not in ("auto", "float32", "bfloat16"):
         raise SystemExit(f"--teacher-dtype must be auto, float32 or bfloat16, got {cfg.teacher_dtype!r}")
-    teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema, cfg.prompts)
+    teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema, cfg.prompts, cfg.norm_k_bug, cfg.lr_conv_scale)
     frozen_prompts = bool(cfg.prompts)
     student = copy.deepcopy(teacher).float().requires_grad_(True)  # fp32 master weights
     if frozen_prompts:  # embeddings of a text encoder: conditioning, not weights to learn
