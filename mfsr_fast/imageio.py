@@ -179,7 +179,7 @@ def _encode(arr: np.ndarray, meta: ImageMeta, ext: str) -> bytes:
         h, w, c = a.shape
         writer = png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16)
         writer.write(buf, a.reshape(h, w * c))
-        return buf.getvalue()
+        return _png_add_metadata(buf.getvalue(), meta)
     if ext in ("jpg", "jpeg") and arr.shape[2] in (2, 4):
         arr = arr[..., :-1]  # JPEG has no alpha
         meta.notes.append("alpha dropped: JPEG has no alpha channel")
@@ -197,6 +197,27 @@ def _encode(arr: np.ndarray, meta: ImageMeta, ext: str) -> bytes:
         kw["quality"] = 95
     im.save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def _png_add_metadata(data: bytes, meta: ImageMeta) -> bytes:
+    """Insert the ICC profile (iCCP) and EXIF (eXIf) chunks after IHDR of a PNG pypng wrote (pypng writes neither);
+    the chunk layouts are those of the PNG specification, as Pillow writes them for 8-bit files."""
+    import zlib
+
+    import png
+
+    extra = []
+    if meta.icc_profile:
+        extra.append((b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(meta.icc_profile)))
+    if meta.exif:
+        exif = meta.exif[6:] if meta.exif.startswith(b"Exif\x00\x00") else meta.exif
+        extra.append((b"eXIf", exif))
+    if not extra:
+        return data
+    chunks = list(png.Reader(bytes=data).chunks())
+    out = io.BytesIO()
+    png.write_chunks(out, chunks[:1] + extra + chunks[1:])
+    return out.getvalue()
 
 
 def write_image(path: str, arr: np.ndarray, meta: ImageMeta) -> None:

@@ -115,6 +115,19 @@ def test_files_keep_depth_alpha_orientation_and_metadata(model_dir, tmp_path):
         assert im.size == (48, 80) and im.info.get("icc_profile") == icc
         ex = im.getexif()
         assert ex.get(0x010F) == "TestCam" and ex.get(0x0112, 1) == 1
+    # A 16-bit PNG keeps its depth, ICC profile and EXIF through the written file too.
+    deep = Image.fromarray((a16[..., 0]).astype(np.uint16))  # greyscale 16-bit ("I;16")
+    p16i = tmp_path / "deepicc.png"
+    ex16 = Image.Exif()
+    ex16[0x010F] = "DeepCam"
+    deep.save(p16i, icc_profile=icc, exif=ex16.tobytes())
+    r = subprocess.run([sys.executable, "-m", "mfsr_fast", str(p16i), "-o", str(outdir), "--model", model_dir],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    w, h, _, info = png.Reader(filename=str(outdir / "deepicc_x4.png")).read()
+    assert (w, h, info["bitdepth"], info["greyscale"]) == (32, 24, 16, True)
+    with Image.open(outdir / "deepicc_x4.png") as im:
+        assert im.info.get("icc_profile") == icc and im.getexif().get(0x010F) == "DeepCam"
 
 
 def test_tiled_matches_untiled_away_from_borders():
