@@ -37,6 +37,17 @@ def _log_summary(run_dir: str) -> dict:
     return {"steps": steps, "train_seconds": round(wall, 1), "final_loss": rows[-1]["loss"]}
 
 
+def _portable(value):
+    """Paths under the working folder become relative ones, so info.json does not record the exporting machine's
+    layout; other values pass through (recursively for dicts)."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, str) and os.path.isabs(value):
+        rel = os.path.relpath(os.path.normpath(value), os.getcwd())
+        return rel if not rel.startswith(os.pardir + os.sep + os.pardir) else value
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="student run folder (or checkpoint / save_pretrained folder)")
@@ -75,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
             raise SystemExit(f"--vae: {e}") from None
     with open(os.path.join(tmp, "info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+        json.dump(_portable(info), f, indent=2)
     os.chmod(tmp, 0o755)
     for dirpath, dirs, files in os.walk(tmp):
         for d in dirs:
