@@ -175,24 +175,24 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state dict) of a diffusers-layout model folder. Safetensors (single or sharded) are preferred; a
-    ``.bin`` is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling)."""
-    from safetensors.torch import load_file
-
+def _model_folder(path) -> str:
+    """The folder holding config.json: ``path`` itself or a pipeline folder's ``transformer/``."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r}: no such folder")
     if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "transformer")):
         path = os.path.join(path, "transformer")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
+    if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"checkpoint {path!r}: no config.json (expected a diffusers model folder)")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    return path
+
+
+def _read_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     for name in _WEIGHT_FILES:
         if os.path.isfile(os.path.join(path, name)):
-            return config, load_file(os.path.join(path, name))
+            return load_file(os.path.join(path, name))
     for name in _INDEX_FILES:
         if os.path.isfile(os.path.join(path, name)):
             with open(os.path.join(path, name)) as f:
@@ -200,16 +200,25 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
             sd = {}
             for shard in shards:
                 sd.update(load_file(os.path.join(path, shard)))
-            return config, sd
+            return sd
     for name in _BIN_FILES:
         if os.path.isfile(os.path.join(path, name)):
             try:
-                return config, torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
+                return torch.load(os.path.join(path, name), map_location="cpu", weights_only=True)
             except Exception as e:  # weights_only refuses pickled code: say so instead of a deep traceback
                 raise ValueError(f"{os.path.join(path, name)}: not a plain tensor file ({e}); convert it to "
                                  "safetensors") from None
     raise ValueError(f"checkpoint {path!r}: no weights (looked for {', '.join(_WEIGHT_FILES + _INDEX_FILES)}, "
                      f"{', '.join(_BIN_FILES)})")
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) of a diffusers-layout model folder. Safetensors (single or sharded) are preferred; a
+    ``.bin`` is read with ``torch.load(weights_only=True)`` (no arbitrary unpickling)."""
+    folder = _model_folder(path)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    return config, _read_weights(folder)
 
 
 def load_transformer(path: str, *, lr_stream: bool = True, dit4sr_norm_k_bug: bool | None = None,
@@ -221,21 +230,25 @@ def load_transformer(path: str, *, lr_stream: bool = True, dit4sr_norm_k_bug: bo
     weight of the LR stream's conv (DESIGN: 1.2; set it to what the checkpoint was trained with). ``seed`` fixes the
     fresh h embedder's random first layer. Raises ValueError with the key report when the weights do not fit.
     """
-    config, sd = read_checkpoint(path)
+    folder = _model_folder(path)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
     cls = config.get("_class_name", "")
     if cls == "MFSRTransformer":
-        model = MFSRTransformer.from_pretrained(os.path.dirname(_config_file(path)), low_cpu_mem_usage=False)
-        if dtype is not None:
-            model = model.to(dtype)
-        return model, LoadReport(os.fspath(path), "mfsr", loaded=len(sd),
+        model = MFSRTransformer.from_pretrained(folder, low_cpu_mem_usage=False, torch_dtype=dtype)
+        return model, LoadReport(os.fspath(path), "mfsr", loaded=len(model.state_dict()),
                                  dit4sr_norm_k_bug=model.cfg.dit4sr_norm_k_bug, lr_conv_scale=model.cfg.lr_conv_scale)
     if "num_attention_heads" not in config or "joint_attention_dim" not in config:
         raise ValueError(f"checkpoint {path!r}: config.json is neither an MFSRTransformer nor an SD3 transformer "
                          f"(_class_name {cls!r})")
+    sd = _read_weights(folder)
     dit4sr = any(_CONTROL.search(k) for k in sd)
     fmt = "dit4sr" if dit4sr else "sd3"
     skipped = sorted(k for k in sd if dit4sr and _DIT4SR_DEAD.match(k))
-    state = convert_sd3_state_dict({k: v for k, v in sd.items() if k not in set(skipped)})
+    for k in skipped:
+        del sd[k]
+    state = convert_sd3_state_dict(sd)
+    del sd
     extra = {}
     if dit4sr:
         extra["dit4sr_norm_k_bug"] = True if dit4sr_norm_k_bug is None else dit4sr_norm_k_bug
@@ -257,20 +270,17 @@ def load_transformer(path: str, *, lr_stream: bool = True, dit4sr_norm_k_bug: bo
                          f"  missing keys ({len(missing)}): {missing[:20]}\n"
                          f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}\n"
                          f"  shape mismatches ({len(mismatched)}): {mismatched[:20]}")
-    dt = dtype or next(iter(sd.values())).dtype
-    model.load_state_dict({k: v.to(dt) for k, v in state.items()}, strict=False, assign=True)
+    dt = dtype or next(iter(state.values())).dtype
+    n_loaded = len(state)
+    for k in list(state):  # one tensor at a time, so a dtype change never holds two copies of the model
+        state[k] = state[k].to(dt)
+    model.load_state_dict(state, strict=False, assign=True)
     fresh = sorted(set(expected) - set(state))
+    del state
     _materialize_fresh(model, dt, torch.Generator().manual_seed(seed))
-    report = LoadReport(os.fspath(path), fmt, loaded=len(state), fresh=fresh, skipped=skipped,
+    report = LoadReport(os.fspath(path), fmt, loaded=n_loaded, fresh=fresh, skipped=skipped,
                         dit4sr_norm_k_bug=model.cfg.dit4sr_norm_k_bug, lr_conv_scale=model.cfg.lr_conv_scale)
     return model, report
-
-
-def _config_file(path: str) -> str:
-    path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        path = os.path.join(path, "transformer")
-    return os.path.join(path, "config.json")
 
 
 def _brief(cfg: dict) -> str:
