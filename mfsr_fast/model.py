@@ -20,8 +20,8 @@ pooled (B, pooled_dim). Output u: (B, C, H, W). Dtypes: fp32, bf16, fp16, fp64 (
 
 Caution:
 - Positions beyond ``pos_embed_max_size`` patches extrapolate the sin-cos grid instead of raising as diffusers does.
-- ``dit4sr_norm_k_bug`` reproduces the released DiT4SR code, which computes the LR keys from the normalised image
-  keys; leave it off unless you load those weights.
+- ``dit4sr_norm_k_bug`` reproduces the released DiT4SR code, which computes the LR keys by applying norm_k to the
+  already normalised image keys (its to_k_control is then unused); leave it off unless you load those weights.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class MFSRConfig:
     lr_stream: bool = True  # DiT4SR LR stream
     lr_conv_scale: float = 1.2  # weight of the cross-stream depthwise conv
     lr_attn_residual: bool = True  # DiT4SR adds the LR stream's attention input to its attention output
-    dit4sr_norm_k_bug: bool = False  # reproduce released DiT4SR: LR keys = norm_k(image keys)
+    dit4sr_norm_k_bug: bool = False  # reproduce released DiT4SR: LR keys = norm_k(norm_k(image keys))
     timestep_scale: float = 1000.0  # the embedders see 1000 t and 1000 (t - r), as SD3 sees its timesteps
     time_freq_dim: int = 256
     mlp_ratio: float = 4.0
@@ -194,7 +194,9 @@ class Attention(nn.Module):
             k_lr = self.to_k_control(self.to_k(x_lr))
             v_lr = self.to_v_control(self.to_v(x_lr))
             qs.append(self._norm(self.norm_q, self._heads(q_lr)))
-            ks.append(k_img_n if self.cfg.dit4sr_norm_k_bug else self._norm(self.norm_k, self._heads(k_lr)))
+            # Released DiT4SR: key_control = norm_k(key) after key = norm_k(key), i.e. the image keys normalised twice.
+            ks.append(self._norm(self.norm_k, k_img_n) if self.cfg.dit4sr_norm_k_bug
+                      else self._norm(self.norm_k, self._heads(k_lr)))
             vs.append(self._heads(v_lr))
         if c is not None:
             if self.context_out:
