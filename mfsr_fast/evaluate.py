@@ -46,6 +46,22 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
+def parse_method(method: str) -> tuple[str, int, float]:
+    """'bicubic' | 'student:N' | 'teacher:N' | 'teacher:N:cfgW' -> (kind, steps, guidance); SystemExit otherwise."""
+    kind, *rest = method.split(":")
+    try:
+        if kind == "bicubic" and not rest:
+            return kind, 0, 1.0
+        if kind == "student" and len(rest) <= 1:
+            return kind, int(rest[0]) if rest else 1, 1.0
+        if kind == "teacher" and len(rest) <= 2 and (len(rest) < 2 or rest[1].startswith("cfg")):
+            return kind, int(rest[0]) if rest else 1, float(rest[1][3:]) if len(rest) == 2 else 1.0
+    except ValueError:
+        pass
+    raise SystemExit(f"unknown method {method!r} (bicubic, student:N, teacher:N, teacher:N:cfgW, e.g. "
+                     "teacher:40:cfg1.5)")
+
+
 def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: int, tile: int | None = None
                ) -> tuple[np.ndarray, int]:
     """(SR uint8 image, NFE)."""
@@ -55,8 +71,7 @@ def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: in
     h, w = hr_shape[:2]
     if method == "bicubic":
         return np.asarray(Image.fromarray(lr).resize((w, h), Image.BICUBIC)), 0
-    kind, *rest = method.split(":")
-    steps = int(rest[0]) if rest else 1
+    kind, steps, w_cfg = parse_method(method)
     if kind == "student":
         dev = next(student.parameters()).device
         out = upscale_rgb(student, x.to(dev), steps=steps, seed=seed, tile=tile)
@@ -64,11 +79,10 @@ def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: in
     if kind == "teacher":
         if teacher is None:
             raise SystemExit(f"method {method}: pass --teacher DIR")
-        w_cfg = float(rest[1][3:]) if len(rest) > 1 and rest[1].startswith("cfg") else 1.0
         dev = next(teacher.parameters()).device
         out = upscale_rgb(teacher, x.to(dev), steps=steps, seed=seed, tile=tile, teacher_guidance=w_cfg)
         return _to_uint8(_bicubic(out, (h, w)) if out.shape[-2:] != (h, w) else out), steps * (1 if w_cfg == 1 else 2)
-    raise SystemExit(f"unknown method {method!r} (bicubic, student:N, teacher:N, teacher:N:cfgW)")
+    raise AssertionError(kind)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         items = items[: args.limit]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:  # a typo fails before any model loads
+        parse_method(m)
     student = load_model(args.model, args.device) if any(m.startswith("student") for m in methods) else None
     teacher = None
     if args.teacher:

@@ -78,3 +78,8 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
     assert 20 < psnr < 60
     with pytest.raises(SystemExit, match="HR/ and LR/"):
         evaluate.main(["--data", str(tmp_path / "HR")])
+    # Method names are checked before any model loads; a guidance without its "cfg" prefix is refused, not ignored.
+    for bad in ("teacher:40:1.5", "student:x", "bicubic:2", "magic"):
+        with pytest.raises(SystemExit, match="unknown method"):
+            evaluate.main(["--data", str(tmp_path), "--methods", f"bicubic,{bad}"])
+    assert evaluate.parse_method("teacher:40:cfg1.5") == ("teacher", 40, 1.5)
