@@ -85,12 +85,44 @@ def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: in
     raise AssertionError(kind)
 
 
+def load_teacher(path: str, device=None, prompts: str | None = None, vae: str | None = None):
+    """A teacher for the teacher:* methods: a training run / checkpoint / model folder (``find_weights``) or a
+    DiT4SR / SD3.5 folder, with prompt embeddings from ``prompts`` and the VAE from ``vae`` when it needs them."""
+    from mfsr_fast.codec import VAECodec
+    from mfsr_fast.convert import load_transformer
+    from mfsr_fast.inference import attach_codec, find_weights, resolve_device
+    from mfsr_fast.prompts import load_prompts, stacked
+
+    dev = resolve_device(device)
+    try:
+        try:
+            folder = find_weights(path)
+        except ValueError:
+            folder = path  # a DiT4SR / SD3.5 folder: load_transformer says what is wrong with it
+        teacher, _ = load_transformer(folder)
+        if prompts:
+            teacher.set_prompts(*stacked(load_prompts(prompts)))
+        elif teacher.cfg.learned_prompts <= 0:
+            raise ValueError("the teacher stores no prompts: pass --prompts")
+        teacher = teacher.to(dev).eval().requires_grad_(False)
+        if teacher.cfg.codec == "sd3-vae":
+            if not vae:
+                raise ValueError("the teacher works in SD3 VAE latents: pass --vae")
+            attach_codec(teacher, VAECodec.from_pretrained(vae, device=dev))
+    except ValueError as e:
+        raise SystemExit(f"--teacher: {e}") from None
+    return teacher
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="folder with HR/ and LR/")
     ap.add_argument("--methods", default="bicubic,student:1,student:2,student:4")
     ap.add_argument("--model", default="default", help="the student: 'default' or a folder")
-    ap.add_argument("--teacher", default=None, help="teacher run / checkpoint / model folder (for teacher:* methods)")
+    ap.add_argument("--teacher", default=None, help="teacher run / checkpoint / model folder, or a DiT4SR / SD3.5 "
+                    "transformer folder (for teacher:* methods)")
+    ap.add_argument("--prompts", default=None, help="prompt-embedding file for a teacher that stores none (DiT4SR)")
+    ap.add_argument("--vae", default=None, help="VAE folder for a teacher in SD3 VAE latents")
     ap.add_argument("--niqe-params", default=None, help="NIQE pristine parameters (.npz); without it, no NIQE")
     ap.add_argument("--limit", type=int, default=0, help="first N pairs only (0: all)")
     ap.add_argument("--device", default=None)
@@ -121,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     student = load_model(args.model, args.device) if any(m.startswith("student") for m in methods) else None
     teacher = None
     if args.teacher:
-        from mfsr_fast.inference import find_weights, resolve_device
-        from mfsr_fast.model import MFSRTransformer
-
-        teacher = MFSRTransformer.from_pretrained(find_weights(args.teacher), low_cpu_mem_usage=False)
-        teacher = teacher.to(resolve_device(args.device)).eval().requires_grad_(False)
+        teacher = load_teacher(args.teacher, args.device, args.prompts, args.vae)
     rows = []
     for method in methods:
         acc = {"psnr": [], "ssim": [], "psnr_y": [], "ssim_y": [], "niqe": [], "sec": []}

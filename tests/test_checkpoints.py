@@ -312,3 +312,34 @@ def test_lr_stream_attention_against_explicit_formula(bug):
     ref = torch.cat([attn.to_out(o[:, :N]), attn.to_out_control(o[:, N:2 * N] + xl)], 1)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(out_c, attn.to_add_out(o[:, 2 * N:]))
+
+
+def test_evaluate_a_dit4sr_teacher_with_prompts_and_vae(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from test_codec import _tiny_vae
+
+    from mfsr_fast import evaluate
+    from mfsr_fast.prompts import save_prompts
+
+    folder, _ = _write_dit4sr(tmp_path, channels=16)
+    _tiny_vae().save_pretrained(tmp_path / "vae")
+    g = torch.Generator().manual_seed(0)
+    save_prompts(str(tmp_path / "p.safetensors"), {n: (torch.randn(5, 12, generator=g), torch.randn(10, generator=g))
+                                                   for n in ("positive", "negative")})
+    data = tmp_path / "pairs"
+    (data / "HR").mkdir(parents=True)
+    (data / "LR").mkdir()
+    hr = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    hr.save(data / "HR" / "a_HR.png")
+    hr.resize((16, 16), Image.BICUBIC).save(data / "LR" / "a_LR.png")
+    out = tmp_path / "table.md"
+    args = ["--data", str(data), "--teacher", str(folder), "--methods", "teacher:1,teacher:2:cfg8.0"]
+    assert evaluate.main([*args, "--prompts", str(tmp_path / "p.safetensors"), "--vae", str(tmp_path / "vae"),
+                          "--output", str(out)]) == 0
+    table = out.read_text()
+    assert "| teacher:1 | 1 |" in table and "| teacher:2:cfg8.0 | 4 |" in table
+    with pytest.raises(SystemExit, match="pass --prompts"):
+        evaluate.main([*args, "--vae", str(tmp_path / "vae")])
+    with pytest.raises(SystemExit, match="pass --vae"):
+        evaluate.main([*args, "--prompts", str(tmp_path / "p.safetensors")])
