@@ -2,7 +2,8 @@
 # One GPU check, under 6 minutes, on a machine with an NVIDIA GPU and no network:
 #   1. the kernel parity tests (adaLN, attention; the tiny model's JVP through both paths), compiled for the GPU:
 #      the same tests the CPU runs through the Triton interpreter;
-#   2. the benchmarks at full size: adaLN, attention, device copy bandwidth, one MeanFlow training step;
+#   2. the benchmarks at full size: adaLN, attention, device copy bandwidth, one MeanFlow training step, upscaling
+#      (the default against RRDBNet; the dit4sr preset's 1 step against the teacher's 40 steps x CFG, 512 px);
 #   3. a short table (GPU, dtype, shape, time, GB/s or TFLOP/s, peak memory, ratio to each baseline) as the last lines.
 # Needs torch, triton, pytest and pytest-benchmark. Packages missing there (diffusers for the model tests and the
 # training-step benchmark) travel as wheels in .whl/ or .wheels/ and are installed into a private folder, offline.
@@ -47,7 +48,7 @@ done
 echo "parity exit codes: adaln $rc_a, attention $rc_b ($((SECONDS - start)) s so far)"
 
 # 2. Benchmarks, one file at a time (timings must not share the GPU), each with its own JSON so a timeout keeps the rest.
-for spec in adaln:150 attention:100 train_step:100; do
+for spec in adaln:150 attention:100 train_step:100 upscale:120; do
     name=${spec%%:*}
     timeout "${spec##*:}" "${PT[@]}" "benchmarks/test_$name.py" --benchmark --benchmark-json="$OUT_DIR/bench_$name.json" \
         >"/tmp/mfsr_bench_$name.log" 2>&1

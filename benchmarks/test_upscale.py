@@ -2,8 +2,12 @@
 network (RRDBNet: 23 blocks, 64 features, growth 32, random weights: timing only) and bicubic, in the same run.
 
 The MFSR calls use upscale()'s default tiling (the model's native tile size). On a GPU with ``--benchmark`` the same
-comparison runs on the GPU. (The ``dit4sr`` preset's 1 step vs the teacher's
-40 steps x CFG at 512 px needs the SD3.5 VAE, issue 7, and is not measured here.)
+comparison runs on the GPU.
+
+``test_dit4sr_one_step_vs_teacher``: on a GPU with ``--benchmark``, the ``dit4sr`` preset (2.59 B parameters, bf16)
+with an SD3.5-sized VAE, 128 -> 512 px: the student's 1 step against the teacher's 40 Euler steps with CFG (80
+network passes), both through ``upscale_rgb`` (VAE encode and decode included). Random weights: timing only. Without
+``--benchmark`` a tiny model and VAE check the harness on the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timing import median_seconds
 
-from mfsr_fast.inference import DEFAULT_MODEL, load_model, upscale_rgb
+from mfsr_fast.codec import VAECodec
+from mfsr_fast.inference import DEFAULT_MODEL, attach_codec, load_model, upscale_rgb
+from mfsr_fast.model import MFSRTransformer
 
 
 class _DenseBlock(nn.Module):
@@ -81,6 +87,57 @@ def test_upscale_128_to_512(benchmark, full, env_info):
                 params_rrdbnet=sum(p.numel() for p in rrdb.parameters()))
     info.update({f"ms_{k}": v * 1e3 for k, v in times.items()})
     info["mfsr_1step_over_rrdbnet"] = times["mfsr_1step"] / times["rrdbnet_x4plus"]
+    info["speedup_vs_rrdbnet"] = times["rrdbnet_x4plus"] / times["mfsr_1step"]
+    info["shape"] = f"{side}->{4 * side}"
     benchmark.extra_info.update(info)
     with torch.inference_mode():
         benchmark.pedantic(lambda: upscale_rgb(model, x, steps=1), rounds=reps, warmup_rounds=0)
+
+
+# SD3 / SD3.5 VAE sizes (diffusers AutoencoderKL config of stable-diffusion-3.5-medium/vae).
+SD35_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+                use_quant_conv=False, use_post_quant_conv=False)
+TINY_VAE = dict(SD35_VAE, block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
+
+
+def test_dit4sr_one_step_vs_teacher(benchmark, full, env_info):
+    from diffusers import AutoencoderKL
+
+    gpu = torch.cuda.is_available() and full
+    device = "cuda" if gpu else "cpu"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    g = torch.Generator().manual_seed(0)
+    with torch.device(device):  # initialised where it runs: 2.59 B parameters are slow to initialise on a CPU
+        if gpu:
+            model = MFSRTransformer.from_preset("dit4sr")
+            vae = AutoencoderKL(**SD35_VAE)
+        else:
+            model = MFSRTransformer.from_preset("dit4sr", num_layers=1, num_heads=2, head_dim=16, context_dim=32,
+                                                pooled_dim=16, dual_attention_layers=(0,))
+            vae = AutoencoderKL(**TINY_VAE)
+    cfg = model.cfg
+    tokens = 333 if gpu else 5  # SD3's prompt length (77 CLIP + 256 T5)
+    model.set_prompts(torch.randn(3, tokens, cfg.context_dim, generator=g), torch.randn(3, cfg.pooled_dim, generator=g))
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    attach_codec(model, VAECodec(vae.to(dtype=dtype)))
+    side = 128 if gpu else 16
+    x = torch.rand(1, 3, side, side, generator=g).to(device)
+    steps = 40 if gpu else 2
+    reps = 3 if gpu else 1
+    with torch.inference_mode():
+        upscale_rgb(model, x, steps=1, tile=side)  # warm-up: kernel compilation, allocator
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        one = median_seconds(lambda: upscale_rgb(model, x, steps=1, tile=side), reps)
+        teacher = median_seconds(lambda: upscale_rgb(model, x, steps=steps, tile=side, teacher_guidance=8.0), 1)
+    info = dict(env_info, preset="dit4sr" if gpu else "dit4sr (1-block smoke size)", dtype=str(dtype),
+                lr_side=side, out_side=4 * side, params=sum(p.numel() for p in model.parameters()),
+                shape=f"{side}->{4 * side}", ms_student_1step=one * 1e3, ms_teacher=teacher * 1e3,
+                teacher_steps=steps, teacher_nfe=2 * steps, speedup_vs_teacher_cfg=teacher / one)
+    if gpu:
+        info["peak_mb_triton"] = torch.cuda.max_memory_allocated() / 2**20
+    benchmark.extra_info.update(info)
+    with torch.inference_mode():
+        benchmark.pedantic(lambda: upscale_rgb(model, x, steps=1, tile=side), rounds=reps, warmup_rounds=0)
