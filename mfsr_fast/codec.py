@@ -73,10 +73,10 @@ class VAECodec:
             raise ValueError(f"VAE {path!r}: no config.json (expected a diffusers AutoencoderKL folder, e.g. the "
                              "'vae' folder of stable-diffusion-3.5-medium)")
         try:
-            vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False)
         except (OSError, ValueError) as e:
             raise ValueError(f"VAE {path!r}: cannot load it as a diffusers AutoencoderKL: {e}") from e
-        return cls(vae.to(device), tile=tile, overlap=overlap)
+        return cls(vae if device is None else vae.to(device=device), tile=tile, overlap=overlap)
 
     def set_tiling(self, tile: int | None, overlap: float = 0.25) -> VAECodec:
         """Tiled encode/decode with tiles of ``tile`` image pixels (a multiple of the factor); None: untiled."""
@@ -97,7 +97,10 @@ class VAECodec:
         return self
 
     def to(self, device=None, dtype=None) -> VAECodec:
-        self.vae.to(device=device, dtype=dtype)
+        if device is not None:
+            self.vae.to(device=device)
+        if dtype is not None:
+            self.vae.to(dtype=dtype)
         return self
 
     def _follow(self, x: torch.Tensor) -> None:
