@@ -283,6 +283,23 @@ def load_transformer(path: str, *, lr_stream: bool = True, dit4sr_norm_k_bug: bo
     return model, report
 
 
+def load_teacher(path: str, *, prompts: str | None = None, **kwargs) -> tuple[MFSRTransformer, LoadReport]:
+    """``load_transformer(path, **kwargs)`` plus, from a prompt file (``mfsr_fast.prompts``), prompt embeddings
+    stored frozen in the model. ValueError when the teacher ends up with no prompts (DiT4SR / SD3.5 store none)."""
+    from mfsr_fast.prompts import load_prompts, stacked
+
+    model, report = load_transformer(path, **kwargs)
+    if prompts:
+        try:
+            model.set_prompts(*stacked(load_prompts(prompts)))
+        except ValueError as e:
+            raise ValueError(f"--prompts: {e}") from None
+    elif model.cfg.learned_prompts <= 0:
+        raise ValueError(f"the teacher ({report.format}) stores no prompts: pass --prompts, a prompt-embedding file "
+                         "made with `python -m mfsr_fast.prompts --positive ... --negative ... --out FILE`")
+    return model, report
+
+
 def _brief(cfg: dict) -> str:
     return ", ".join(f"{k}={cfg[k]}" for k in ("num_layers", "num_heads", "head_dim", "in_channels", "context_dim"))
 

@@ -89,9 +89,8 @@ def load_teacher(path: str, device=None, prompts: str | None = None, vae: str | 
     """A teacher for the teacher:* methods: a training run / checkpoint / model folder (``find_weights``) or a
     DiT4SR / SD3.5 folder, with prompt embeddings from ``prompts`` and the VAE from ``vae`` when it needs them."""
     from mfsr_fast.codec import VAECodec
-    from mfsr_fast.convert import load_transformer
+    from mfsr_fast.convert import load_teacher as load
     from mfsr_fast.inference import attach_codec, find_weights, resolve_device
-    from mfsr_fast.prompts import load_prompts, stacked
 
     dev = resolve_device(device)
     try:
@@ -99,11 +98,7 @@ def load_teacher(path: str, device=None, prompts: str | None = None, vae: str | 
             folder = find_weights(path)
         except ValueError:
             folder = path  # a DiT4SR / SD3.5 folder: load_transformer says what is wrong with it
-        teacher, _ = load_transformer(folder)
-        if prompts:
-            teacher.set_prompts(*stacked(load_prompts(prompts)))
-        elif teacher.cfg.learned_prompts <= 0:
-            raise ValueError("the teacher stores no prompts: pass --prompts")
+        teacher, _ = load(folder, prompts=prompts)
         teacher = teacher.to(dev).eval().requires_grad_(False)
         if teacher.cfg.codec == "sd3-vae":
             if not vae:

@@ -63,6 +63,21 @@ def _write_dit4sr(tmp_path, edit=None, channels=4):
     return folder, sd3
 
 
+def dit4sr_kit(tmp_path):
+    """What the real recipe needs, at toy size: a DiT4SR-format teacher in 16-channel latents, an SD3-style VAE and
+    a prompt file (positive, negative). Returns their paths (teacher folder, VAE folder, prompt file) as strings."""
+    from test_codec import _tiny_vae
+
+    from mfsr_fast.prompts import save_prompts
+
+    folder, _ = _write_dit4sr(tmp_path, channels=16)
+    _tiny_vae().save_pretrained(tmp_path / "vae")
+    g = torch.Generator().manual_seed(0)
+    save_prompts(str(tmp_path / "p.safetensors"), {n: (torch.randn(5, 12, generator=g), torch.randn(10, generator=g))
+                                                   for n in ("positive", "negative")})
+    return str(folder), str(tmp_path / "vae"), str(tmp_path / "p.safetensors")
+
+
 def _inputs(seed=2, B=2, size=(8, 12)):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(B, 4, *size, generator=g)
@@ -317,16 +332,10 @@ def test_lr_stream_attention_against_explicit_formula(bug):
 def test_evaluate_a_dit4sr_teacher_with_prompts_and_vae(tmp_path):
     import numpy as np
     from PIL import Image
-    from test_codec import _tiny_vae
 
     from mfsr_fast import evaluate
-    from mfsr_fast.prompts import save_prompts
 
-    folder, _ = _write_dit4sr(tmp_path, channels=16)
-    _tiny_vae().save_pretrained(tmp_path / "vae")
-    g = torch.Generator().manual_seed(0)
-    save_prompts(str(tmp_path / "p.safetensors"), {n: (torch.randn(5, 12, generator=g), torch.randn(10, generator=g))
-                                                   for n in ("positive", "negative")})
+    folder, vae, prompts = dit4sr_kit(tmp_path)
     data = tmp_path / "pairs"
     (data / "HR").mkdir(parents=True)
     (data / "LR").mkdir()
@@ -335,11 +344,10 @@ def test_evaluate_a_dit4sr_teacher_with_prompts_and_vae(tmp_path):
     hr.resize((16, 16), Image.BICUBIC).save(data / "LR" / "a_LR.png")
     out = tmp_path / "table.md"
     args = ["--data", str(data), "--teacher", str(folder), "--methods", "teacher:1,teacher:2:cfg8.0"]
-    assert evaluate.main([*args, "--prompts", str(tmp_path / "p.safetensors"), "--vae", str(tmp_path / "vae"),
-                          "--output", str(out)]) == 0
+    assert evaluate.main([*args, "--prompts", prompts, "--vae", vae, "--output", str(out)]) == 0
     table = out.read_text()
     assert "| teacher:1 | 1 |" in table and "| teacher:2:cfg8.0 | 4 |" in table
     with pytest.raises(SystemExit, match="pass --prompts"):
-        evaluate.main([*args, "--vae", str(tmp_path / "vae")])
+        evaluate.main([*args, "--vae", vae])
     with pytest.raises(SystemExit, match="pass --vae"):
-        evaluate.main([*args, "--prompts", str(tmp_path / "p.safetensors")])
+        evaluate.main([*args, "--prompts", prompts])

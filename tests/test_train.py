@@ -195,26 +195,20 @@ def test_distill_dit4sr_teacher_with_vae_and_prompt_file(images, tmp_path):
     """The real recipe's path at toy size: a DiT4SR-format teacher folder, the SD3-style VAE, prompt embeddings from
     a file; the student keeps the prompts frozen, exports with its VAE and upscales from that one folder."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from test_checkpoints import _write_dit4sr
-    from test_codec import _tiny_vae
+    from test_checkpoints import dit4sr_kit
 
     from mfsr_fast.inference import upscale
-    from mfsr_fast.prompts import load_prompts, save_prompts
+    from mfsr_fast.prompts import load_prompts
 
-    teacher_dir, _ = _write_dit4sr(tmp_path, channels=16)
-    _tiny_vae().save_pretrained(tmp_path / "vae")
-    g = torch.Generator().manual_seed(0)
-    save_prompts(str(tmp_path / "p.safetensors"), {n: (torch.randn(5, 12, generator=g), torch.randn(10, generator=g))
-                                                   for n in ("positive", "negative")})
+    teacher_dir, vae, prompt_file = dit4sr_kit(tmp_path)
     out = tmp_path / "student"
     base = ["training.distill", "--preset", "micro", "--teacher", str(teacher_dir), "--data", images, "--threads", "1",
             "--max-steps", "2", "--guidance", "8.0"]
-    res = _run([*base, "--vae", str(tmp_path / "vae"), "--prompts", str(tmp_path / "p.safetensors"),
-                "--output-dir", str(out)])
+    res = _run([*base, "--vae", vae, "--prompts", prompt_file, "--output-dir", str(out)])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "dit4sr checkpoint" in res.stdout and "dit4sr_norm_k_bug=True" in res.stdout
     w = _weights(str(out))
-    prompts = load_prompts(str(tmp_path / "p.safetensors"))
+    prompts = load_prompts(prompt_file)
     torch.testing.assert_close(w["prompt_context"][1], prompts["negative"][0])  # frozen: unchanged by training
     assert torch.count_nonzero(w["prompt_context"][2]) == 0  # null: zeros
     assert any(w[k].abs().sum() > 0 for k in w if k.startswith("h_embed.linear_2"))  # the h embedder learned
@@ -224,9 +218,9 @@ def test_distill_dit4sr_teacher_with_vae_and_prompt_file(images, tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
     assert upscale(img, model=str(tmp_path / "export")).shape == (48, 64, 3)
     # Missing pieces are clear errors.
-    res = _run([*base, "--vae", str(tmp_path / "vae"), "--output-dir", str(tmp_path / "x")])
+    res = _run([*base, "--vae", vae, "--output-dir", str(tmp_path / "x")])
     assert res.returncode != 0 and "stores no prompts: pass --prompts" in res.stderr
-    res = _run([*base, "--prompts", str(tmp_path / "p.safetensors"), "--output-dir", str(tmp_path / "y")])
+    res = _run([*base, "--prompts", prompt_file, "--output-dir", str(tmp_path / "y")])
     assert res.returncode != 0 and "pass --vae" in res.stderr
 
 

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mfsr_fast.convert import load_transformer
+from mfsr_fast.convert import load_teacher
 from mfsr_fast.meanflow import adaptive_loss, meanflow_target
 from mfsr_fast.model import MFSRTransformer
-from mfsr_fast.prompts import load_prompts, stacked
 from training import checkpoint as ckpt
 from training import engine
 from training.teacher import guided_velocity
@@ -93,8 +92,8 @@ def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "", norm_k_b
     if norm_k_bug not in ("auto", "on", "off"):
         raise SystemExit(f"--norm-k-bug must be auto, on or off, got {norm_k_bug!r}")
     try:
-        teacher, report = load_transformer(path, dit4sr_norm_k_bug={"auto": None, "on": True, "off": False}[norm_k_bug],
-                                           lr_conv_scale=lr_conv_scale or None)
+        teacher, report = load_teacher(path, prompts=prompts or None, lr_conv_scale=lr_conv_scale or None,
+                                       dit4sr_norm_k_bug={"auto": None, "on": True, "off": False}[norm_k_bug])
     except ValueError as e:
         raise SystemExit(f"--teacher: {e}") from None
     if report.format == "mfsr" and (norm_k_bug != "auto" or lr_conv_scale):
@@ -102,15 +101,6 @@ def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "", norm_k_b
                          "MFSRTransformer that already records both in its config")
     if report.format != "mfsr":
         print(report, flush=True)
-    if prompts:
-        try:
-            ctx, pooled = stacked(load_prompts(prompts))
-            teacher.set_prompts(ctx.to(teacher.pos_embed.weight.dtype), pooled)
-        except ValueError as e:
-            raise SystemExit(f"--prompts: {e}") from None
-    elif teacher.cfg.learned_prompts <= 0:
-        raise SystemExit(f"the teacher ({report.format}) stores no prompts: pass --prompts, a prompt-embedding file "
-                         "made with `python -m mfsr_fast.prompts --positive ... --negative ... --out FILE`")
     return teacher
 
 
