@@ -351,8 +351,9 @@ def _rows(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
 # Dynamo drops the custom jvp of an autograd.Function traced inside torch.compile(torch.func.jvp(...)) and returns a
 # wrong tangent (measured: tests/test_adaln_kernel.py); run the kernel path eagerly instead (a graph break).
 @torch.compiler.disable
-def adaln_modulate(x, shift, scale, gate=None, h=None, eps: float = 1e-6):
-    """Triton path of ``kernels.adaln_modulate``: y, or (x + gate * h, y) when ``h`` is given."""
+def adaln_modulate(x, shift, scale, gate=None, h=None, eps: float = 1e-6, _stats: bool = False):
+    """Triton path of ``kernels.adaln_modulate``: y, or (x + gate * h, y) when ``h`` is given. ``_stats`` also
+    returns what the tangent pass needs: (outputs, (x or x', mean, rstd))."""
     if x.dim() != 3:
         raise ValueError(f"adaln_modulate: x must be (B, L, D), got shape {tuple(x.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -372,10 +373,34 @@ def adaln_modulate(x, shift, scale, gate=None, h=None, eps: float = 1e-6):
         h = h.to(x.dtype).contiguous()
     x = x.contiguous()
     if needs_autograd(x, shift, scale, gate, h):
-        y, xres, _, _ = AdaLNModulate.apply(x, shift, scale, gate, h, float(eps))
+        y, xres, mean, rstd = AdaLNModulate.apply(x, shift, scale, gate, h, float(eps))
     else:
-        y, xres, _, _ = adaln_fwd(x, shift, scale, gate, h, float(eps))
-    return y if h is None else (xres, y)
+        y, xres, mean, rstd = adaln_fwd(x, shift, scale, gate, h, float(eps))
+    out = y if h is None else (xres, y)
+    if _stats:
+        return out, (xres if h is not None else x, mean, rstd)
+    return out
+
+
+@torch.compiler.disable
+def adaln_modulate_with_tangent(x, shift, scale, gate=None, h=None, tx=None, tshift=None, tscale=None, tgate=None,
+                                th=None, eps: float = 1e-6):
+    """Triton path of ``kernels.adaln_modulate_with_tangent``: the outputs of ``adaln_modulate`` (differentiable in
+    reverse mode) and their forward-mode tangents for the given input tangents (None = zero), detached."""
+    out, (saved_x, mean, rstd) = adaln_modulate(x, shift, scale, gate=gate, h=h, eps=eps, _stats=True)
+    has_res = h is not None
+    B, _, D = saved_x.shape
+    shift, scale = _rows(shift, saved_x, "shift"), _rows(scale, saved_x, "scale")
+    gate = _rows(gate, saved_x, "gate") if has_res else None
+    rows = lambda m, like, name: _mod_tangent(None if m is None else _rows(m.detach(), saved_x, name), like)  # noqa
+    with torch.no_grad():
+        ty, txres = adaln_jvp(
+            saved_x.detach(), h.detach().to(saved_x.dtype).contiguous() if has_res else None,
+            tx.detach().to(saved_x.dtype).contiguous() if tx is not None else None,
+            th.detach().to(saved_x.dtype).contiguous() if (has_res and th is not None) else None,
+            scale.detach(), gate.detach() if has_res else None, rows(tshift, shift, "tshift"),
+            rows(tscale, scale, "tscale"), rows(tgate, gate, "tgate") if has_res else None, mean, rstd)
+    return (out, ty) if not has_res else (out, (txres, ty))
 
 
 def aot_configs(dtypes=("bf16",), archs=(90, 80), block_sizes=None):

@@ -432,6 +432,20 @@ def attention(q, k, v, scale: float | None = None):
     return attention_with_lse(q, k, v, scale)[0]
 
 
+@torch.compiler.disable
+def attention_with_tangent(q, k, v, tq=None, tk=None, tv=None, scale: float | None = None):
+    """(O, tO): O as ``attention`` (differentiable in reverse mode) and its forward-mode tangent for the input
+    tangents (None = zero), detached: the forward kernel, then the tangent pass on the saved log-sum-exp."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, lse = attention_with_lse(q, k, v, scale)
+    q, k, v = (_unit_last(x.detach()) for x in (q, k, v))
+    with torch.no_grad():
+        tq, tk, tv = (torch.zeros_like(x) if t is None else _unit_last(t.detach().to(x.dtype))
+                      for x, t in ((q, tq), (k, tk), (v, tv)))
+        to = attn_jvp(q, k, v, tq, tk, tv, o.detach(), lse, scale)
+    return o, to
+
+
 def aot_configs(dtypes=("bf16", "fp32"), archs=(90, 80)):
     """Every (kernel, signature, constexprs, arch, options) the launchers pick on a GPU: per architecture family,
     16-bit (bf16 stands for fp16: same code and tiles) and fp32 inputs, 3 head dims, 4 kernels.

@@ -125,3 +125,81 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ga
     xn = F.layer_norm(x.to(stat_dtype), (x.shape[-1],), eps=eps)  # (B, L, D)
     y = (xn * (1 + scale.to(stat_dtype)) + shift.to(stat_dtype)).to(x.dtype)  # (B, L, D)
     return y if h is None else (x, y)
+
+
+def attention_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None,
+                      tk: torch.Tensor | None, tv: torch.Tensor | None, scale: float | None = None,
+                      chunk: int | None = None) -> torch.Tensor:
+    """Forward-mode tangent tO of attention for input tangents (None = zero), chunked over queries (memory bounded in
+    L), no autograd: tS = (tQ K^T + Q tK^T) * scale; tO = (P * tS) V + P tV - rowsum(P * tS) * O. Half-precision inputs
+    are computed in fp32; the result has q's dtype."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if chunk is None:
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * Lk))
+    with torch.no_grad():
+        k_, v_ = k.detach().to(acc), v.detach().to(acc)
+        tk_ = tk.detach().to(acc) if tk is not None else None
+        tv_ = tv.detach().to(acc) if tv is not None else None
+        outs = []
+        for i in range(0, Lq, chunk):
+            q_ = q.detach()[:, :, i:i + chunk].to(acc)
+            p = torch.softmax(torch.matmul(q_, k_.transpose(-1, -2)) * scale, dim=-1)  # (B, H, c, Lk)
+            to = torch.zeros(q_.shape, dtype=acc, device=q.device)
+            if tq is not None or tk_ is not None:
+                ts = torch.zeros(p.shape, dtype=acc, device=q.device)
+                if tq is not None:
+                    ts += torch.matmul(tq.detach()[:, :, i:i + chunk].to(acc), k_.transpose(-1, -2))
+                if tk_ is not None:
+                    ts += torch.matmul(q_, tk_.transpose(-1, -2))
+                pts = p * ts * scale
+                to += torch.matmul(pts, v_) - pts.sum(-1, keepdim=True) * torch.matmul(p, v_)
+            if tv_ is not None:
+                to += torch.matmul(p, tv_)
+            outs.append(to)
+        return torch.cat(outs, dim=2).to(q.dtype)  # (B, H, Lq, D)
+
+
+def adaln_tangent(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor | None = None,
+                  h: torch.Tensor | None = None, tx: torch.Tensor | None = None, tshift: torch.Tensor | None = None,
+                  tscale: torch.Tensor | None = None, tgate: torch.Tensor | None = None, th: torch.Tensor | None = None,
+                  eps: float = 1e-6):
+    """Forward-mode tangents of ``adaln_modulate`` for input tangents (None = zero), no autograd: ty, or (tx', ty)
+    with ``h``. x' = x + gate * h gives tx' = tx + tgate * h + gate * th; with xn = (x' - mean) * rstd,
+    txn = rstd * (u - xn * mean(xn * u)) for u = tx' - mean(tx'), and ty = txn * (1 + scale) + xn * tscale + tshift.
+    Statistics in fp32 (fp64 for fp64 input), outputs in x's dtype."""
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        x = x.detach()
+        shift = _as_rows(shift.detach(), x, "shift")
+        scale = _as_rows(scale.detach(), x, "scale").to(stat)
+        rows = lambda m, name: None if m is None else _as_rows(m.detach(), x, name).to(stat)  # noqa: E731
+        tshift, tscale, tgate = rows(tshift, "tshift"), rows(tscale, "tscale"), rows(tgate, "tgate")
+        txr = tx.detach().to(stat) if tx is not None else None
+        if h is not None:
+            gate = _as_rows(gate.detach(), x, "gate")
+            x = x + gate.to(x.dtype) * h.detach()
+            parts = [txr] if txr is not None else []
+            if tgate is not None:
+                parts.append(tgate * h.detach().to(stat))
+            if th is not None:
+                parts.append(gate.to(stat) * th.detach().to(stat))
+            txr = sum(parts) if parts else None
+        xs = x.to(stat)
+        mean = xs.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((xs - mean).pow(2).mean(-1, keepdim=True) + eps)
+        xn = (xs - mean) * rstd
+        ty = torch.zeros_like(xs)
+        if txr is not None:
+            u = txr - txr.mean(-1, keepdim=True)
+            ty += rstd * (u - xn * (xn * u).mean(-1, keepdim=True)) * (1 + scale)
+        if tscale is not None:
+            ty += xn * tscale
+        if tshift is not None:
+            ty += tshift
+        ty = ty.to(x.dtype)
+        if h is None:
+            return ty
+        return (txr.to(x.dtype) if txr is not None else torch.zeros_like(x)), ty

@@ -4,9 +4,11 @@ Convention: z_t = (1 - t) x + t e, t = 1 is noise, v = e - x. The network predic
 u(z_t, r, t) = 1 / (t - r) * int_r^t v(z_s, s) ds for r <= t.
 
 - ``sample_t_r``: logit-normal t and r, sorted so r <= t, a fraction forced to r = t.
-- ``meanflow_target``: u (differentiable) and u_tgt = v - (t - r) * du/dt (detached), with du/dt from ONE
-  ``torch.func.jvp`` with tangents (dz, dt, dr) = (v, 1, 0). Two modes: ``"jvp"`` back-propagates through the JVP's
-  primal output; ``"split"`` runs the JVP under no_grad and u as an ordinary forward (works through a DDP wrapper).
+- ``meanflow_target``: u (differentiable) and u_tgt = v - (t - r) * du/dt (detached), with du/dt along the tangents
+  (dz, dt, dr) = (v, 1, 0). Three modes: ``"explicit"`` calls ``fn(z, t, r, tangents=...)``, a model that computes
+  its own tangent in the same pass (``MFSRTransformer.forward(..., tangents=...)``: no torch.func transform, so it
+  works through DDP / FSDP wrappers and costs a fraction of the host time); ``"jvp"``: ONE ``torch.func.jvp`` whose
+  primal output is back-propagated; ``"split"``: the JVP under no_grad and u from an ordinary forward.
 - ``adaptive_loss``: per-sample squared error L, weighted by 1 / stopgrad((L + c) ** p).
 - ``sample``: z_r = z_t - (t - r) * u(z_t, r, t) on a decreasing grid 1 = t_0 > ... > t_N = 0.
 
@@ -52,17 +54,21 @@ def meanflow_target(fn: UFn, z_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor
     MeanFlow eq. (8)-(10): u_tgt = v - (t - r) * du/dt, du/dt = v . d_z u + d_t u, from one JVP with tangents
     (v, 1, 0) for (z, t, r). With teacher distillation, v is the teacher's guided velocity (DESIGN section 3).
 
+    mode "explicit": ``fn(z_t, t, r, tangents=(v, 1, 0))`` returns (u, du/dt) in one pass (``jvp_fn`` unused).
     mode "jvp": u is the JVP's primal output (one pass gives both; back-propagate through u).
     mode "split": the JVP runs under no_grad (on ``jvp_fn``, default ``fn``: pass the unwrapped module when ``fn``
     goes through DDP) and u comes from a separate ordinary call of ``fn``.
     """
-    if mode not in ("jvp", "split"):
-        raise ValueError(f"mode must be 'jvp' or 'split', got {mode!r}")
+    if mode not in ("explicit", "jvp", "split"):
+        raise ValueError(f"mode must be 'explicit', 'jvp' or 'split', got {mode!r}")
     if v.shape != z_t.shape:
         raise ValueError(f"v shape {tuple(v.shape)} must equal z_t shape {tuple(z_t.shape)}")
     v = v.detach()
     tangents = (v, torch.ones_like(t), torch.zeros_like(r))
-    if mode == "jvp":
+    if mode == "explicit":
+        u, dudt = fn(z_t, t, r, tangents=tangents)
+        dudt = dudt.detach()
+    elif mode == "jvp":
         u, dudt = torch.func.jvp(fn, (z_t, t, r), tangents)
     else:
         with torch.no_grad():

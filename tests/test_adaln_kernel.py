@@ -232,3 +232,53 @@ def test_inference_calls_skip_the_autograd_function(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(pytest.fail.Exception):
         _fn("triton", True)(*ts)  # gradients recorded: the Function is required
+
+
+@pytest.mark.parametrize("res", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("act", DTYPES)
+def test_explicit_tangent_entry_point(act, res):
+    """``adaln_modulate_with_tangent`` (the model's explicit JVP pass): outputs as ``adaln_modulate`` and
+    differentiable, tangents as torch.func.jvp of the fp64 reference, detached; None tangents are zeros."""
+    B, L, D = 2, 9, 120
+    ts = _inputs(B, L, D, seed=6)
+    tans = _inputs(B, L, D, seed=7)
+    _, ref64 = torch.func.jvp(_fn("reference", res), tuple(ts), tuple(tans))
+
+    def call(backend, vals, tv):
+        x, h, shift, scale, gate = vals
+        tx, th, tshift, tscale, tgate = tv
+        if res:
+            return kernels.adaln_modulate_with_tangent(x, shift, scale, gate=gate, h=h, tx=tx, tshift=tshift,
+                                                       tscale=tscale, tgate=tgate, th=th, backend=backend)
+        out, tan = kernels.adaln_modulate_with_tangent(x, shift, scale, tx=tx, tshift=tshift, tscale=tscale,
+                                                       backend=backend)
+        return (out,), (tan,)
+
+    low, tlow = _cast(ts, act, act), _cast(tans, act, act)
+    got_out, got_tan = call("triton", low, tlow)
+    ref_out, ref_tan = call("reference", low, tlow)
+    for i, name in enumerate(("x'", "y") if res else ("y",)):
+        assert_close_to_ref(got_out[i], ref_out[i], _fn("reference", res)(*ts)[i], name)
+        assert_close_to_ref(got_tan[i], ref_tan[i], ref64[i], "tangent " + name)
+        assert not got_tan[i].requires_grad and got_tan[i].dtype == act
+    # Gradients through the outputs equal those of adaln_modulate.
+    leaves = [t.detach().requires_grad_(True) for t in low]
+    out, _ = call("triton", leaves, tlow)
+    g1 = torch.autograd.grad(sum(o.float().sum() for o in out), leaves, allow_unused=True)
+    leaves2 = [t.detach().requires_grad_(True) for t in low]
+    x, h, shift, scale, gate = leaves2
+    out2 = (kernels.adaln_modulate(x, shift, scale, gate=gate, h=h, backend="triton") if res
+            else (kernels.adaln_modulate(x, shift, scale, backend="triton"),))
+    g2 = torch.autograd.grad(sum(o.float().sum() for o in out2), leaves2, allow_unused=True)
+    for a, b in zip(g1, g2):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Only the modulation has tangents (the first block's context stream): tx, th None are zeros.
+    zero = [torch.zeros_like(t) for t in tlow]
+    part = [None, None, tlow[2], tlow[3], tlow[4] if res else None]
+    for backend in ("triton", "reference"):
+        _, t_none = call(backend, low, part)
+        _, t_zero = call(backend, low, [zero[0], zero[1], tlow[2], tlow[3], tlow[4] if res else None])
+        for a, b in zip(t_none, t_zero):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -173,3 +173,38 @@ def test_inference_calls_skip_the_autograd_function(monkeypatch):
     torch.testing.assert_close(kernels.attention(q, k, v, backend="triton"), ref, rtol=0, atol=0)
     with pytest.raises(pytest.fail.Exception):
         torch.func.jvp(lambda a: kernels.attention(a, k, v, backend="triton"), (q,), (q,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_explicit_tangent_entry_point(dtype):
+    """``attention_with_tangent`` (the model's explicit JVP pass): O as ``attention`` and differentiable, tO against
+    the fp64 formula, detached; a None tangent is zero. The reference path's chunked tangent matches its formula."""
+    B, H, L, D = 2, 2, 63, 32
+    q, k, v = _qkv(B, H, L, L, D, seed=L)
+    tq, tk, tv = _qkv(B, H, L, L, D, seed=500 + L)
+    o64, to64 = reference.attention_jvp(q, k, v, tq, tk, tv)
+    torch.testing.assert_close(reference.attention_tangent(q, k, v, tq, tk, tv, chunk=7), to64, rtol=1e-10,
+                               atol=1e-10)
+    low = [t.to(dtype) for t in (q, k, v)]
+    tlow = [t.to(dtype) for t in (tq, tk, tv)]
+    o, to = kernels.attention_with_tangent(*low, *tlow, backend="triton")
+    o_ref, to_ref = kernels.attention_with_tangent(*low, *tlow, backend="reference")
+    assert_close_to_ref(o, o_ref, o64, "O")
+    assert_close_to_ref(to, to_ref, to64, "tO")
+    assert not to.requires_grad and to.dtype == dtype
+    # Gradients through O equal those of attention().
+    leaves = [t.detach().requires_grad_(True) for t in low]
+    g1 = torch.autograd.grad(kernels.attention_with_tangent(*leaves, *tlow, backend="triton")[0].float().sum(),
+                             leaves)
+    leaves = [t.detach().requires_grad_(True) for t in low]
+    g2 = torch.autograd.grad(kernels.attention(*leaves, backend="triton").float().sum(), leaves)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Missing tangents are zeros, on both paths.
+    for backend in ("triton", "reference"):
+        _, t_none = kernels.attention_with_tangent(*low, tlow[0], None, None, backend=backend)
+        _, t_zero = kernels.attention_with_tangent(*low, tlow[0], torch.zeros_like(tlow[1]),
+                                                   torch.zeros_like(tlow[2]), backend=backend)
+        torch.testing.assert_close(t_none, t_zero, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="tangent tk"):
+        kernels.attention_with_tangent(*low, None, tlow[1][:, :, :5], None)

@@ -16,8 +16,9 @@ folder (``mfsr_fast.convert.load_transformer``). A teacher without stored prompt
 a prompt-embedding file (``python -m mfsr_fast.prompts``); these embeddings are stored, frozen, in the student. Models
 in SD3 VAE latent space need ``--vae``. The ``dit4sr`` preset is the real recipe (guidance 8.0 against the negative
 prompt, bf16 autocast, FSDP2 over the GPUs under torchrun): see the README for memory needs.
-Under torchrun the JVP runs on the inner module and the gradient pass through DDP (``jvp_mode='split'``), since
-``torch.func.jvp`` cannot take a DDP wrapper.
+The tangent du/dt comes from the model's explicit tangent pass (``jvp_mode='explicit'``, the default: one call of
+the (DDP / FSDP-wrapped) model returns u and du/dt, see ``MFSRTransformer.forward``); ``jvp`` and ``split`` use
+``torch.func.jvp`` instead (``split`` on the inner module under DDP, which ``torch.func.jvp`` cannot take).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class DistillConfig(engine.TrainConfig):
     against: str = "negative"  # the guidance's other prompt: negative or null
     equal_fraction: float = 0.5  # share of samples with r = t (plain velocity matching)
     data_mix: float = 0.0  # weight of the data velocity e - x mixed into the target
-    jvp_mode: str = "auto"  # jvp | split | auto (jvp on one process, split under DDP)
+    jvp_mode: str = "auto"  # auto (= explicit) | explicit | jvp | split (torch.func.jvp; jvp not under DDP)
     jvp_fp32: bool = True  # the JVP pass outside bf16 autocast
     loss_p: float = 1.0  # adaptive weighting L / sg(L + c)^p
     loss_c: float = 1e-3
@@ -127,13 +128,11 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
         v_t = guided_velocity(teacher, z.to(tdt), c.to(tdt), t, cfg.guidance, cfg.against).float()
         if cfg.data_mix > 0:
             v_t = (1 - cfg.data_mix) * v_t + cfg.data_mix * (e - x)
-        mode = cfg.jvp_mode
-        if mode == "auto":
-            mode = "split" if d is not None and d.world > 1 else "jvp"
+        mode = "explicit" if cfg.jvp_mode == "auto" else cfg.jvp_mode
 
         # The prompt is looked up inside forward, where FSDP has gathered the weights.
-        def fn(z_, t_, r_):
-            return field(z_, c, t_, r_, prompt="positive")
+        def fn(z_, t_, r_, **kw):
+            return field(z_, c, t_, r_, prompt="positive", **kw)
 
         def inner(z_, t_, r_):
             return model.field(z_, c, t_, r_, prompt="positive")
@@ -146,8 +145,8 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
 
 def main(argv: list[str] | None = None) -> int:
     cfg = engine.parse_config(DistillConfig, PRESETS, argv, "Distil a MeanFlow one-step student (DESIGN section 3).")
-    if cfg.jvp_mode not in ("auto", "jvp", "split"):
-        raise SystemExit(f"--jvp-mode must be auto, jvp or split, got {cfg.jvp_mode!r}")
+    if cfg.jvp_mode not in ("auto", "explicit", "jvp", "split"):
+        raise SystemExit(f"--jvp-mode must be auto, explicit, jvp or split, got {cfg.jvp_mode!r}")
     if cfg.against not in ("negative", "null"):
         raise SystemExit(f"--against must be negative or null, got {cfg.against!r}")
     if cfg.jvp_mode == "jvp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
