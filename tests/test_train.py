@@ -224,13 +224,29 @@ def test_distill_dit4sr_teacher_with_vae_and_prompt_file(images, tmp_path):
     assert res.returncode != 0 and "pass --vae" in res.stderr
 
 
+def test_ddp_distill_two_gloo_ranks_equal_one_process(images, teacher_run, tmp_path):
+    """Distillation under DDP (2 CPU processes over gloo) with the default explicit tangent pass, which goes through
+    the DDP wrapper: both ranks end with the weights of one process on the global batch."""
+    teacher_dir, _ = teacher_run
+    args = ["--preset", "micro", "--teacher", teacher_dir, "--data", images, "--threads", "1", "--max-steps", "3"]
+    single, double = tmp_path / "one", tmp_path / "two"
+    res = _run(["training.distill", *args, "--output-dir", str(single)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run(["torch.distributed.run", "--nproc_per_node=2", "--master_port=29521", "-m", "training.distill", *args,
+                "--output-dir", str(double)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _weights(str(single)), _weights(str(double))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_fsdp2_two_gloo_ranks_equal_one_process_and_resume(images, teacher_run, tmp_path):
-    """Distillation with --fsdp (FSDP2, 2 CPU processes over gloo; the JVP under no_grad on the sharded model, the
-    gradient pass through it) ends with the weights and EMA of one process on the global batch; a sharded run resumes
+    """Distillation with --fsdp (FSDP2, 2 CPU processes over gloo; the explicit tangent pass and the gradient pass
+    through the sharded model) ends with the weights and EMA of one process on the global batch; a sharded run resumes
     from its own checkpoint (optimizer state re-sharded) to the same weights as an uninterrupted single process."""
     teacher_dir, _ = teacher_run
-    args = ["--preset", "micro", "--teacher", teacher_dir, "--data", images, "--threads", "1", "--jvp-mode", "split",
-            "--ema-decay", "0.5"]
+    args = ["--preset", "micro", "--teacher", teacher_dir, "--data", images, "--threads", "1", "--ema-decay", "0.5"]
     single, double = tmp_path / "one", tmp_path / "two"
     res = _run(["training.distill", *args, "--output-dir", str(single), "--max-steps", "4"])
     assert res.returncode == 0, res.stderr[-3000:]
