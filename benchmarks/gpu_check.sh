@@ -2,9 +2,13 @@
 # One GPU check, under 6 minutes, on a machine with an NVIDIA GPU and no network:
 #   1. the kernel parity tests (adaLN, attention; the tiny model's JVP through both paths), compiled for the GPU:
 #      the same tests the CPU runs through the Triton interpreter;
-#   2. the benchmarks at full size: adaLN, attention, device copy bandwidth, one MeanFlow training step, upscaling
-#      (the default against RRDBNet; the dit4sr preset's 1 step against the teacher's 40 steps x CFG, 512 px);
-#   3. a short table (GPU, dtype, shape, time, GB/s or TFLOP/s, peak memory, ratio to each baseline) as the last lines.
+#   2. a short sweep of the attention forward, tangent and fused forward+tangent tiles (python -m kernels.tune), whose best tiles the
+#      benchmarks then use (MFSR_ATTN_TILES; the file lands in the output folder);
+#   3. the benchmarks at full size: adaLN, attention, device copy bandwidth, one MeanFlow training step, upscaling
+#      (the default against RRDBNet; the dit4sr preset's 1 step against the teacher's 40 steps x CFG, 512 px), and a
+#      profile of the training steps (benchmarks/profile_step.py);
+#   4. a short table (GPU, dtype, shape, time, GB/s or TFLOP/s, peak memory, ratio to each baseline) as the last lines.
+# BENCH="attention train_step" picks benchmark files (default: all four); TUNE=0 skips the sweep.
 # Needs torch, triton, pytest and pytest-benchmark. Packages missing there (diffusers for the model tests and the
 # training-step benchmark) travel as wheels in .whl/ or .wheels/ and are installed into a private folder, offline.
 # parity.log, bench.log, one JSON per benchmark file and table.md land in ${OUT:-/tmp/mfsr_gpu_check}/.
@@ -37,7 +41,7 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff
 PT=("$PY" -m pytest -q -p no:cacheprovider --tb=short -rfE)
 timeout 170 "${PT[@]}" tests/test_adaln_kernel.py >/tmp/mfsr_parity_adaln.log 2>&1 &
 pa=$!
-timeout 170 "${PT[@]}" tests/test_attention_kernel.py >/tmp/mfsr_parity_attention.log 2>&1 &
+timeout 170 "${PT[@]}" tests/test_attention_kernel.py tests/test_model_jvp.py >/tmp/mfsr_parity_attention.log 2>&1 &
 pb=$!
 wait $pa; rc_a=$?
 wait $pb; rc_b=$?
@@ -47,9 +51,19 @@ for f in adaln attention; do
 done
 echo "parity exit codes: adaln $rc_a, attention $rc_b ($((SECONDS - start)) s so far)"
 
-# 2. Benchmarks, one file at a time (timings must not share the GPU), each with its own JSON so a timeout keeps the rest.
-for spec in adaln:150 attention:100 train_step:100 upscale:120; do
+# 2. Tile sweep for the attention forward and tangent passes (GPU time, L = 8346).
+if [ "${TUNE:-1}" = 1 ]; then
+    timeout 130 "$PY" -m kernels.tune --only attention --passes fwd,jvp,fused --budget 90 --write "$OUT_DIR/attn_tiles.json" \
+        >"$OUT_DIR/tune.log" 2>&1
+    echo "tune exit code $? ($((SECONDS - start)) s so far)"
+    grep -A4 "best per pass" "$OUT_DIR/tune.log"
+    [ -s "$OUT_DIR/attn_tiles.json" ] && export MFSR_ATTN_TILES="$OUT_DIR/attn_tiles.json"
+fi
+
+# 3. Benchmarks, one file at a time (timings must not share the GPU), each with its own JSON so a timeout keeps the rest.
+for spec in adaln:150 attention:100 train_step:150 upscale:120; do
     name=${spec%%:*}
+    case " ${BENCH:-adaln attention train_step upscale} " in *" $name "*) ;; *) continue ;; esac
     timeout "${spec##*:}" "${PT[@]}" "benchmarks/test_$name.py" --benchmark --benchmark-json="$OUT_DIR/bench_$name.json" \
         >"/tmp/mfsr_bench_$name.log" 2>&1
     echo "bench $name exit code $? ($((SECONDS - start)) s so far)"
@@ -57,5 +71,9 @@ for spec in adaln:150 attention:100 train_step:100 upscale:120; do
     cat "/tmp/mfsr_bench_$name.log" >>"$OUT_DIR/bench.log"
 done
 
-# 3. The table.
+timeout 90 "$PY" benchmarks/profile_step.py >"$OUT_DIR/profile.log" 2>&1
+echo "profile exit code $? ($((SECONDS - start)) s so far)"
+grep -E "^== " "$OUT_DIR/profile.log"
+
+# 4. The table.
 "$PY" benchmarks/summarize.py "$OUT_DIR"/bench_*.json | tee "$OUT_DIR/table.md"

@@ -44,6 +44,8 @@ def main(paths: list[str]) -> int:
                 ratios += _fmt_ratio(info, "gpu_speedup_vs_", "GPU time: {} {:.2f}x")
         else:
             rate = f"{tflops:.0f} TFLOP/s" if tflops is not None else "-"
+            if isinstance(info.get("gpu_tflops_triton"), float):
+                rate += f"; GPU time {info['gpu_ms_triton']:.3f} ms, {info['gpu_tflops_triton']:.0f} TFLOP/s"
         peak = info.get("peak_mb_triton")
         peak = f"{peak:.0f}" if isinstance(peak, float) else "-"
         print(f"| {b['name']} | {info.get('device', '?')} | {info.get('dtype', '-')} | {info.get('shape', '-')} | "

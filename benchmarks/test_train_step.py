@@ -1,16 +1,19 @@
 """One training step of the student: flow matching vs MeanFlow vs a full distillation step, reference vs Triton path.
 
 - ``fm``: forward + backward at r = t (plain flow matching);
+- ``mf_explicit``: the model's explicit tangent pass (``forward(..., tangents=...)``: u and du/dt in one call, no
+  torch.func transform), u back-propagated: what ``training.distill`` runs;
 - ``mf_jvp``: one ``torch.func.jvp`` whose primal output is back-propagated;
 - ``mf_split``: a no-grad JVP for du/dt plus an ordinary forward + backward for u;
 - ``distill``: the teacher's guided velocity (one no-grad pass over the [negative; positive] batch, w = 8), then the
-  student's ``mf_jvp`` step with it as target and tangent (DESIGN section 3). The teacher is a second model of the
-  student's size.
+  student's ``mf_explicit`` step with it as target and tangent (DESIGN section 3). The teacher is a second model of
+  the student's size.
 
 CPU (any size): the ``tiny`` preset in fp32 on the reference path; the Triton path is skipped there (interpreter
 timings are not performance figures). GPU with ``--benchmark``: a 4-block slice of the ``dit4sr`` preset (hidden 1536,
 24 heads of 64, the LR stream, two dual-attention blocks) in bf16 at the 512 px shape (1024 latent tokens per image
-stream, 154 context tokens: L = 2202 in joint attention), batch 2, on both paths. ``extra_info`` holds the step time,
+stream, 154 context tokens: L = 2202 in joint attention), batch 2 (and batch 8 for ``fm`` and ``mf_explicit``, where
+the GPU rather than the host bounds the step), on both paths. ``extra_info`` holds the step time,
 the peak GPU memory and, for the Triton path, the speedup over the reference path for the same step.
 """
 
@@ -28,13 +31,13 @@ from mfsr_fast.meanflow import adaptive_loss, meanflow_target
 CUDA = torch.cuda.is_available()
 
 
-def _setup(full: bool):
+def _setup(full: bool, batch: int = 2):
     device = "cuda" if CUDA else "cpu"
     torch.manual_seed(0)
     if CUDA and full:
         with torch.device(device):  # built on the GPU: initialising 0.4 B parameters on the CPU takes long
             m = MFSRTransformer.from_preset("dit4sr", num_layers=4, dual_attention_layers=(0, 1))
-        B, C, S, Lc = 2, m.cfg.in_channels, 64, 154
+        B, C, S, Lc = batch, m.cfg.in_channels, 64, 154
         dtype = torch.bfloat16
     else:
         m = MFSRTransformer.from_preset("tiny").to(device)
@@ -51,7 +54,7 @@ def _setup(full: bool):
     t = torch.rand(B, device=device)
     r = t * torch.rand(B, device=device)
     v = torch.randn_like(z)
-    fn = lambda z_, t_, r_: m(z_, lr, t_, r_, context=ctx, pooled=pooled)  # noqa: E731
+    fn = lambda z_, t_, r_, **kw: m(z_, lr, t_, r_, context=ctx, pooled=pooled, **kw)  # noqa: E731
     return m, fn, z, t, r, v
 
 
@@ -76,7 +79,7 @@ def _step(m, fn, z, t, r, v, kind, guided=None):
         m.zero_grad(set_to_none=True)
         if kind == "distill":
             v_t = guided(z, t)
-            u, u_tgt = meanflow_target(fn, z, t, r, v_t, mode="jvp")
+            u, u_tgt = meanflow_target(fn, z, t, r, v_t, mode="explicit")
             loss = adaptive_loss(u, u_tgt)
         elif kind == "fm":
             loss = adaptive_loss(fn(z, t, t), v)
@@ -87,9 +90,14 @@ def _step(m, fn, z, t, r, v, kind, guided=None):
     return step
 
 
-@pytest.mark.parametrize("kind", ["fm", "mf_jvp", "mf_split", "distill"])
-def test_train_step(benchmark, full, env_info, kind):
-    m, fn, z, t, r, v = _setup(full)
+@pytest.mark.parametrize("kind,batch", [
+    pytest.param(k, b, id=k if b == 2 else f"{k}-gpu-batch{b}")
+    for k, b in [("fm", 2), ("mf_explicit", 2), ("mf_jvp", 2), ("mf_split", 2), ("distill", 2), ("fm", 8),
+                 ("mf_explicit", 8)]])
+def test_train_step(benchmark, full, env_info, kind, batch):
+    if batch != 2 and not (CUDA and full):
+        pytest.skip("batch 8 is a GPU size")
+    m, fn, z, t, r, v = _setup(full, batch)
     teacher, guided = _teacher(m, z, t) if kind == "distill" else (None, None)
     info = dict(env_info, preset="dit4sr[:4 blocks]" if (CUDA and full) else "tiny", batch=z.shape[0],
                 tokens_per_stream=(z.shape[-1] // 2) ** 2, dtype=str(z.dtype).replace("torch.", ""),

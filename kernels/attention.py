@@ -9,9 +9,12 @@ softmax statistics in fp32; q, k, v may be strided (any strides with a unit last
 Kernels (each a ``torch.library.custom_op`` behind a torch.func-ready ``autograd.Function``):
 - forward: O and the log-sum-exp (online softmax, exp2);
 - tangent: a second pass that reuses the saved log-sum-exp, so P is exact per block and needs no rescaling:
-  tO = sum_j (P * tS) V + sum_j P tV - (sum_j rowsum(P * tS)) * O: 5 matmuls, 7 with the forward's 2 (a fused
-  single pass with online rescaling needs 6). Chosen because ``autograd.Function`` runs ``forward`` before ``jvp``
-  without the tangents: a fused pass could only serve a custom entry point, not ``torch.func.jvp`` of the model.
+  tO = sum_j (P * tS) V + sum_j P tV - (sum_j rowsum(P * tS)) * O: 5 matmuls, 7 with the forward's 2. This is the
+  form ``torch.func.jvp`` of a model can use: ``autograd.Function`` runs ``forward`` before ``jvp``, without the
+  tangents.
+- fused forward + tangent: O, the log-sum-exp and tO in one pass with online rescaling, 6 matmuls, for
+  ``attention_with_tangent`` (the model's explicit tangent pass, which has the tangents up front). Which of the two
+  that entry point runs (``FUSED_TANGENT``) is set by measurement: benchmarks/test_attention.py times both.
 - backward: the flash-attention-2 backward for O (dK, dV over key blocks; dQ over query blocks; no atomics).
 Memory is O(L) in every pass: nothing of size Lq x Lk is stored.
 
@@ -24,6 +27,9 @@ Caution:
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 import triton
@@ -39,6 +45,14 @@ def _dot(a, b, TF32X3: tl.constexpr):
     if TF32X3:
         return tl.dot(a, b, input_precision="tf32x3")  # 3xTF32: fp32-level accuracy on tensor cores
     return tl.dot(a, b)
+
+
+@triton.jit
+def _dot_acc(a, b, acc, TF32X3: tl.constexpr):
+    """acc + a @ b, accumulated in place (one wgmma chain on sm_90)."""
+    if TF32X3:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -82,7 +96,7 @@ def _attn_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         b_p = tl.exp2(b_s - m_new[:, None])  # [BM, BN]
         l_i = l_i * alpha + tl.sum(b_p, axis=1)
-        acc = acc * alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, TF32X3)
+        acc = _dot_acc(b_p.to(b_v.dtype), b_v, acc * alpha[:, None], TF32X3)
         m_i = m_new
     b_o = acc / l_i[:, None]
     o_base = o_ptr + i_b * so_b + i_h * so_h
@@ -113,8 +127,7 @@ def _attn_jvp_kernel(
     k_base, tk_base = k_ptr + i_b * sk_b + i_h * sk_h, tk_ptr + i_b * stk_b + i_h * stk_h
     v_base, tv_base = v_ptr + i_b * sv_b + i_h * sv_h, tv_ptr + i_b * stv_b + i_h * stv_h
     qk_scale = scale * 1.4426950408889634
-    acc_pts_v = tl.zeros([BM, D], dtype=tl.float32)  # sum (P * tS) V
-    acc_p_tv = tl.zeros([BM, D], dtype=tl.float32)  # sum P tV
+    acc = tl.zeros([BM, D], dtype=tl.float32)  # sum (P * tS) V + P tV: one accumulator for both matmuls
     r_i = tl.zeros([BM], dtype=tl.float32)  # sum rowsum(P * tS)
     for start in range(0, Lk, BN):
         o_kv = start + o_n
@@ -125,16 +138,72 @@ def _attn_jvp_kernel(
         b_tv = _load_tile(tv_base, o_kv, m_kv, stv_l, o_d, F32)  # [BN, D]
         b_s = _dot(b_q, tl.trans(b_k), TF32X3) * qk_scale  # [BM, BN]
         b_p = tl.where(m_kv[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)  # exact P from the saved LSE
-        b_ts = (_dot(b_tq, tl.trans(b_k), TF32X3) + _dot(b_q, tl.trans(b_tk), TF32X3)) * scale  # [BM, BN]
+        b_ts = _dot_acc(b_q, tl.trans(b_tk), _dot(b_tq, tl.trans(b_k), TF32X3), TF32X3) * scale  # [BM, BN]
         b_pts = b_p * b_ts
         r_i += tl.sum(b_pts, axis=1)
-        acc_pts_v += _dot(b_pts.to(b_v.dtype), b_v, TF32X3)
-        acc_p_tv += _dot(b_p.to(b_tv.dtype), b_tv, TF32X3)
+        acc = _dot_acc(b_pts.to(b_v.dtype), b_v, acc, TF32X3)
+        acc = _dot_acc(b_p.to(b_tv.dtype), b_tv, acc, TF32X3)
     b_o = _load_tile(o_ptr + i_b * so_b + i_h * so_h, o_m, m_m, so_l, o_d, True)  # [BM, D]
-    b_to = acc_pts_v + acc_p_tv - r_i[:, None] * b_o
+    b_to = acc - r_i[:, None] * b_o
     to_base = to_ptr + i_b * so_b + i_h * so_h
     tl.store(to_base + o_m[:, None].to(tl.int64) * so_l + o_d[None, :], cast_out(b_to, to_ptr, RTNE),
              mask=m_m[:, None])
+
+
+@triton.jit
+def _attn_fwd_tangent_kernel(
+    q_ptr, k_ptr, v_ptr, tq_ptr, tk_ptr, tv_ptr, o_ptr, lse_ptr, to_ptr,
+    sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+    stq_b, stq_h, stq_l, stk_b, stk_h, stk_l, stv_b, stv_h, stv_l, so_b, so_h, so_l,
+    H, Lq, Lk, scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr, TF32X3: tl.constexpr,
+    RTNE: tl.constexpr,
+):
+    """O, LSE and tO in one pass (6 matmuls a block): online softmax with unnormalised p = exp(s - m_running);
+    acc_o = sum p V, acc_t = sum (p * tS) V + p tV, r = sum rowsum(p * tS), l = sum rowsum(p), all rescaled when the
+    running max moves; then O = acc_o / l, tO = acc_t / l - (r / l) * O."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = tl.arange(0, BN)
+    o_d = tl.arange(0, D)
+    m_m = o_m < Lq
+    b_q = _load_tile(q_ptr + i_b * sq_b + i_h * sq_h, o_m, m_m, sq_l, o_d, F32)  # [BM, D]
+    b_tq = _load_tile(tq_ptr + i_b * stq_b + i_h * stq_h, o_m, m_m, stq_l, o_d, F32)  # [BM, D]
+    k_base, tk_base = k_ptr + i_b * sk_b + i_h * sk_h, tk_ptr + i_b * stk_b + i_h * stk_h
+    v_base, tv_base = v_ptr + i_b * sv_b + i_h * sv_h, tv_ptr + i_b * stv_b + i_h * stv_h
+    qk_scale = scale * 1.4426950408889634  # scores in log2 units
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    r_i = tl.zeros([BM], dtype=tl.float32)
+    acc_o = tl.zeros([BM, D], dtype=tl.float32)
+    acc_t = tl.zeros([BM, D], dtype=tl.float32)
+    for start in range(0, Lk, BN):
+        o_kv = start + o_n
+        m_kv = o_kv < Lk
+        b_k = _load_tile(k_base, o_kv, m_kv, sk_l, o_d, F32)  # [BN, D]
+        b_tk = _load_tile(tk_base, o_kv, m_kv, stk_l, o_d, F32)  # [BN, D]
+        b_s = _dot(b_q, tl.trans(b_k), TF32X3) * qk_scale  # [BM, BN]
+        b_s = tl.where(m_kv[None, :], b_s, float("-inf"))
+        b_ts = _dot_acc(b_q, tl.trans(b_tk), _dot(b_tq, tl.trans(b_k), TF32X3), TF32X3) * scale  # [BM, BN]
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        b_p = tl.exp2(b_s - m_new[:, None])  # [BM, BN], 0 on masked keys
+        b_pts = b_p * b_ts
+        l_i = l_i * alpha + tl.sum(b_p, axis=1)
+        r_i = r_i * alpha + tl.sum(b_pts, axis=1)
+        b_v = _load_tile(v_base, o_kv, m_kv, sv_l, o_d, F32)  # [BN, D]
+        b_tv = _load_tile(tv_base, o_kv, m_kv, stv_l, o_d, F32)  # [BN, D]
+        acc_o = _dot_acc(b_p.to(b_v.dtype), b_v, acc_o * alpha[:, None], TF32X3)
+        acc_t = _dot_acc(b_pts.to(b_v.dtype), b_v, acc_t * alpha[:, None], TF32X3)
+        acc_t = _dot_acc(b_p.to(b_tv.dtype), b_tv, acc_t, TF32X3)
+        m_i = m_new
+    b_o = acc_o / l_i[:, None]
+    b_to = acc_t / l_i[:, None] - (r_i / l_i)[:, None] * b_o
+    off = i_b * so_b + i_h * so_h + o_m[:, None].to(tl.int64) * so_l + o_d[None, :]
+    tl.store(o_ptr + off, cast_out(b_o, o_ptr, RTNE), mask=m_m[:, None])
+    tl.store(to_ptr + off, cast_out(b_to, to_ptr, RTNE), mask=m_m[:, None])
+    tl.store(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_m)
 
 
 @triton.jit
@@ -168,10 +237,10 @@ def _attn_bwd_dkdv_kernel(
         b_delta = tl.load(delta_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.)  # [BM]
         b_s = _dot(b_q, tl.trans(b_k), TF32X3) * qk_scale  # [BM, BN]
         b_p = tl.where(m_m[:, None] & m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
-        acc_dv += _dot(tl.trans(b_p).to(b_do.dtype), b_do, TF32X3)  # [BN, D]
+        acc_dv = _dot_acc(tl.trans(b_p).to(b_do.dtype), b_do, acc_dv, TF32X3)  # [BN, D]
         b_dp = _dot(b_do, tl.trans(b_v), TF32X3)  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])
-        acc_dk += _dot(tl.trans(b_ds).to(b_q.dtype), b_q, TF32X3)  # [BN, D]
+        acc_dk = _dot_acc(tl.trans(b_ds).to(b_q.dtype), b_q, acc_dk, TF32X3)  # [BN, D]
     o_g = o_n[:, None].to(tl.int64) * sg_l + o_d[None, :]
     g_off = i_b * sg_b + i_h * sg_h
     tl.store(dk_ptr + g_off + o_g, cast_out(acc_dk * scale, dk_ptr, RTNE), mask=m_n[:, None])
@@ -210,7 +279,7 @@ def _attn_bwd_dq_kernel(
         b_p = tl.where(m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
         b_dp = _dot(b_do, tl.trans(b_v), TF32X3)  # [BM, BN]
         b_ds = b_p * (b_dp - b_delta[:, None])
-        acc_dq += _dot(b_ds.to(b_k.dtype), b_k, TF32X3)  # [BM, D]
+        acc_dq = _dot_acc(b_ds.to(b_k.dtype), b_k, acc_dq, TF32X3)  # [BM, D]
     dq_base = dq_ptr + i_b * sg_b + i_h * sg_h
     tl.store(dq_base + o_m[:, None].to(tl.int64) * sg_l + o_d[None, :], cast_out(acc_dq * scale, dq_ptr, RTNE),
              mask=m_m[:, None])
@@ -226,10 +295,12 @@ def _attn_bwd_dq_kernel(
 _TILES_16 = {
     90: {"fwd": {32: (128, 64, 8, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
          "jvp": {32: (64, 64, 8, 2), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2)},
+         "fused": {32: (64, 64, 8, 2), 64: (128, 64, 8, 2)},
          "dkdv": {32: (64, 64, 8, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2)},
          "dq": {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}},
     80: {"fwd": {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 8, 2)},
          "jvp": {32: (64, 64, 8, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2)},
+         "fused": {32: (64, 64, 8, 2), 64: (64, 32, 8, 2)},
          "dkdv": {32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2)},
          "dq": {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}},
 }
@@ -238,6 +309,7 @@ _TILES_16 = {
 _TILES_32 = {
     90: {"fwd": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2)},
          "jvp": {32: (32, 16, 4, 2), 64: (16, 16, 4, 2)},
+         "fused": {32: (32, 16, 4, 2), 64: (16, 16, 4, 2)},  # spill-free (ptxas -v), not measured
          "dkdv": {32: (32, 16, 4, 2), 64: (32, 16, 4, 2)},
          "dq": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2)}},
 }
@@ -251,10 +323,31 @@ def arch_family(device: torch.device) -> int:
     return 90 if major >= 9 else 80
 
 
+def _read_tile_overrides() -> dict:
+    """Measured tiles from ``python -m kernels.tune --write FILE``, named by MFSR_ATTN_TILES=FILE: {(arch, kind, D):
+    tile} for 16-bit inputs. They replace the table's entries on that architecture family (not checked for spills)."""
+    path = os.environ.get("MFSR_ATTN_TILES")
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+        return {(int(spec["arch"]), kind, int(spec["head_dim"])): tuple(int(x) for x in tile)
+                for kind, tile in spec["tiles"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"MFSR_ATTN_TILES={path}: not a tile file written by python -m kernels.tune ({e})") from e
+
+
+_OVERRIDES = _read_tile_overrides()
+
+
 def launch_config(D: int, kind: str, arch: int = 90, f32: bool = False) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for a pass ("fwd", "jvp", "dkdv", "dq"); one small tile under the interpreter."""
+    """(BM, BN, num_warps, num_stages) for a pass ("fwd", "jvp", "fused", "dkdv", "dq"); one small tile under the
+    interpreter."""
     if INTERPRET:
         return 32, 32, 4, 1
+    if not f32 and (arch, kind, D) in _OVERRIDES:
+        return _OVERRIDES[(arch, kind, D)]
     return (_TILES_32 if f32 else _TILES_16)[arch][kind][D]
 
 
@@ -305,6 +398,21 @@ def attn_jvp(q, k, v, tq, tk, tv, o, lse, scale: float):
         H, Lq, Lk, scale, D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
     )
     return to
+
+
+def attn_fwd_tangent(q, k, v, tq, tk, tv, scale: float):
+    """O, LSE and tO in one fused pass (the explicit entry point's kernel)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    o = _new((B, H, Lq, D), q)
+    to = _new((B, H, Lq, D), q)
+    lse = _new((B, H, Lq), q, torch.float32)
+    BM, BN, warps, stages = _config(q, "fused")
+    _attn_fwd_tangent_kernel[(-(-Lq // BM), B * H)](
+        q, k, v, tq, tk, tv, o, lse, to, *_s(q), *_s(k), *_s(v), *_s(tq), *_s(tk), *_s(tv), *_s(o),
+        H, Lq, Lk, scale, D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
+    )
+    return o, lse, to
 
 
 def attn_bwd(do, q, k, v, o, lse, scale: float):
@@ -398,6 +506,30 @@ class FlashAttention(torch.autograd.Function):
         return jvp(q, k, v, tq, tk, tv, o, lse, ctx.scale), None
 
 
+class FlashAttentionWithTangent(torch.autograd.Function):
+    """(q, k, v, tq, tk, tv) -> (O, LSE, tO) from the fused kernel. Reverse mode for O (the flash backward); LSE and
+    tO are not differentiable (tO is consumed under stop-gradient); the tangents get no gradient."""
+
+    @staticmethod
+    def forward(q, k, v, tq, tk, tv, scale):
+        return attn_fwd_tangent(q, k, v, tq, tk, tv, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, _, _, _, scale = inputs
+        o, lse, to = output
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mark_non_differentiable(lse, to)
+
+    @staticmethod
+    def backward(ctx, do, _dlse, _dto):
+        q, k, v, o, lse = ctx.saved_tensors
+        bwd = torch.ops.mfsr.attn_bwd if any_wrapped(do, q) else attn_bwd
+        dq, dk, dv = bwd(_unit_last(do), q, k, v, o, lse, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Clear errors for what the kernel cannot take (shapes were checked by kernels.attention)."""
     D = q.shape[-1]
@@ -432,17 +564,37 @@ def attention(q, k, v, scale: float | None = None):
     return attention_with_lse(q, k, v, scale)[0]
 
 
+# The explicit entry point's default: True runs the fused single pass (6 matmuls), False the forward kernel and then
+# the tangent pass on its saved LSE (7 matmuls; the only form torch.func.jvp can use, since autograd.Function runs
+# forward before jvp without the tangents).
+FUSED_TANGENT = True
+# Head dims the fused kernel takes: with D = 128 its two [BM, D] accumulators and four operand tiles spill on sm_90
+# in every tile with wgmma (ptxas -v, Triton 3.9), so D = 128 always runs the two passes.
+FUSED_HEAD_DIMS = (32, 64)
+
+
 @torch.compiler.disable
-def attention_with_tangent(q, k, v, tq=None, tk=None, tv=None, scale: float | None = None):
+def attention_with_tangent(q, k, v, tq=None, tk=None, tv=None, scale: float | None = None,
+                           fused: bool | None = None):
     """(O, tO): O as ``attention`` (differentiable in reverse mode) and its forward-mode tangent for the input
-    tangents (None = zero), detached: the forward kernel, then the tangent pass on the saved log-sum-exp."""
+    tangents (None = zero), detached. ``fused`` (default ``FUSED_TANGENT``): one pass for O, LSE and tO, or the
+    forward kernel then the tangent pass on the saved log-sum-exp."""
+    check_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, lse = attention_with_lse(q, k, v, scale)
-    q, k, v = (_unit_last(x.detach()) for x in (q, k, v))
+    fused = (FUSED_TANGENT if fused is None else fused) and q.shape[-1] in FUSED_HEAD_DIMS
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     with torch.no_grad():
         tq, tk, tv = (torch.zeros_like(x) if t is None else _unit_last(t.detach().to(x.dtype))
                       for x, t in ((q, tq), (k, tk), (v, tv)))
-        to = attn_jvp(q, k, v, tq, tk, tv, o.detach(), lse, scale)
+    if fused:
+        if needs_autograd(q, k, v):
+            o, _, to = FlashAttentionWithTangent.apply(q, k, v, tq, tk, tv, scale)
+        else:
+            o, _, to = attn_fwd_tangent(q, k, v, tq, tk, tv, scale)
+        return o, to
+    o, lse = attention_with_lse(q, k, v, scale)
+    with torch.no_grad():
+        to = attn_jvp(q.detach(), k.detach(), v.detach(), tq, tk, tv, o.detach(), lse, scale)
     return o, to
 
 
@@ -466,11 +618,15 @@ def _aot_one(arch, dt, D):
         "fwd": (_attn_fwd_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, o_ptr=p, lse_ptr=f, **strides("q", "k", "v", "o"))),
         "jvp": (_attn_jvp_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, tq_ptr=p, tk_ptr=p, tv_ptr=p, o_ptr=p, lse_ptr=f,
                                        to_ptr=p, **strides("q", "k", "v", "tq", "tk", "tv", "o"))),
+        "fused": (_attn_fwd_tangent_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, tq_ptr=p, tk_ptr=p, tv_ptr=p, o_ptr=p,
+                                                 lse_ptr=f, to_ptr=p, **strides("q", "k", "v", "tq", "tk", "tv", "o"))),
         "dkdv": (_attn_bwd_dkdv_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, do_ptr=p, lse_ptr=f, delta_ptr=f, dk_ptr=p,
                                              dv_ptr=p, **strides("q", "k", "v", "o", "g"))),
         "dq": (_attn_bwd_dq_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, do_ptr=p, lse_ptr=f, delta_ptr=f, dq_ptr=p,
                                          **strides("q", "k", "v", "o", "g"))),
     }
     for kind, (fn, sig) in sigs.items():
+        if kind == "fused" and D not in FUSED_HEAD_DIMS:
+            continue
         BM, BN, warps, stages = (_TILES_32 if f32 else _TILES_16)[arch][kind][D]
         yield fn, {**sig, **tail}, dict(D=D, BM=BM, BN=BN, **flags), arch, dict(num_warps=warps, num_stages=stages)

@@ -29,8 +29,12 @@ ADALN = {
     "bwd": [(r, w) for r in (4, 8, 16, 32) for w in (4, 8, 16)],
 }
 ATTN = {
-    "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2)],
-    "jvp": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3)],
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (64, 64, 4, 3),
+            (128, 32, 4, 4)],
+    "jvp": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
+            (128, 32, 4, 3)],
+    "fused": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3),
+              (128, 128, 8, 2)],
     "dkdv": [(64, 64, 8, 2), (128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2), (128, 128, 8, 2)],
     "dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (128, 64, 4, 3), (64, 64, 8, 3), (128, 128, 8, 2)],
 }
@@ -73,7 +77,7 @@ def tune_adaln(B: int, L: int, D: int, deadline: float):
         adaln.launch_config = original
 
 
-def tune_attention(B: int, H: int, L: int, D: int, deadline: float):
+def tune_attention(B: int, H: int, L: int, D: int, deadline: float, passes=tuple(ATTN)):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, tq, tk, tv, do = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g)
                                for _ in range(7))
@@ -82,11 +86,14 @@ def tune_attention(B: int, H: int, L: int, D: int, deadline: float):
     calls = {
         "fwd": (lambda: flash.attn_fwd(q, k, v, scale), 4),
         "jvp": (lambda: flash.attn_jvp(q, k, v, tq, tk, tv, o, lse, scale), 10),
+        "fused": (lambda: flash.attn_fwd_tangent(q, k, v, tq, tk, tv, scale), 12),
         "dkdv": (lambda: flash.attn_bwd(do, q, k, v, o, lse, scale), 10),
         "dq": (lambda: flash.attn_bwd(do, q, k, v, o, lse, scale), 10),
     }
     table = flash._TILES_16[90]
-    for kind, cands in ATTN.items():
+    flash._OVERRIDES = {}  # the sweep sets the table itself
+    for kind in passes:
+        cands = ATTN[kind]
         default = table[kind][D]
         try:
             for cfg in cands:
@@ -100,7 +107,7 @@ def tune_attention(B: int, H: int, L: int, D: int, deadline: float):
                 except Exception as e:
                     yield dict(row, error=str(e)[:200])
                     continue
-                # jvp pass: 5 matmuls; dkdv/dq rows time the whole backward (both kernels, 5 matmuls).
+                # jvp pass: 5 matmuls; fused: 6; dkdv/dq rows time the whole backward (both kernels, 5 matmuls).
                 yield dict(row, ms=ms, tflops=mults * B * H * L * L * D / ms / 1e9)
         finally:
             table[kind][D] = default
@@ -109,6 +116,9 @@ def tune_attention(B: int, H: int, L: int, D: int, deadline: float):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=150.0, help="seconds for the whole sweep")
+    ap.add_argument("--only", choices=("adaln", "attention"), help="sweep one kernel family")
+    ap.add_argument("--passes", default="", help="attention passes to sweep, comma-separated (default: all)")
+    ap.add_argument("--write", metavar="FILE", help="write the best attention tiles as JSON, for MFSR_ATTN_TILES")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels.tune measures GPU kernels: no CUDA device here")
@@ -118,16 +128,30 @@ def main(argv=None) -> int:
     ms = _ms(lambda: b.copy_(a))
     rows = [dict(op="copy", kind="copy", bytes=4 * a.numel(), ms=ms, gbps=4 * a.numel() / ms / 1e6)]
     print(json.dumps(rows[0]), flush=True)
-    for gen in (tune_adaln(2, 8346, 1536, deadline), tune_attention(2, 24, 8346, 64, deadline)):
+    passes = [p for p in args.passes.split(",") if p] or list(ATTN)
+    gens = []
+    if args.only in (None, "adaln"):
+        gens.append(tune_adaln(2, 8346, 1536, deadline))
+    if args.only in (None, "attention"):
+        gens.append(tune_attention(2, 24, 8346, 64, deadline, passes))
+    for gen in gens:
         for row in gen:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("best per pass (GPU time by CUDA-graph replay):")
+    tiles = {}
     for op, kind in [("adaln", k) for k in ADALN] + [("attention", k) for k in ATTN]:
         ok = [r for r in rows if r["op"] == op and r["kind"] == kind and "ms" in r]
         if ok:
             best = min(ok, key=lambda r: r["ms"])
             print(f"  {op} {kind}: {json.dumps(best)}")
+            if op == "attention" and kind in ("fwd", "jvp", "fused"):  # dkdv and dq rows time the pair: not separable
+                tiles[kind] = [best["BM"], best["BN"], best["warps"], best["stages"]]
+    if args.write:
+        arch = flash.arch_family(torch.device("cuda"))
+        with open(args.write, "w") as f:
+            json.dump({"arch": arch, "dtype": "16-bit", "head_dim": 64, "tiles": tiles}, f)
+        print(f"wrote {args.write}: use it with MFSR_ATTN_TILES={args.write}")
     return 0
 
 

@@ -805,7 +805,8 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
             raise ValueError("this model has no LR stream (lr_stream=False): pass lr=None")
         t = self._check_time(t, "t", B, z)
         r = t if r is None else self._check_time(r, "r", B, z)
-        if not torch.compiler.is_compiling():
+        # One host sync for all three checks (each bool() waits for the GPU); the details only when one fails.
+        if not torch.compiler.is_compiling() and bool(((t < 0) | (t > 1) | (r < 0) | (r > 1) | (r > t)).any()):
             if bool(((t < 0) | (t > 1)).any()):
                 raise ValueError(f"t must lie in [0, 1], got values in [{float(t.min()):.4g}, {float(t.max()):.4g}]")
             if bool(((r < 0) | (r > 1)).any()):

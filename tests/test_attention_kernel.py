@@ -55,6 +55,11 @@ def test_forward_jvp_backward(L, D, dtype):
     _, to64_ad = torch.func.jvp(_math, (q, k, v), (tq, tk, tv))
     torch.testing.assert_close(to64, to64_ad, rtol=1e-9, atol=1e-9)
     assert_close_to_ref(to, to_ref, to64, "tO")
+    # The fused single pass (O, LSE and tO at once) of the explicit entry point.
+    o_f, lse_f, to_f = flash.attn_fwd_tangent(*low, *tlow, D ** -0.5)
+    assert_close_to_ref(o_f, o_ref, o64, "O fused")
+    assert_close_to_ref(lse_f, lse_ref, lse64, "LSE fused")
+    assert_close_to_ref(to_f, to_ref, to64, "tO fused")
 
     # Backward for O.
     def grads(fn, ts):
@@ -187,24 +192,27 @@ def test_explicit_tangent_entry_point(dtype):
                                atol=1e-10)
     low = [t.to(dtype) for t in (q, k, v)]
     tlow = [t.to(dtype) for t in (tq, tk, tv)]
-    o, to = kernels.attention_with_tangent(*low, *tlow, backend="triton")
     o_ref, to_ref = kernels.attention_with_tangent(*low, *tlow, backend="reference")
-    assert_close_to_ref(o, o_ref, o64, "O")
-    assert_close_to_ref(to, to_ref, to64, "tO")
-    assert not to.requires_grad and to.dtype == dtype
-    # Gradients through O equal those of attention().
     leaves = [t.detach().requires_grad_(True) for t in low]
-    g1 = torch.autograd.grad(kernels.attention_with_tangent(*leaves, *tlow, backend="triton")[0].float().sum(),
-                             leaves)
-    leaves = [t.detach().requires_grad_(True) for t in low]
-    g2 = torch.autograd.grad(kernels.attention(*leaves, backend="triton").float().sum(), leaves)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # Missing tangents are zeros, on both paths.
-    for backend in ("triton", "reference"):
-        _, t_none = kernels.attention_with_tangent(*low, tlow[0], None, None, backend=backend)
-        _, t_zero = kernels.attention_with_tangent(*low, tlow[0], torch.zeros_like(tlow[1]),
-                                                   torch.zeros_like(tlow[2]), backend=backend)
-        torch.testing.assert_close(t_none, t_zero, rtol=0, atol=1e-6)
+    g_ref = torch.autograd.grad(kernels.attention(*leaves, backend="triton").float().sum(), leaves)
+    for fused in (True, False):  # the fused single pass and forward-then-tangent
+        o, to = flash.attention_with_tangent(*low, *tlow, fused=fused)
+        assert_close_to_ref(o, o_ref, o64, f"O fused={fused}")
+        assert_close_to_ref(to, to_ref, to64, f"tO fused={fused}")
+        assert not to.requires_grad and to.dtype == dtype
+        # Gradients through O equal those of attention() (the same backward kernels on the same O and LSE).
+        leaves = [t.detach().requires_grad_(True) for t in low]
+        g = torch.autograd.grad(flash.attention_with_tangent(*leaves, *tlow, fused=fused)[0].float().sum(), leaves)
+        for a, b, name in zip(g, g_ref, ("dq", "dk", "dv")):
+            torch.testing.assert_close(a, b, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5, msg=name)
+        # Missing tangents are zeros.
+        _, t_none = flash.attention_with_tangent(*low, tlow[0], None, None, fused=fused)
+        _, t_zero = flash.attention_with_tangent(*low, tlow[0], torch.zeros_like(tlow[1]),
+                                                 torch.zeros_like(tlow[2]), fused=fused)
+        torch.testing.assert_close(t_none, t_zero, rtol=0, atol=0)
+    _, t_none = kernels.attention_with_tangent(*low, tlow[0], None, None, backend="reference")
+    _, t_zero = kernels.attention_with_tangent(*low, tlow[0], torch.zeros_like(tlow[1]), torch.zeros_like(tlow[2]),
+                                               backend="reference")
+    torch.testing.assert_close(t_none, t_zero, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="tangent tk"):
         kernels.attention_with_tangent(*low, None, tlow[1][:, :, :5], None)
