@@ -216,11 +216,7 @@ def _lr_multiple(model: MFSRTransformer) -> int:
     return max(1, model.cfg.patch_size * codec_of(model).factor // MODEL_SCALE)
 
 
-def auto_tile(model: MFSRTransformer, device: torch.device) -> int:
-    """LR tile side: the model's native size (``sample_size``, the latent side its positions are scaled for and
-    near what it was trained on), or less when its estimated working memory would not fit in a quarter of the free
-    memory. Measured on the tiny default (128 px DRealSR LR, CPU): tiles of 32 gave 33.26 dB / NIQE 6.81 in 9 s,
-    the whole image 33.06 dB / 6.33 in 14 s."""
+def _free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
@@ -232,26 +228,49 @@ def auto_tile(model: MFSRTransformer, device: torch.device) -> int:
                         free = int(line.split()[1]) * 1024
         except OSError:
             pass
+    return free
+
+
+def _tile_memory(model: MFSRTransformer, tile: int) -> int:
+    """Estimated working memory (bytes) of one LR tile of side ``tile``: model activations and the decoder's."""
     cfg = model.cfg
     codec = codec_of(model)
-    width = cfg.num_heads * cfg.head_dim
     lat = MODEL_SCALE / codec.factor  # latent cells per LR pixel
-    native = max(32, int(cfg.sample_size / lat))
+    tokens = 2 * (int(tile * lat) // cfg.patch_size) ** 2  # HR and LR streams
+    est = tokens * cfg.num_heads * cfg.head_dim * 4 * 40 + (MODEL_SCALE * tile) ** 2 * 3 * 4 * 8
+    if isinstance(codec, VAECodec):  # the VAE decoder's full-resolution activations (128 channels, fp32)
+        est += (MODEL_SCALE * tile) ** 2 * 128 * 4 * 6
+    return est
+
+
+def auto_tile(model: MFSRTransformer, device: torch.device) -> int:
+    """LR tile side: the model's native size (``sample_size``, the latent side its positions are scaled for and
+    near what it was trained on), or less when its estimated working memory would not fit in a quarter of the free
+    memory. Measured on the tiny default (128 px DRealSR LR, CPU): tiles of 32 gave 33.26 dB / NIQE 6.81 in 9 s,
+    the whole image 33.06 dB / 6.33 in 14 s."""
+    free = _free_memory(device)
+    native = max(32, int(model.cfg.sample_size / (MODEL_SCALE / codec_of(model).factor)))
     for tile in (512, 384, 256, 192, 128, 96, 64, 32):
-        tokens = 2 * (int(tile * lat) // cfg.patch_size) ** 2  # HR and LR streams
-        est = tokens * width * 4 * 40 + (MODEL_SCALE * tile) ** 2 * 3 * 4 * 8
-        if isinstance(codec, VAECodec):  # the VAE decoder's full-resolution activations (128 channels, fp32)
-            est += (MODEL_SCALE * tile) ** 2 * 128 * 4 * 6
-        if tile <= native and est < free / 4:
+        if tile <= native and _tile_memory(model, tile) < free / 4:
             return tile
     return 32
 
 
+def auto_tile_batch(model: MFSRTransformer, device: torch.device, tile: int) -> int:
+    """Tiles per model call: on a GPU as many as a quarter of the free memory holds (up to 64), since one call per
+    small tile leaves the GPU waiting on the host; 1 on the CPU, where batching gains little and costs memory."""
+    if device.type != "cuda":
+        return 1
+    return int(max(1, min(64, _free_memory(device) / 4 // max(1, _tile_memory(model, tile)))))
+
+
 def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, seed: int = 0, tile: int | None = None,
                 overlap: int | None = None, progress: Callable[[int, int], None] | None = None,
-                teacher_guidance: float | None = None) -> torch.Tensor:
+                teacher_guidance: float | None = None, tile_batch: int | None = None) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] on the model's device -> (B, 3, 4H, 4W), tiled when larger than ``tile`` LR pixels.
-    ``teacher_guidance=w`` samples the model as a flow-matching teacher (Euler, CFG w; 1: no guidance)."""
+    ``teacher_guidance=w`` samples the model as a flow-matching teacher (Euler, CFG w; 1: no guidance).
+    ``tile_batch``: tiles per model call (default ``auto_tile_batch``); the result does not depend on it beyond
+    rounding."""
     B, _, H, W = rgb.shape
     device = rgb.device
     codec = codec_of(model)
@@ -265,19 +284,23 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
     lh, lw = Hp * MODEL_SCALE // codec.factor, Wp * MODEL_SCALE // codec.factor
     noise = torch.randn(B, codec.latent_channels, lh, lw, generator=g).to(device)
     tile = tile or auto_tile(model, device)
+    group = tile_batch or auto_tile_batch(model, device, tile)
     while True:
         try:
-            out = _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance)
+            out = _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance, group)
             break
         except torch.OutOfMemoryError:
-            if device.type != "cuda" or tile <= 32:
+            if device.type != "cuda" or (tile <= 32 and group == 1):
                 raise
             torch.cuda.empty_cache()
-            tile //= 2
+            if group > 1:
+                group //= 2
+            else:
+                tile //= 2
     return out[:, :, : MODEL_SCALE * H, : MODEL_SCALE * W]
 
 
-def _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance=None):
+def _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance=None, group: int = 1):
     B, _, H, W = rgb.shape
     m = _lr_multiple(model)
     n = noise.shape[-1] / W  # latent cells per LR pixel
@@ -293,13 +316,21 @@ def _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance=N
     s = MODEL_SCALE
     acc = torch.zeros(B, 3, s * H, s * W, device=rgb.device)
     wsum = torch.zeros(1, 1, s * H, s * W, device=rgb.device)
-    total, done = len(ys) * len(xs), 0
     th, tw = min(tile, H), min(tile, W)
-    for i, y in enumerate(ys):
-        for j, x in enumerate(xs):
+    cells = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
+    total, done = len(cells), 0
+    per_call = max(1, group // B)  # tiles per model call (each tile carries the B images)
+    for k in range(0, total, per_call):
+        chunk = cells[k:k + per_call]
+        lrs, noises = [], []
+        for i, j in chunk:
+            y, x = ys[i], xs[j]
             ny, nx, nh, nw = (int(v * n) for v in (y, x, th, tw))
-            out = _sr_tile(model, rgb[:, :, y:y + th, x:x + tw], noise[:, :, ny:ny + nh, nx:nx + nw], steps,
-                           teacher_guidance)
+            lrs.append(rgb[:, :, y:y + th, x:x + tw])
+            noises.append(noise[:, :, ny:ny + nh, nx:nx + nw])
+        outs = _sr_tile(model, torch.cat(lrs), torch.cat(noises), steps, teacher_guidance).split(B)
+        for (i, j), out in zip(chunk, outs):
+            y, x = ys[i], xs[j]
             # Ramps only where a neighbouring tile overlaps (the true overlap, which the last tile may exceed).
             top = s * (ys[i - 1] + th - y) if i > 0 else 0
             bottom = s * (y + th - ys[i + 1]) if i + 1 < len(ys) else 0

@@ -225,3 +225,20 @@ def test_demo_writes_outputs_comparisons_and_times(tmp_path):
         assert im.size == (5 * 128, 128)
     with Image.open(tmp_path / "chelsea_mfsr_1step.png") as im:
         assert im.size == (128, 128)
+
+
+def test_tiles_batched_per_call_give_the_same_image():
+    """Several tiles per model call (the GPU default) equal one tile per call, for one image and for a batch of two,
+    with a tile count the batch does not divide."""
+    if not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
+        pytest.skip("embedded default model not present")
+    from mfsr_fast.inference import load_model, upscale_rgb
+
+    model = load_model("default", "cpu")
+    x = torch.from_numpy(_photo(40, 56, seed=6)).permute(2, 0, 1)[None].float() / 255
+    for batch in (x, torch.cat([x, x.flip(-1)])):
+        one = upscale_rgb(model, batch, tile=24, tile_batch=1)  # 2 x 3 tiles
+        for group in (4, 6):
+            many = upscale_rgb(model, batch, tile=24, tile_batch=group)
+            torch.testing.assert_close(many, one, rtol=0, atol=1e-4)
+    assert one.shape == (2, 3, 160, 224)
