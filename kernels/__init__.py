@@ -19,7 +19,8 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 flash = importlib.import_module("kernels.attention") if _HAS_TRITON else None
 adaln = importlib.import_module("kernels.adaln") if _HAS_TRITON else None
 
-__all__ = ["attention", "adaln_modulate", "attention_with_tangent", "adaln_modulate_with_tangent", "reference", "flash", "adaln", "triton_available"]
+__all__ = ["attention", "adaln_modulate", "attention_with_tangent", "adaln_modulate_with_tangent", "reference", "flash",
+           "adaln", "triton_available"]
 
 _BACKENDS = ("auto", "triton", "reference")
 

@@ -11,6 +11,9 @@ Architecture (DESIGN section 4):
   h = t - r each have a sinusoidal + MLP embedder, summed. The h embedder's last layer starts at zero, so a student
   initialised from a teacher equals the teacher when r = t.
 
+Forward-mode tangents: ``forward(..., tangents=(tz, tt, tr))`` also returns du along them, computed layer by layer
+by explicit formulas in the same call (MeanFlow's target without torch.func.jvp; tests/test_model_jvp.py).
+
 Time convention: t in [0, 1], t = 1 is noise, z_t = (1 - t) x + t e (diffusers' FlowMatchEulerDiscreteScheduler:
 sigma = t, timestep = 1000 t). Every attention goes through ``kernels.attention``, every adaLN modulation through
 ``kernels.adaln_modulate``.
