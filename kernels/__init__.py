@@ -39,6 +39,14 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
     return backend == "triton"
 
 
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention: q, k, v must be (B, H, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
 def _use_triton_attention(backend: str, q: torch.Tensor) -> bool:
     use = _use_triton(backend, q)
     if use and backend == "auto" and (q.shape[-1] not in flash.HEAD_DIMS or q.dtype == torch.float64
@@ -60,11 +68,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
     Differentiable in reverse mode and in forward mode (``torch.func.jvp``), with memory bounded in L.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention: q, k, v must be (B, H, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    _check_shapes(q, k, v)
     if _use_triton_attention(backend, q):
         return flash.attention(q, k, v, scale)
     return reference.attention(q, k, v, scale)
@@ -76,9 +80,7 @@ def attention_with_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq
     """(O, tO): ``attention(q, k, v)`` (differentiable in reverse mode) and its forward-mode tangent for the input
     tangents (None = zero), detached. A model's explicit tangent pass calls this instead of running under
     ``torch.func.jvp``; the kernel path is the forward kernel plus the tangent pass on its saved log-sum-exp."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention: q, k, v must be (B, H, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+    _check_shapes(q, k, v)
     for name, t, x in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
         if t is not None and t.shape != x.shape:
             raise ValueError(f"attention: tangent {name} must match its input {tuple(x.shape)}, got {tuple(t.shape)}")

@@ -362,97 +362,75 @@ class JointBlock(nn.Module):
 
     def forward(self, x, c, temb, n_img: int, grid: tuple[int, int], backend: str = "auto", tangents=None):
         """x: (B, N [+ N_lr], D), c: (B, Lc, D) or None, temb: (B, D) -> updated (x, c).
-        ``tangents`` = (tx, tc, ttemb) (each may be None = zero) -> (x, c, (tx, tc)): the explicit JVP pass."""
-        if tangents is not None:
-            return self._forward_jvp(x, c, temb, n_img, grid, backend, *tangents)
-        eps = self.cfg.eps
-        mod = self.norm1(F.silu(temb)).chunk(9 if self.dual else 6, dim=1)  # each (B, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-        y = kernels.adaln_modulate(x, shift_msa, scale_msa, eps=eps, backend=backend)  # (B, N, D)
-        if self.dual:
-            # MMDiT-X: a second modulation of the same normalised input feeds the image-only attention.
-            shift_msa2, scale_msa2, gate_msa2 = mod[6:]
-            y2 = kernels.adaln_modulate(x, shift_msa2, scale_msa2, eps=eps, backend=backend)  # (B, N, D)
-        if c is not None:
-            cmod = self.norm1_context(F.silu(temb)).chunk(2 if self.last else 6, dim=1)
-            if self.last:
-                c_scale, c_shift = cmod  # AdaLayerNormContinuous order: scale first
-                yc = kernels.adaln_modulate(c, c_shift, c_scale, eps=eps, backend=backend)  # (B, Lc, D)
-            else:
-                c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = cmod
-                yc = kernels.adaln_modulate(c, c_shift_msa, c_scale_msa, eps=eps, backend=backend)
-        else:
-            yc = None
-
-        a, ac = self.attn(y, n_img, yc, backend=backend)  # (B, N, D), (B, Lc, D) or None
-        if self.dual:
-            x = x + gate_msa[:, None] * a  # (B, N, D)
-            a2, _ = self.attn2(y2, n_img, None, backend=backend)
-            x, y = kernels.adaln_modulate(x, shift_mlp, scale_mlp, gate=gate_msa2, h=a2, eps=eps, backend=backend)
-        else:
-            x, y = kernels.adaln_modulate(x, shift_mlp, scale_mlp, gate=gate_msa, h=a, eps=eps, backend=backend)
-        x = x + gate_mlp[:, None] * self.ff(y, n_img, grid)  # (B, N, D)
-
-        if c is not None and not self.last:
-            c, yc = kernels.adaln_modulate(c, c_shift_mlp, c_scale_mlp, gate=c_gate_msa, h=ac, eps=eps,
-                                           backend=backend)
-            c = c + c_gate_mlp[:, None] * self.ff_context(yc, yc.shape[1], (0, 0))  # (B, Lc, D)
-        elif self.last:
-            c = None
-        return x, c
-
-    def _forward_jvp(self, x, c, temb, n_img, grid, backend, tx, tc, ttemb):
-        """``forward`` with tangents: the same primal ops, each followed by its tangent (DESIGN section 3's du/dt
-        without torch.func.jvp, whose per-op dispatch dominates a step's host time)."""
+        ``tangents`` = (tx, tc, ttemb) (each may be None = zero) -> (x, c, (tx, tc)): the explicit JVP pass, the same
+        primal ops, each followed by its tangent (DESIGN section 3's du/dt without torch.func.jvp)."""
+        jvp = tangents is not None
+        tx, tc, ttemb = tangents if jvp else (None, None, None)
         eps = self.cfg.eps
         n_mod = 9 if self.dual else 6
         st = F.silu(temb)
-        mod = self.norm1(st).chunk(n_mod, dim=1)  # each (B, D)
         tst = _t_silu(temb, ttemb)
+        # Image modulation chunks: shift/scale/gate (attention), shift/scale/gate (MLP) [, shift/scale/gate (attn2)].
+        mod = self.norm1(st).chunk(n_mod, dim=1)  # each (B, D)
         tmod = _t_linear(self.norm1, tst).chunk(n_mod, dim=1) if tst is not None else (None,) * n_mod
-        ada = kernels.adaln_modulate_with_tangent
-        y, ty = ada(x, mod[0], mod[1], tx=tx, tshift=tmod[0], tscale=tmod[1], eps=eps, backend=backend)
+
+        def ada(x_, shift, scale, gate=None, h=None, tx_=None, tshift=None, tscale=None, tgate=None, th=None):
+            """adaLN modulation -> (outputs, tangents); tangents are None (pairs of None with h) without jvp."""
+            if jvp:
+                return kernels.adaln_modulate_with_tangent(x_, shift, scale, gate=gate, h=h, tx=tx_, tshift=tshift,
+                                                           tscale=tscale, tgate=tgate, th=th, eps=eps,
+                                                           backend=backend)
+            out = kernels.adaln_modulate(x_, shift, scale, gate=gate, h=h, eps=eps, backend=backend)
+            return out, (None if h is None else (None, None))
+
+        @torch.no_grad()
+        def t_gated(t_base, t_gate, h, gate, t_h):
+            """Tangent of base + gate * h."""
+            return _t_add(t_base, t_gate[:, None] * h.detach() if t_gate is not None else None,
+                          gate.detach()[:, None] * t_h if t_h is not None else None)
+
+        y, ty = ada(x, mod[0], mod[1], tx_=tx, tshift=tmod[0], tscale=tmod[1])  # (B, N, D)
         if self.dual:
-            y2, ty2 = ada(x, mod[6], mod[7], tx=tx, tshift=tmod[6], tscale=tmod[7], eps=eps, backend=backend)
+            # MMDiT-X: a second modulation of the same normalised input feeds the image-only attention.
+            y2, ty2 = ada(x, mod[6], mod[7], tx_=tx, tshift=tmod[6], tscale=tmod[7])
         yc = tyc = None
         if c is not None:
             n_c = 2 if self.last else 6
             cmod = self.norm1_context(st).chunk(n_c, dim=1)
             tcmod = _t_linear(self.norm1_context, tst).chunk(n_c, dim=1) if tst is not None else (None,) * n_c
             if self.last:  # AdaLayerNormContinuous order: scale first
-                yc, tyc = ada(c, cmod[1], cmod[0], tx=tc, tshift=tcmod[1], tscale=tcmod[0], eps=eps, backend=backend)
+                yc, tyc = ada(c, cmod[1], cmod[0], tx_=tc, tshift=tcmod[1], tscale=tcmod[0])  # (B, Lc, D)
             else:
-                yc, tyc = ada(c, cmod[0], cmod[1], tx=tc, tshift=tcmod[0], tscale=tcmod[1], eps=eps, backend=backend)
+                yc, tyc = ada(c, cmod[0], cmod[1], tx_=tc, tshift=tcmod[0], tscale=tcmod[1])
 
-        a, ac, ta, tac = self.attn(y, n_img, yc, backend=backend, tx=ty, tc=tyc, jvp=True)
+        out = self.attn(y, n_img, yc, backend=backend, tx=ty, tc=tyc, jvp=jvp)
+        a, ac, ta, tac = out if jvp else (*out, None, None)  # (B, N, D), (B, Lc, D) or None
         if self.dual:
-            with torch.no_grad():
-                tx = _t_add(tx, tmod[2][:, None] * a.detach() if tmod[2] is not None else None,
-                            mod[2].detach()[:, None] * ta)
+            tx = t_gated(tx, tmod[2], a, mod[2], ta) if jvp else None
             x = x + mod[2][:, None] * a  # (B, N, D)
-            a2, _, ta2, _ = self.attn2(y2, n_img, None, backend=backend, tx=ty2, jvp=True)
-            (x, y), (tx, ty) = ada(x, mod[3], mod[4], gate=mod[8], h=a2, tx=tx, tshift=tmod[3], tscale=tmod[4],
-                                   tgate=tmod[8], th=ta2, eps=eps, backend=backend)
+            out = self.attn2(y2, n_img, None, backend=backend, tx=ty2, jvp=jvp)
+            a2, ta2 = (out[0], out[2]) if jvp else (out[0], None)
+            (x, y), (tx, ty) = ada(x, mod[3], mod[4], gate=mod[8], h=a2, tx_=tx, tshift=tmod[3], tscale=tmod[4],
+                                   tgate=tmod[8], th=ta2)
         else:
-            (x, y), (tx, ty) = ada(x, mod[3], mod[4], gate=mod[2], h=a, tx=tx, tshift=tmod[3], tscale=tmod[4],
-                                   tgate=tmod[2], th=ta, eps=eps, backend=backend)
-        f, tf = self.ff(y, n_img, grid, tx=ty, jvp=True)
-        with torch.no_grad():
-            tx = _t_add(tx, tmod[5][:, None] * f.detach() if tmod[5] is not None else None,
-                        mod[5].detach()[:, None] * tf if tf is not None else None)
+            (x, y), (tx, ty) = ada(x, mod[3], mod[4], gate=mod[2], h=a, tx_=tx, tshift=tmod[3], tscale=tmod[4],
+                                   tgate=tmod[2], th=ta)
+        f, tf = self.ff(y, n_img, grid, tx=ty, jvp=True) if jvp else (self.ff(y, n_img, grid), None)
+        tx = t_gated(tx, tmod[5], f, mod[5], tf) if jvp else None
         x = x + mod[5][:, None] * f  # (B, N, D)
 
         if c is not None and not self.last:
-            (c, yc), (tc, tyc) = ada(c, cmod[3], cmod[4], gate=cmod[2], h=ac, tx=tc, tshift=tcmod[3],
-                                     tscale=tcmod[4], tgate=tcmod[2], th=tac, eps=eps, backend=backend)
-            fc, tfc = self.ff_context(yc, yc.shape[1], (0, 0), tx=tyc, jvp=True)
-            with torch.no_grad():
-                tc = _t_add(tc, tcmod[5][:, None] * fc.detach() if tcmod[5] is not None else None,
-                            cmod[5].detach()[:, None] * tfc if tfc is not None else None)
+            (c, yc), (tc, tyc) = ada(c, cmod[3], cmod[4], gate=cmod[2], h=ac, tx_=tc, tshift=tcmod[3],
+                                     tscale=tcmod[4], tgate=tcmod[2], th=tac)
+            if jvp:
+                fc, tfc = self.ff_context(yc, yc.shape[1], (0, 0), tx=tyc, jvp=True)
+                tc = t_gated(tc, tcmod[5], fc, cmod[5], tfc)
+            else:
+                fc = self.ff_context(yc, yc.shape[1], (0, 0))
             c = c + cmod[5][:, None] * fc  # (B, Lc, D)
         elif self.last:
             c = tc = None
-        return x, c, (tx, tc)
+        return (x, c, (tx, tc)) if jvp else (x, c)
 
 
 class MFSRTransformer(ModelMixin, ConfigMixin):
@@ -594,59 +572,17 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         reverse mode) and its forward-mode derivative along (tz, tt, tr), detached, from one explicit tangent pass
         (no torch.func.jvp: works through DDP and FSDP wrappers and costs far less host time); equal to
         ``torch.func.jvp`` of the same call within rounding (tests/test_model_jvp.py)."""
-        if tangents is not None:
-            return self._forward_jvp(z, lr, t, r, context, pooled, prompt, tangents)
         cfg = self.cfg
-        if prompt is not None:
-            if context is not None or pooled is not None:
-                raise ValueError("pass either prompt or context/pooled, not both")
-            context, pooled = self.prompt(prompt, z.shape[0] if isinstance(z, torch.Tensor) else None)
-        t, r = self._check_inputs(z, lr, t, r, context, pooled)
-        B, C, H, W = z.shape
-        p = cfg.patch_size
-        hp, wp = H // p, W // p
-        backend = self.kernel_backend
-        dtype = z.dtype
-
-        pos = sincos_pos_embed(self.inner_dim, hp, wp, cfg.pos_embed_max_size, cfg.sample_size // p,
-                               device=z.device).to(dtype)  # (N, D)
-        x = self.pos_embed(z).flatten(2).transpose(1, 2) + pos  # (B, N, D)
-        n_img = x.shape[1]
-        if lr is not None:
-            x_lr = self.pos_embed(lr).flatten(2).transpose(1, 2) + pos  # (B, N, D)
-            x = torch.cat([x, x_lr], dim=1)  # (B, 2N, D)
-
-        # Dual time conditioning: embed t and h = t - r, add the pooled projection.
-        temb = self.time_embed(timestep_embedding(t * cfg.timestep_scale, cfg.time_freq_dim).to(dtype))  # (B, D)
-        temb = temb + self.h_embed(timestep_embedding((t - r) * cfg.timestep_scale, cfg.time_freq_dim).to(dtype))
-        if self.pooled_embed is not None:
-            if pooled is None:
-                pooled = z.new_zeros(B, cfg.pooled_dim)
-            temb = temb + self.pooled_embed(pooled)  # (B, D)
-        c = self.context_embed(context) if context is not None else None  # (B, Lc, D)
-
-        for blk in self.blocks:
-            x, c = blk(x, c, temb, n_img, (hp, wp), backend=backend)
-
-        x = x[:, :n_img]  # (B, N, D): only the noisy-latent tokens are decoded
-        scale, shift = self.norm_out(F.silu(temb)).chunk(2, dim=1)  # (B, D) each
-        x = kernels.adaln_modulate(x, shift, scale, eps=cfg.eps, backend=backend)  # (B, N, D)
-        x = self.proj_out(x)  # (B, N, p * p * C)
-        x = x.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, hp, p, wp, p)
-        return x.reshape(B, C, H, W)
-
-    def _forward_jvp(self, z, lr, t, r, context, pooled, prompt, tangents):
-        """``forward`` with tangents: the same primal ops, each followed by its tangent (None = zero)."""
-        cfg = self.cfg
-        if not isinstance(tangents, (tuple, list)) or len(tangents) != 3:
+        jvp = tangents is not None
+        if jvp and (not isinstance(tangents, (tuple, list)) or len(tangents) != 3):
             raise ValueError("tangents must be a tuple (tz, tt, tr), each a tensor or None")
         if prompt is not None:
             if context is not None or pooled is not None:
                 raise ValueError("pass either prompt or context/pooled, not both")
             context, pooled = self.prompt(prompt, z.shape[0] if isinstance(z, torch.Tensor) else None)
         t, r = self._check_inputs(z, lr, t, r, context, pooled)
-        tz, tt, tr = tangents
         B, C, H, W = z.shape
+        tz, tt, tr = tangents if jvp else (None, None, None)
         if tz is not None and tz.shape != z.shape:
             raise ValueError(f"the tangent of z must have z's shape {tuple(z.shape)}, got {_describe(tz)}")
         for name, tan in (("t", tt), ("r", tr)):
@@ -670,6 +606,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
             if tx is not None:
                 tx = torch.cat([tx, torch.zeros_like(x_lr)], dim=1)
 
+        # Dual time conditioning: embed t and h = t - r, add the pooled projection.
         s_t, s_h = t * cfg.timestep_scale, (t - r) * cfg.timestep_scale
         with torch.no_grad():
             ts_t = None if tt is None else tt * cfg.timestep_scale
@@ -690,21 +627,29 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         tc = None
 
         for blk in self.blocks:
-            x, c, (tx, tc) = blk(x, c, temb, n_img, (hp, wp), backend=backend, tangents=(tx, tc, ttemb))
+            if jvp:
+                x, c, (tx, tc) = blk(x, c, temb, n_img, (hp, wp), backend=backend, tangents=(tx, tc, ttemb))
+            else:
+                x, c = blk(x, c, temb, n_img, (hp, wp), backend=backend)
 
         x = x[:, :n_img]  # (B, N, D): only the noisy-latent tokens are decoded
-        tx = tx[:, :n_img] if tx is not None else None
-        st = F.silu(temb)
-        scale, shift = self.norm_out(st).chunk(2, dim=1)  # (B, D) each
-        tst = _t_silu(temb, ttemb)
-        tscale, tshift = _t_linear(self.norm_out, tst).chunk(2, dim=1) if tst is not None else (None, None)
-        x, tx = kernels.adaln_modulate_with_tangent(x, shift, scale, tx=tx, tshift=tshift, tscale=tscale,
-                                                    eps=cfg.eps, backend=backend)  # (B, N, D)
-        x, tx = self.proj_out(x), _t_linear(self.proj_out, tx)  # (B, N, p * p * C)
-        tx = torch.zeros_like(x) if tx is None else tx
-        x = x.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
-        tx = tx.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
-        return x, tx
+        scale, shift = self.norm_out(F.silu(temb)).chunk(2, dim=1)  # (B, D) each
+        if jvp:
+            tx = tx[:, :n_img] if tx is not None else None
+            tst = _t_silu(temb, ttemb)
+            tscale, tshift = _t_linear(self.norm_out, tst).chunk(2, dim=1) if tst is not None else (None, None)
+            x, tx = kernels.adaln_modulate_with_tangent(x, shift, scale, tx=tx, tshift=tshift, tscale=tscale,
+                                                        eps=cfg.eps, backend=backend)  # (B, N, D)
+            tx = _t_linear(self.proj_out, tx)
+        else:
+            x = kernels.adaln_modulate(x, shift, scale, eps=cfg.eps, backend=backend)  # (B, N, D)
+        x = self.proj_out(x)  # (B, N, p * p * C)
+
+        def unpatch(a):  # (B, N, p * p * C) -> (B, C, H, W)
+            return a.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        if not jvp:
+            return unpatch(x)
+        return unpatch(x), unpatch(torch.zeros_like(x) if tx is None else tx)
 
     def prompt(self, which, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(context, pooled) of learned prompts: ``which`` is a name from PROMPT_NAMES (repeated ``batch`` times) or a

@@ -96,7 +96,6 @@ def test_triton_path_explicit_tangent_matches_reference_jvp():
     ctx = torch.randn(2, 4, m.cfg.context_dim, generator=g).to(device)
     t = torch.tensor([0.9, 0.5], device=device)
     r = torch.tensor([0.2, 0.5], device=device)
-    tangents = (v, torch.ones_like(t), torch.zeros_like(r))
     out = {}
     for backend, mode in (("triton", "explicit"), ("reference", "jvp")):
         m.set_kernel_backend(backend).zero_grad()
@@ -106,7 +105,6 @@ def test_triton_path_explicit_tangent_matches_reference_jvp():
         out[backend] = (u.detach(), u_tgt, m.blocks[0].attn.to_q.weight.grad.clone())
     for a, b in zip(out["triton"], out["reference"]):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (a - b).abs().max()
-    assert tangents[0] is v  # inputs untouched
 
 
 def test_meanflow_target_three_modes_agree_with_gradients():
