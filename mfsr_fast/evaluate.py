@@ -3,8 +3,10 @@
 DIR holds ``HR/`` and ``LR/`` (pairs matched by name, ignoring 'HR' / 'LR' tokens). Methods (``--methods``):
 ``bicubic``; ``student:N`` (the MeanFlow student, N steps, NFE N); ``teacher:N`` (N Euler steps, NFE N) and
 ``teacher:N:cfgW`` (N steps with guidance w against the negative prompt, NFE 2N). For each: NFE, seconds per image,
-PSNR and SSIM (RGB and Y, 4-pixel border crop) and NIQE (Y, lower is better), as a Markdown table.
-LPIPS and DISTS need backbone weights that cannot be downloaded here: not computed (asked for, they say so).
+PSNR and SSIM (RGB and Y, 4-pixel border crop) and NIQE (Y, lower is better), as a Markdown table. With
+``--lpips`` / ``--dists`` and ``--perceptual-weights DIR`` (local VGG16, LPIPS and DISTS weight files, see
+``mfsr_fast.perceptual``), LPIPS and DISTS columns too (lower is better); without the folder they say where the files
+come from.
 """
 
 from __future__ import annotations
@@ -123,12 +125,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tile", type=int, default=None, help="LR tile side (default: as upscale(), the model's size)")
-    ap.add_argument("--lpips", action="store_true", help="(needs local backbone weights: not available)")
+    ap.add_argument("--lpips", action="store_true", help="LPIPS-VGG column (needs --perceptual-weights)")
+    ap.add_argument("--dists", action="store_true", help="DISTS column (needs --perceptual-weights)")
+    ap.add_argument("--perceptual-weights", default=None, metavar="DIR",
+                    help="folder with vgg16-397923af.pth, vgg.pth (LPIPS v0.1) and weights.pt (DISTS)")
     ap.add_argument("--output", default=None, help="also write the table to this Markdown file")
     args = ap.parse_args(argv)
-    if args.lpips:
-        print("LPIPS/DISTS: not computed: they need pretrained backbone weights (VGG/AlexNet) that this machine "
-              "cannot download; nothing in this package ships them.", file=sys.stderr)
+    perceptual, show = None, []
+    if args.lpips or args.dists or args.perceptual_weights:
+        from mfsr_fast.perceptual import WEIGHTS_HELP, Perceptual
+
+        if not args.perceptual_weights:
+            raise SystemExit(f"--lpips / --dists: {WEIGHTS_HELP}")
+        show = [k for k, on in (("lpips", args.lpips), ("dists", args.dists)) if on] or ["lpips", "dists"]
+        try:
+            perceptual = Perceptual(args.perceptual_weights, args.device, measures=show)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--perceptual-weights: {e}") from None
     params = None
     if args.niqe_params:
         try:
@@ -151,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher = load_teacher(args.teacher, args.device, args.prompts, args.vae)
     rows = []
     for method in methods:
-        acc = {"psnr": [], "ssim": [], "psnr_y": [], "ssim_y": [], "niqe": [], "sec": []}
+        acc = {"psnr": [], "ssim": [], "psnr_y": [], "ssim_y": [], "niqe": [], "lpips": [], "dists": [], "sec": []}
         nfe = 0
         for hr_path, lr_path in items:
             hr, lr = _rgb(hr_path), _rgb(lr_path)
@@ -164,16 +177,20 @@ def main(argv: list[str] | None = None) -> int:
             acc["ssim_y"].append(metrics.ssim(sr, hr, y=True))
             if params is not None:
                 acc["niqe"].append(metrics.niqe_rgb(sr, params))
+            if perceptual is not None:
+                for k, v in perceptual(sr, hr).items():
+                    acc[k].append(v)
         mean = {k: float(np.mean(v)) if v else float("nan") for k, v in acc.items()}
         rows.append((method, nfe, mean))
         print(f"{method}: PSNR {mean['psnr']:.2f} SSIM {mean['ssim']:.4f} NIQE {mean['niqe']:.3f} "
               f"({mean['sec']:.2f} s/img)", file=sys.stderr, flush=True)
+    extra = "".join(f" {k.upper()} |" for k in show)
     lines = [f"{os.path.basename(os.path.normpath(args.data))}, {len(items)} images",
-             "", "| method | NFE | s / image | PSNR | SSIM | PSNR-Y | SSIM-Y | NIQE |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "", f"| method | NFE | s / image | PSNR | SSIM | PSNR-Y | SSIM-Y | NIQE |{extra}",
+             "| --- " * (8 + len(show)) + "|"]
     for method, nfe, m in rows:
         lines.append(f"| {method} | {nfe} | {m['sec']:.2f} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['psnr_y']:.2f} "
-                     f"| {m['ssim_y']:.4f} | {m['niqe']:.3f} |")
+                     f"| {m['ssim_y']:.4f} | {m['niqe']:.3f} |" + "".join(f" {m[k]:.4f} |" for k in show))
     table = "\n".join(lines)
     print(table)
     if args.output:
