@@ -133,13 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     perceptual, show = None, []
     if args.lpips or args.dists or args.perceptual_weights:
+        from mfsr_fast.inference import resolve_device
         from mfsr_fast.perceptual import WEIGHTS_HELP, Perceptual
 
         if not args.perceptual_weights:
             raise SystemExit(f"--lpips / --dists: {WEIGHTS_HELP}")
         show = [k for k, on in (("lpips", args.lpips), ("dists", args.dists)) if on] or ["lpips", "dists"]
         try:
-            perceptual = Perceptual(args.perceptual_weights, args.device, measures=show)
+            perceptual = Perceptual(args.perceptual_weights, resolve_device(args.device), measures=show)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"--perceptual-weights: {e}") from None
     params = None
