@@ -140,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--lpips / --dists: {WEIGHTS_HELP}")
         show = [k for k, on in (("lpips", args.lpips), ("dists", args.dists)) if on] or ["lpips", "dists"]
         try:
-            perceptual = Perceptual(args.perceptual_weights, resolve_device(args.device), measures=show)
-        except (FileNotFoundError, ValueError) as e:
+            device = resolve_device(args.device)
+        except ValueError as e:
+            raise SystemExit(f"--device: {e}") from None
+        try:
+            perceptual = Perceptual(args.perceptual_weights, device, measures=show)
+        except ValueError as e:
             raise SystemExit(f"--perceptual-weights: {e}") from None
     params = None
     if args.niqe_params:

@@ -34,9 +34,7 @@ CHANNELS = (64, 128, 256, 512, 512)
 def _load(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # a truncated or foreign file
+    except Exception as e:  # a missing, truncated or foreign file
         raise ValueError(f"{path}: not a readable weight file ({type(e).__name__}: {e})") from None
 
 
