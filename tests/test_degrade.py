@@ -70,6 +70,16 @@ def test_sharpening_raises_high_frequency_energy():
     assert _hf_energy(D.usm_sharpen(img)) > 1.2 * _hf_energy(img)
 
 
+@pytest.mark.parametrize("size", [(2, 3, 40, 56), (1, 3, 12, 20)])  # reflect, and replicate (pad > image)
+def test_separable_filter_matches_the_2d_filter(size):
+    img = torch.rand(*size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ax = torch.arange(51, dtype=torch.float64) - 25
+    g1 = torch.exp(-ax ** 2 / (2 * 8.3 ** 2))
+    g1 = g1 / g1.sum()
+    ref = D.filter2d(img, torch.outer(g1, g1))
+    torch.testing.assert_close(D.filter2d_separable(img, g1), ref, rtol=0, atol=1e-12)
+
+
 def test_noise_adds_the_requested_variance():
     img = _image(B=2, H=128, W=128)
     g = torch.Generator().manual_seed(0)

@@ -3,6 +3,7 @@ and DDP over gloo equal to one process. Uses the ``micro`` presets (1-block mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -146,6 +147,21 @@ def test_nonfinite_steps_are_skipped_then_abort_with_checkpoint(images, tmp_path
     for k in saved:  # the checkpoint holds the weights of the last good step, not NaN
         assert torch.isfinite(saved[k]).all() and torch.equal(saved[k], after_two[k])
     assert any(not torch.equal(before[k], saved[k]) for k in saved)
+
+
+def test_max_minutes_stops_with_a_checkpoint(images, tmp_path, capsys):
+    from mfsr_fast.model import MFSRTransformer
+    from training import engine, teacher
+
+    cfg = teacher.TeacherConfig(**dict(teacher.PRESETS["micro"], data=images, output_dir=str(tmp_path / "timed"),
+                                       max_steps=1000, ckpt_every=1000, max_minutes=1e-9))
+    model = MFSRTransformer.from_preset(cfg.model_preset, **cfg.model_overrides)
+    path = engine.train(cfg, model, teacher.make_loss(cfg, engine.codec_for(model)), name="teacher")
+    meta = json.load(open(tmp_path / "timed" / "checkpoints" / "latest.json"))
+    assert meta["step"] == 1 and path.endswith("step_00000001")  # the budget ran out during the first step
+    assert "--max-minutes 1e-09 reached at step 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="max-minutes"):
+        engine.setup(dataclasses.replace(cfg, max_minutes=-1))
 
 
 def test_distill_from_teacher_run(images, teacher_run, tmp_path):

@@ -150,18 +150,31 @@ def filter2d(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, w, groups=B * C).reshape(B, C, H, W)
 
 
+def filter2d_separable(img: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    """``filter2d(img, torch.outer(k1, k1))`` as two 1-D passes (k1: (k,), odd k): 2k instead of k^2 multiplies per
+    pixel, the same padding."""
+    B, C, H, W = img.shape
+    k = k1.shape[0]
+    mode = "reflect" if k // 2 < min(H, W) else "replicate"
+    x = F.pad(img, (k // 2,) * 4, mode=mode).reshape(1, B * C, H + k - 1, W + k - 1)
+    w = k1.to(img).expand(B * C, k)
+    x = F.conv2d(x, w[:, None, None, :], groups=B * C)  # along W
+    x = F.conv2d(x, w[:, None, :, None], groups=B * C)  # along H
+    return x.reshape(B, C, H, W)
+
+
 def usm_sharpen(img: torch.Tensor, radius: int = 50, weight: float = 0.5, threshold: float = 10.0) -> torch.Tensor:
-    """Unsharp masking with a soft mask on the residual (Real-ESRGAN's USMSharp), img in [0, 1]."""
+    """Unsharp masking with a soft mask on the residual (Real-ESRGAN's USMSharp), img in [0, 1]. The Gaussian is
+    separable, so it runs as two 1-D passes (the 51 x 51 2-D filter was half of the data-loading time)."""
     size = radius + 1 if radius % 2 == 0 else radius
     sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8  # OpenCV's default sigma for this size
     ax = torch.arange(size, dtype=torch.float64) - size // 2
     g1 = torch.exp(-ax ** 2 / (2 * sigma ** 2))
-    k = torch.outer(g1, g1)
-    k = k / k.sum()
-    blur = filter2d(img, k)
+    g1 = g1 / g1.sum()
+    blur = filter2d_separable(img, g1)
     residual = img - blur
     mask = (residual.abs() * 255 > threshold).to(img.dtype)
-    soft = filter2d(mask, k)
+    soft = filter2d_separable(mask, g1)
     sharp = (img + weight * residual).clamp(0, 1)
     return soft * sharp + (1 - soft) * img
 

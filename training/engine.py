@@ -55,6 +55,7 @@ class TrainConfig:
     vae: str = ""  # diffusers AutoencoderKL folder, for models in SD3 VAE latent space (codec "sd3-vae")
     output_dir: str = "runs/run"
     max_steps: int = 2000
+    max_minutes: float = 0.0  # also stop (with a checkpoint) after this much training wall time; 0: no time limit
     batch_size: int = 16  # global batch (split over the processes)
     crop: int = 128  # HR crop in pixels; LR is crop / 4
     degradation: str = "realesrgan"  # training/degrade.py preset
@@ -132,6 +133,8 @@ class Dist:
 
 
 def setup(cfg: TrainConfig) -> Dist:
+    if cfg.max_minutes < 0:
+        raise SystemExit(f"--max-minutes must be >= 0 (0: no time limit), got {cfg.max_minutes}")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     want = cfg.device
@@ -267,6 +270,16 @@ def _ignore_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _out_of_time(deadline: float, d: Dist) -> bool:
+    """Past the wall-time budget; every rank takes rank 0's decision (their clocks differ)."""
+    late = time.monotonic() >= deadline
+    if d.world > 1:
+        flag = torch.tensor([float(late)], device=d.device)
+        dist.broadcast(flag, src=0)
+        late = bool(flag.item())
+    return late
+
+
 def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: str, extra: dict | None = None) -> str:
     """Run the loop; ``loss_fn(model_for_grad, inner_model, batch, step, d) -> loss`` computes one step's loss.
 
@@ -336,6 +349,7 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     step = start
     last_path = None
     t0, done_since = time.perf_counter(), 0
+    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else None
 
     def save(at: int) -> str:
         path = None
@@ -400,6 +414,10 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
                 last_path = save(step)
                 raise Stop(f"stopped by signal {signal.Signals(stop['signal']).name} at step {step}; checkpoint "
                            f"{last_path}; continue with --resume")
+            if deadline is not None and _out_of_time(deadline, d):
+                if d.main:
+                    print(f"\n--max-minutes {cfg.max_minutes:g} reached at step {step}", flush=True)
+                break
             if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
                 last_path = save(step)
         if step > start or last_path is None:

@@ -1,0 +1,135 @@
+"""Does a teacher sample well with many steps? ``python -m training.diagnose --teacher DIR --data EVAL_DIR``.
+
+Two rows of PSNR on centre crops of HR/LR pairs (the evaluation folders' layout):
+- the teacher's clean-image estimate x_hat = z_t - t v(z_t, t) when z_t = (1 - t) x + t e is built from the *true*
+  HR image x, at each t of ``--t-values``. An optimal estimator can only improve as t falls (it sees the LR image and
+  a less noisy z_t), so a teacher whose estimate at mid t is worse than at t = 1 drifts under Euler sampling;
+- the images Euler sampling of the teacher's velocity gives with each step count of ``--steps``, from the same noise.
+
+A flow-matching teacher worth distilling in MFSR's way (one student step ~ many guided teacher steps) must gain from
+steps; this table says whether it does before any distillation time is spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def centre_crops(root: str, limit: int, lr_crop: int, scale: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(HR (N, 3, s c, s c), LR (N, 3, c, c)) in [0, 1]: the centre ``lr_crop`` of each LR image and the matching HR."""
+    from mfsr_fast.evaluate import _rgb, pairs
+
+    hrs, lrs = [], []
+    for hr_path, lr_path in pairs(root)[:limit]:
+        hr, lr = _rgb(hr_path), _rgb(lr_path)
+        h, w = lr.shape[:2]
+        if h < lr_crop or w < lr_crop or hr.shape[:2] != (scale * h, scale * w):
+            print(f"skipping {os.path.basename(hr_path)}: LR {w} x {h} smaller than the crop {lr_crop} or HR not "
+                  f"x{scale}", file=sys.stderr)
+            continue
+        y, x = (h - lr_crop) // 2, (w - lr_crop) // 2
+        lrs.append(lr[y:y + lr_crop, x:x + lr_crop])
+        hrs.append(hr[scale * y:scale * (y + lr_crop), scale * x:scale * (x + lr_crop)])
+    if not hrs:
+        raise SystemExit(f"{root}: no pair large enough for a {lr_crop} px LR crop")
+    as_t = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
+    return as_t(hrs), as_t(lrs)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean PSNR (dB) over the batch of 8-bit-rounded images in [0, 1], 4 px border cropped."""
+    a = (a.clamp(0, 1) * 255).round()[..., 4:-4, 4:-4]
+    b = (b.clamp(0, 1) * 255).round()[..., 4:-4, 4:-4]
+    mse = (a - b).double().pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return float((10 * torch.log10(255.0 ** 2 / mse)).mean())
+
+
+@torch.inference_mode()
+def diagnose(teacher, hr: torch.Tensor, lr: torch.Tensor, t_values, steps, *, seed: int = 0, batch: int = 8) -> dict:
+    """{"x_hat": {t: PSNR}, "euler": {steps: PSNR}, "bicubic": PSNR} for the teacher on (hr, lr)."""
+    from mfsr_fast.guidance import sample_teacher
+    from mfsr_fast.inference import codec_of
+
+    dev = next(teacher.parameters()).device
+    dtype = next(teacher.parameters()).dtype
+    codec = codec_of(teacher)
+    scale = hr.shape[-1] // lr.shape[-1]
+    up = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+    out = {"bicubic": _psnr(up, hr), "x_hat": {}, "euler": {}}
+    g = torch.Generator().manual_seed(seed)
+    noise = None
+    for i in range(0, hr.shape[0], batch):
+        h, u = hr[i:i + batch].to(dev), up[i:i + batch].to(dev)
+        x, c = codec.encode(h).float(), codec.encode(u).to(dtype)
+        e = torch.randn(x.shape, generator=g).to(dev)
+        noise = e if noise is None else torch.cat([noise, e])
+        ctx, pooled = teacher.prompt("positive", x.shape[0])
+        for t in t_values:
+            tt = torch.full((x.shape[0],), float(t), device=dev)
+            z = (1 - t) * x + t * e
+            v = teacher.field(z.to(dtype), c, tt, tt, ctx, pooled).float()
+            est = codec.decode(z - t * v).clamp(0, 1)
+            out["x_hat"].setdefault(t, []).append((_psnr(est.cpu(), hr[i:i + batch]), est.shape[0]))
+        for n in steps:
+            z = sample_teacher(teacher, c, e.to(dtype), steps=n).float()
+            est = codec.decode(z).clamp(0, 1)
+            out["euler"].setdefault(n, []).append((_psnr(est.cpu(), hr[i:i + batch]), est.shape[0]))
+    mean = lambda parts: sum(p * k for p, k in parts) / sum(k for _, k in parts)  # noqa: E731
+    out["x_hat"] = {t: mean(v) for t, v in out["x_hat"].items()}
+    out["euler"] = {n: mean(v) for n, v in out["euler"].items()}
+    return out
+
+
+def table(name: str, res: dict) -> str:
+    ts, ns = list(res["x_hat"]), list(res["euler"])
+    head = ("| teacher | " + " | ".join(f"x_hat t = {t:g}" for t in ts) + " | Euler " + " / ".join(map(str, ns))
+            + " steps | bicubic |")
+    row = (f"| {name} | " + " | ".join(f"{res['x_hat'][t]:.2f}" for t in ts) + " | "
+           + " / ".join(f"{res['euler'][n]:.2f}" for n in ns) + f" | {res['bicubic']:.2f} |")
+    return "\n".join([head, "|" + " --- |" * (len(ts) + 3), row])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mfsr_fast.evaluate import load_teacher
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--teacher", required=True, help="teacher run / checkpoint / model folder")
+    ap.add_argument("--data", required=True, help="folder with HR/ and LR/ (e.g. ../shared/data/eval/drealsr_x4)")
+    ap.add_argument("--limit", type=int, default=8, help="first N pairs")
+    ap.add_argument("--crop", type=int, default=32, help="LR crop side (the default model's tile)")
+    ap.add_argument("--t-values", default="1,0.8,0.6,0.4,0.2,0.1,0.05")
+    ap.add_argument("--steps", default="1,2,4,8,40")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default="", help="also write the numbers to this file")
+    args = ap.parse_args(argv)
+    try:
+        t_values = [float(v) for v in args.t_values.split(",") if v.strip()]
+        steps = [int(v) for v in args.steps.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit("--t-values takes numbers in (0, 1], --steps positive integers, comma-separated") from None
+    if not t_values or not steps or any(not 0 < t <= 1 for t in t_values) or any(n < 1 for n in steps):
+        raise SystemExit("--t-values takes numbers in (0, 1], --steps positive integers, comma-separated")
+    if args.limit < 1 or args.crop < 8:
+        raise SystemExit("--limit must be >= 1 and --crop >= 8")
+    teacher = load_teacher(args.teacher, args.device)
+    hr, lr = centre_crops(args.data, args.limit, args.crop)
+    res = diagnose(teacher, hr, lr, t_values, steps, seed=args.seed)
+    print(f"{hr.shape[0]} centre crops of {args.data}, LR {args.crop} px, seed {args.seed}")
+    print(table(args.teacher, res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"teacher": args.teacher, "data": args.data, "pairs": hr.shape[0], "crop": args.crop, **res}, f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
