@@ -57,7 +57,7 @@ timeout $(( ${TEACHER_MIN%.*} * 60 + 120 )) "$PY" -m training.teacher --preset t
 echo "teacher exit $?"; grep -E "reached|done:|Error|error" "$W/teacher.log" | tail -3; tail -1 "$W/teacher/log.jsonl"
 
 stamp "diagnose"
-timeout 90 "$PY" -m training.diagnose --teacher "$W/teacher" --data "$EVAL" --device "$DEVICE" \
+timeout 60 "$PY" -m training.diagnose --teacher "$W/teacher" --data "$EVAL" --device "$DEVICE" \
     --steps "1,2,4,8,$STEPS" --json "$W/diagnose.json" >"$W/diagnose.log" 2>&1
 echo "diagnose exit $?"; tail -4 "$W/diagnose.log"
 
@@ -81,7 +81,7 @@ tail -3 "$W/export.log"
 stamp "evaluate, first $EVAL_PAIRS pairs"
 ev() {  # name, then evaluate's arguments
     local name=$1; shift
-    timeout 150 "$PY" -m mfsr_fast.evaluate --data "$EVAL" --limit "$EVAL_PAIRS" --niqe-params "$NIQE" \
+    timeout 120 "$PY" -m mfsr_fast.evaluate --data "$EVAL" --limit "$EVAL_PAIRS" --niqe-params "$NIQE" \
         --device "$DEVICE" --output "$W/eval_$name.md" "$@" >"$W/eval_$name.log" 2>&1
 }
 ev base --methods "bicubic,teacher:1,teacher:$STEPS" --teacher "$W/teacher" &
