@@ -198,7 +198,7 @@ def test_ddp_two_gloo_ranks_equal_one_process(images, tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
     res = _teacher(images, single, "--max-steps", "3", "--ema-decay", "0.5")
     assert res.returncode == 0, res.stderr[-3000:]
-    res = _run(["torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m", "training.teacher",
+    res = _run(["torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "training.teacher",
                 "--preset", "micro", "--data", images, "--output-dir", str(double), "--threads", "1",
                 "--max-steps", "3", "--ema-decay", "0.5"])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -248,7 +248,7 @@ def test_ddp_distill_two_gloo_ranks_equal_one_process(images, teacher_run, tmp_p
     single, double = tmp_path / "one", tmp_path / "two"
     res = _run(["training.distill", *args, "--output-dir", str(single)])
     assert res.returncode == 0, res.stderr[-3000:]
-    res = _run(["torch.distributed.run", "--nproc_per_node=2", "--master_port=29521", "-m", "training.distill", *args,
+    res = _run(["torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "training.distill", *args,
                 "--output-dir", str(double)])
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _weights(str(single)), _weights(str(double))
@@ -266,7 +266,7 @@ def test_fsdp2_two_gloo_ranks_equal_one_process_and_resume(images, teacher_run, 
     single, double = tmp_path / "one", tmp_path / "two"
     res = _run(["training.distill", *args, "--output-dir", str(single), "--max-steps", "4"])
     assert res.returncode == 0, res.stderr[-3000:]
-    torchrun = ["torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", "-m", "training.distill", *args,
+    torchrun = ["torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "training.distill", *args,
                 "--fsdp", "--output-dir", str(double)]
     res = _run([*torchrun, "--max-steps", "3"])
     assert res.returncode == 0, res.stderr[-3000:]
@@ -282,3 +282,26 @@ def test_fsdp2_two_gloo_ranks_equal_one_process_and_resume(images, teacher_run, 
         name = json.load(f)["path"]
     cfg = json.load(open(os.path.join(double, "checkpoints", name, "model", "config.json")))
     assert cfg["_class_name"] == "MFSRTransformer"
+
+
+def test_diagnose_teacher_table(teacher_run, tmp_path):
+    from training import diagnose
+
+    teacher_dir, _ = teacher_run
+    rng = np.random.default_rng(5)
+    for sub in ("HR", "LR"):
+        (tmp_path / "pairs" / sub).mkdir(parents=True)
+    for i in range(3):
+        hr = Image.fromarray(rng.uniform(0, 255, (20, 24, 3)).astype(np.uint8)).resize((96, 80), Image.NEAREST)
+        hr.save(tmp_path / "pairs" / "HR" / f"p{i}.png")
+        hr.resize((24, 20), Image.BICUBIC).save(tmp_path / "pairs" / "LR" / f"p{i}.png")
+    out = tmp_path / "diag.json"
+    assert diagnose.main(["--teacher", teacher_dir, "--data", str(tmp_path / "pairs"), "--crop", "16", "--t-values",
+                          "1,0.5,0.001", "--steps", "1,3", "--json", str(out), "--device", "cpu"]) == 0
+    res = json.load(open(out))
+    assert res["pairs"] == 3
+    assert res["euler"]["1"] == pytest.approx(res["x_hat"]["1.0"], abs=1e-6)  # one Euler step is the t = 1 estimate
+    assert res["x_hat"]["0.001"] > 35 > res["x_hat"]["1.0"]  # z_0.001 is almost the HR image itself
+    for bad in (["--t-values", "0"], ["--steps", "x"], ["--crop", "200"]):
+        with pytest.raises(SystemExit):
+            diagnose.main(["--teacher", teacher_dir, "--data", str(tmp_path / "pairs"), *bad])
