@@ -244,10 +244,11 @@ def _tile_memory(model: MFSRTransformer, tile: int) -> int:
 
 
 def auto_tile(model: MFSRTransformer, device: torch.device) -> int:
-    """LR tile side: the model's native size (``sample_size``, the latent side its positions are scaled for and
-    near what it was trained on), or less when its estimated working memory would not fit in a quarter of the free
-    memory. Measured on the tiny default (128 px DRealSR LR, CPU): tiles of 32 gave 33.26 dB / NIQE 6.81 in 9 s,
-    the whole image 33.06 dB / 6.33 in 14 s."""
+    """LR tile side: the model's native size (``sample_size``, the latent side its positions are scaled for; the
+    ``tiny`` recipes train on half that side, and 16 px tiles measured no better for the default: RESULTS.md), or
+    less when its estimated working memory would not fit in a quarter of the free memory. Measured on the tiny
+    default (128 px DRealSR LR, CPU): tiles of 32 gave 33.26 dB / NIQE 6.81 in 9 s, the whole image 33.06 dB /
+    6.33 in 14 s."""
     free = _free_memory(device)
     native = max(32, int(model.cfg.sample_size / (MODEL_SCALE / codec_of(model).factor)))
     for tile in (512, 384, 256, 192, 128, 96, 64, 32):

@@ -164,6 +164,25 @@ def test_max_minutes_stops_with_a_checkpoint(images, tmp_path, capsys):
         engine.setup(dataclasses.replace(cfg, max_minutes=-1))
 
 
+def test_degrading_on_the_device_gives_the_same_batches_and_weights(images, teacher_run, tmp_path):
+    from training import engine, teacher
+
+    cfg = teacher.TeacherConfig(**dict(teacher.PRESETS["micro"], data=images, output_dir=str(tmp_path / "x")))
+    with_workers = engine.StepBatches(cfg, 0, 1)[3]
+    hr, seeds = engine.StepBatches(cfg, 0, 1, degrade=False)[3]
+    gt, lr = engine.degrade_samples(hr, seeds, engine.DEGRADATIONS[cfg.degradation])
+    for a, b in zip(with_workers, (gt, lr, seeds)):
+        assert torch.equal(a, b)
+    ref_dir, _ = teacher_run
+    res = _teacher(images, tmp_path / "dev", "--degrade-on", "device")
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _weights(ref_dir), _weights(str(tmp_path / "dev"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    bad = _teacher(images, tmp_path / "bad", "--degrade-on", "gpu")
+    assert bad.returncode != 0 and "--degrade-on must be" in bad.stderr
+
+
 def test_distill_from_teacher_run(images, teacher_run, tmp_path):
     from training.distill import resolve_teacher
 

@@ -77,6 +77,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP
     num_workers: int = 1  # data-loading processes (0: in the training process)
+    degrade_on: str = "workers"  # where the degradation runs: workers (data-loading processes) | device (training)
     threads: int = 0  # torch CPU threads (0: torch's default)
 
 
@@ -133,6 +134,8 @@ class Dist:
 
 
 def setup(cfg: TrainConfig) -> Dist:
+    if cfg.degrade_on not in ("workers", "device"):
+        raise SystemExit(f"--degrade-on must be workers or device, got {cfg.degrade_on!r}")
     if cfg.max_minutes < 0:
         raise SystemExit(f"--max-minutes must be >= 0 (0: no time limit), got {cfg.max_minutes}")
     if cfg.threads > 0:
@@ -168,20 +171,24 @@ def sample_seed(seed: int, step: int, j: int) -> int:
 
 class StepBatches(torch.utils.data.Dataset):
     """Item s = this rank's part of the global batch of step s: HR (b, 3, crop, crop), LR (b, 3, crop/4, crop/4) and
-    the per-sample generator seeds. Deterministic in (seed, step, sample index) only."""
+    the per-sample generator seeds. Deterministic in (seed, step, sample index) only.
 
-    def __init__(self, cfg: TrainConfig, rank: int, world: int, scale: int = 4):
+    With ``degrade=False`` the item is (raw HR crops, seeds) and the caller degrades them (``degrade_samples``), e.g.
+    on the GPU: the degradation, not the image decoding, is what limits the data-loading processes."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, scale: int = 4, degrade: bool = True):
         self.cfg, self.rank, self.world, self.scale = cfg, rank, world, scale
         self.images = ImageFolder(cfg.data, crop=cfg.crop, flip=True, seed=cfg.seed, multiple_of=scale)
         self.degradation = DEGRADATIONS[cfg.degradation]
         self.per_rank = cfg.batch_size // world
+        self.degrade = degrade
 
     def __len__(self) -> int:
         return self.cfg.max_steps
 
     def __getitem__(self, step: int):
         n = len(self.images)
-        hrs, lrs, seeds = [], [], []
+        hrs, seeds = [], []
         perms: dict[int, torch.Tensor] = {}
         for j in range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank):
             flat = step * self.cfg.batch_size + j
@@ -190,13 +197,23 @@ class StepBatches(torch.utils.data.Dataset):
                 perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
             perm = perms[epoch]
             self.images.set_epoch(epoch)
-            hr = self.images[int(perm[pos])]
-            s = sample_seed(self.cfg.seed, step, j)
-            gt, lr = degrade(hr[None], self.degradation, seed=s)
-            hrs.append(gt[0])
-            lrs.append(lr[0])
-            seeds.append(s)
-        return torch.stack(hrs), torch.stack(lrs), torch.tensor(seeds, dtype=torch.long)
+            hrs.append(self.images[int(perm[pos])])
+            seeds.append(sample_seed(self.cfg.seed, step, j))
+        hr, seeds = torch.stack(hrs), torch.tensor(seeds, dtype=torch.long)
+        if not self.degrade:
+            return hr, seeds
+        return (*degrade_samples(hr, seeds, self.degradation), seeds)
+
+
+def degrade_samples(hr: torch.Tensor, seeds: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sharpened HR, LR): each sample degraded on its own with its own seed, on hr's device (so a sample's LR does
+    not depend on the batch it is in; CPU and GPU differ only in the last float bits)."""
+    gts, lrs = [], []
+    for j in range(hr.shape[0]):
+        gt, lr = degrade(hr[j:j + 1], cfg, seed=int(seeds[j]))
+        gts.append(gt)
+        lrs.append(lr)
+    return torch.cat(gts), torch.cat(lrs)
 
 
 def per_sample_generators(seeds: torch.Tensor) -> list[torch.Generator]:
@@ -325,13 +342,15 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     else:  # one process, or FSDP2 (the sharded model is its own wrapper)
         wrapped = _Field(model)
 
-    data = StepBatches(cfg, d.rank, d.world)
+    on_device = cfg.degrade_on == "device"
+    data = StepBatches(cfg, d.rank, d.world, degrade=not on_device)
     if d.main and data.images.skipped:
         print(f"skipped {len(data.images.skipped)} unreadable images", flush=True)
     sampler = range(start, cfg.max_steps)
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
                                          prefetch_factor=2 if cfg.num_workers > 0 else None,
-                                         persistent_workers=False, worker_init_fn=_ignore_signals)
+                                         persistent_workers=False, worker_init_fn=_ignore_signals,
+                                         pin_memory=on_device and d.device.type == "cuda")
 
     stop = {"signal": None}
 
@@ -363,8 +382,14 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
         return path
 
     try:
-        for hr, lr, seeds in loader:
-            batch = (hr.to(d.device), lr.to(d.device), seeds)
+        for item in loader:
+            if on_device:
+                hr, seeds = item
+                hr, lr = degrade_samples(hr.to(d.device, non_blocking=True), seeds, data.degradation)
+            else:
+                hr, lr, seeds = item
+                hr, lr = hr.to(d.device), lr.to(d.device)
+            batch = (hr, lr, seeds)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             opt.zero_grad(set_to_none=True)
