@@ -16,16 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-/tmp/mfsr_gpu_check}"
 mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python3}"
-unset TRITON_INTERPRET
-export PYTHONUNBUFFERED=1
-for d in .whl .wheels; do
-    if compgen -G "$d/*.whl" >/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mfsr_site \
-            "$d"/*.whl && export PYTHONPATH="/tmp/mfsr_site${PYTHONPATH:+:$PYTHONPATH}"
-    fi
-done
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh
 start=$SECONDS
 "$PY" - <<'PYEOF'
 import torch, triton

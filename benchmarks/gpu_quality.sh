@@ -13,7 +13,6 @@
 # Out (${OUT:-/tmp/mfsr_gpu_quality}): logs.tar.gz (logs, tables, JSON) and teacher.tar, student-g*.tar (model folders).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-/tmp/mfsr_gpu_quality}"
 W="${WORK:-/tmp/mfsr_quality}"
 pick() { if [ -e ".gpudata/$1" ]; then echo ".gpudata/$1"; else echo "../shared/data/$1"; fi; }
@@ -28,15 +27,7 @@ STEPS="${STEPS:-40}"  # the teacher's many-step rows
 DEVICE="${DEVICE:-cuda}"
 DEGRADE_ON="${DEGRADE_ON:-device}"  # device: the degradation on the GPU (workers: in the loader processes)
 NW="${NW:-$(( $(nproc) - 2 ))}"
-unset TRITON_INTERPRET
-export PYTHONUNBUFFERED=1
-for d in .whl .wheels; do
-    if compgen -G "$d/*.whl" >/dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mfsr_site \
-            "$d"/*.whl && export PYTHONPATH="/tmp/mfsr_site${PYTHONPATH:+:$PYTHONPATH}"
-    fi
-done
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh
 rm -rf "$W" && mkdir -p "$W" "$OUT_DIR"
 start=$SECONDS
 stamp() { echo "== $1 ($((SECONDS - start)) s)"; }

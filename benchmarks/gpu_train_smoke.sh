@@ -3,12 +3,7 @@
 # distillation, export, upscale. Generated images; carried wheels in .whl/ as in gpu_check.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-python3}"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mfsr_site .whl/*.whl
-    export PYTHONPATH="/tmp/mfsr_site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/gpu_env.sh
 W=/tmp/mfsr_smoke
 rm -rf $W && mkdir -p $W/imgs
 "$PY" -c "

@@ -138,27 +138,28 @@ def random_kernel(g: torch.Generator, st: StageConfig, pad_to: int) -> torch.Ten
     return _pad_kernel(gaussian_family_kernel(kind, size, sx, sy, theta, beta), pad_to)
 
 
+def _padded(img: torch.Tensor, k: int) -> torch.Tensor:
+    """img (B, C, H, W) padded by k // 2 on each side, as (1, B C, H + k - 1, W + k - 1) for a grouped conv."""
+    B, C, H, W = img.shape
+    mode = "reflect" if k // 2 < min(H, W) else "replicate"  # reflect needs the image wider than the pad
+    return F.pad(img, (k // 2,) * 4, mode=mode).reshape(1, B * C, H + k - 1, W + k - 1)
+
+
 def filter2d(img: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Per-sample 2-D filtering: img (B, C, H, W), kernels (B, k, k) or (k, k); reflect padding."""
     B, C, H, W = img.shape
     if kernels.dim() == 2:
         kernels = kernels.expand(B, -1, -1)
-    k = kernels.shape[-1]
-    mode = "reflect" if k // 2 < min(H, W) else "replicate"  # reflect needs the image wider than the pad
-    x = F.pad(img, (k // 2,) * 4, mode=mode).reshape(1, B * C, H + k - 1, W + k - 1)
     w = kernels.to(img).repeat_interleave(C, dim=0)[:, None]  # (B C, 1, k, k)
-    return F.conv2d(x, w, groups=B * C).reshape(B, C, H, W)
+    return F.conv2d(_padded(img, kernels.shape[-1]), w, groups=B * C).reshape(B, C, H, W)
 
 
 def filter2d_separable(img: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
     """``filter2d(img, torch.outer(k1, k1))`` as two 1-D passes (k1: (k,), odd k): 2k instead of k^2 multiplies per
     pixel, the same padding."""
     B, C, H, W = img.shape
-    k = k1.shape[0]
-    mode = "reflect" if k // 2 < min(H, W) else "replicate"
-    x = F.pad(img, (k // 2,) * 4, mode=mode).reshape(1, B * C, H + k - 1, W + k - 1)
-    w = k1.to(img).expand(B * C, k)
-    x = F.conv2d(x, w[:, None, None, :], groups=B * C)  # along W
+    w = k1.to(img).expand(B * C, k1.shape[0])
+    x = F.conv2d(_padded(img, k1.shape[0]), w[:, None, None, :], groups=B * C)  # along W
     x = F.conv2d(x, w[:, None, :, None], groups=B * C)  # along H
     return x.reshape(B, C, H, W)
 
