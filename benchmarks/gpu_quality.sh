@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 6's teacher-relative targets on one GPU, in under 9 minutes: does a tiny teacher trained ~8x longer than the
 # CPU recipe gain from sampling steps, and does its MeanFlow student then sit near the teacher's 40 guided steps?
-#   1. teacher: the `tiny` recipe (EMA 0.999) for TEACHER_MIN minutes of training wall time on CUDA, degrading the
-#      training crops on the GPU (DEGRADE_ON; the first run, with the degradation in 14 loader processes, was
-#      bound by them at 333 images/s);
+#   1. teacher: the `tiny` recipe (EMA 0.999) for TEACHER_MIN minutes of training wall time on CUDA, on CROP px HR
+#      crops (default 128: the 32 px LR tiles upscale() runs; the CPU recipe's 64 px crops have a quarter of the
+#      tokens, and that token count, not the positions, makes its many-step samples drift on tiles: RESULTS.md),
+#      degrading the training crops on the GPU (DEGRADE_ON; the first run, with the degradation in 14 loader
+#      processes, was bound by them at 333 images/s);
 #   2. python -m training.diagnose: its clean-image estimate against t, its Euler samples against steps;
 #   3. two students side by side (guidance 1.0 and G2) for STUDENT_MIN minutes each; both exported, the teacher too;
 #   4. python -m mfsr_fast.evaluate on the first EVAL_PAIRS DRealSR pairs: bicubic, teacher 1 / 40 / 40 x CFG G2
@@ -20,6 +22,8 @@ DATA="${DATA:-$(pick train)}"
 EVAL="${EVAL:-$(pick eval/drealsr_x4)}"
 NIQE="${NIQE:-$(pick metrics/niqe_pris_params.npz)}"
 TEACHER_MIN="${TEACHER_MIN:-3.5}"
+CROP="${CROP:-128}"  # HR training crop of teacher and students (128: the tile size; the CPU recipe: 64)
+BATCH="${BATCH:-32}"
 STUDENT_MIN="${STUDENT_MIN:-1.75}"
 G2="${G2:-1.5}"
 EVAL_PAIRS="${EVAL_PAIRS:-20}"
@@ -46,9 +50,9 @@ trap pack EXIT
 stamp "degradation on the device against the CPU"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_degrade.py -k cuda 2>&1 | tail -1
 
-stamp "teacher, $TEACHER_MIN min"
+stamp "teacher, $TEACHER_MIN min, $CROP px crops, batch $BATCH"
 timeout $(( ${TEACHER_MIN%.*} * 60 + 120 )) "$PY" -m training.teacher --preset tiny --data "$DATA" --output-dir "$W/teacher" \
-    --device "$DEVICE" --max-minutes "$TEACHER_MIN" --max-steps 1000000 --ema-decay 0.999 --degrade-on "$DEGRADE_ON" --num-workers "$NW" \
+    --crop "$CROP" --batch-size "$BATCH" --device "$DEVICE" --max-minutes "$TEACHER_MIN" --max-steps 1000000 --ema-decay 0.999 --degrade-on "$DEGRADE_ON" --num-workers "$NW" \
     --ckpt-every 1000 --log-every 100 >"$W/teacher.log" 2>&1
 echo "teacher exit $?"; grep -E "reached|done:|Error|error" "$W/teacher.log" | tail -3; tail -1 "$W/teacher/log.jsonl"
 
@@ -61,7 +65,7 @@ stamp "students, $STUDENT_MIN min each"
 pids=()
 for g in 1.0 "$G2"; do
     timeout $(( ${STUDENT_MIN%.*} * 60 + 120 )) "$PY" -m training.distill --preset tiny --data "$DATA" \
-        --teacher "$W/teacher" --output-dir "$W/student-g$g" --device "$DEVICE" --guidance "$g" \
+        --teacher "$W/teacher" --output-dir "$W/student-g$g" --crop "$CROP" --batch-size "$BATCH" --device "$DEVICE" --guidance "$g" \
         --max-minutes "$STUDENT_MIN" --max-steps 1000000 --degrade-on "$DEGRADE_ON" --num-workers $(( NW / 2 )) --ckpt-every 1000 \
         --log-every 50 >"$W/student-g$g.log" 2>&1 &
     pids+=($!)
