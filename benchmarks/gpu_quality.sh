@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 6's teacher-relative targets on one GPU, in under 9 minutes: does a tiny teacher trained ~8x longer than the
-# CPU recipe gain from sampling steps, and does its MeanFlow student then sit near the teacher's 40 guided steps?
+# Issue 6's teacher-relative targets on one GPU (485 s on an H200 with 64 px crops; every stage has a time limit):
+# does a tiny teacher trained longer than the CPU recipe (that run: 2062 steps against 600) gain from sampling steps,
+# and does its MeanFlow student then sit near the teacher's 40 guided steps?
 #   1. teacher: the `tiny` recipe (EMA 0.999) for TEACHER_MIN minutes of training wall time on CUDA, on CROP px HR
 #      crops (default 128: the 32 px LR tiles upscale() runs; the CPU recipe's 64 px crops have a quarter of the
 #      tokens, and that token count, not the positions, makes its many-step samples drift on tiles: RESULTS.md),
