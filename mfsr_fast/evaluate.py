@@ -1,9 +1,12 @@
 """Paper-style evaluation: ``python -m mfsr_fast.evaluate --data DIR [--teacher DIR] --niqe-params FILE``.
 
 DIR holds ``HR/`` and ``LR/`` (pairs matched by name, ignoring 'HR' / 'LR' tokens). Methods (``--methods``):
-``bicubic``; ``student:N`` (the MeanFlow student, N steps, NFE N); ``teacher:N`` (N Euler steps, NFE N) and
-``teacher:N:cfgW`` (N steps with guidance w against the negative prompt, NFE 2N). For each: NFE, seconds per image,
-PSNR and SSIM (RGB and Y, 4-pixel border crop) and NIQE (Y, lower is better), as a Markdown table. With
+``bicubic``; ``realesrgan`` (Real-ESRGAN x4plus alone, ``mfsr_fast.restorer``); ``student:N`` (the MeanFlow student,
+N steps, NFE N); ``teacher:N`` (N Euler steps, NFE N) and ``teacher:N:cfgW`` (N steps with guidance w against the
+negative prompt, NFE 2N). For each: NFE, seconds per image, PSNR and SSIM (RGB and Y, ``--border`` pixels cropped,
+4 by default as for x4 in the literature) and NIQE (Y, whole image, lower is better), as a Markdown table.
+Restorer-conditioned models share one R(LR) per image within a run: it is computed once (timed) and its time is
+added to each such method's seconds per image, so every row's time is what that method costs on its own. With
 ``--lpips`` / ``--dists`` and ``--perceptual-weights DIR`` (local VGG16, LPIPS and DISTS weight files, see
 ``mfsr_fast.perceptual``), LPIPS and DISTS columns too (lower is better); without the folder they say where the files
 come from.
@@ -49,42 +52,88 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def parse_method(method: str) -> tuple[str, int, float]:
-    """'bicubic' | 'student:N' | 'teacher:N' | 'teacher:N:cfgW' -> (kind, steps, guidance); SystemExit otherwise."""
+    """'bicubic' | 'realesrgan' | 'student:N' | 'teacher:N' | 'teacher:N:cfgW' -> (kind, steps, guidance);
+    SystemExit otherwise."""
     kind, *rest = method.split(":")
     try:
-        if kind == "bicubic" and not rest:
-            return kind, 0, 1.0
+        if kind in ("bicubic", "realesrgan") and not rest:
+            return kind, 0 if kind == "bicubic" else 1, 1.0
         if kind == "student" and len(rest) <= 1:
             return kind, int(rest[0]) if rest else 1, 1.0
         if kind == "teacher" and len(rest) <= 2 and (len(rest) < 2 or rest[1].startswith("cfg")):
             return kind, int(rest[0]) if rest else 1, float(rest[1][3:]) if len(rest) == 2 else 1.0
     except ValueError:
         pass
-    raise SystemExit(f"unknown method {method!r} (bicubic, student:N, teacher:N, teacher:N:cfgW, e.g. "
+    raise SystemExit(f"unknown method {method!r} (bicubic, realesrgan, student:N, teacher:N, teacher:N:cfgW, e.g. "
                      "teacher:40:cfg1.5)")
 
 
-def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: int, tile: int | None = None
-               ) -> tuple[np.ndarray, int]:
-    """(SR uint8 image, NFE)."""
-    from mfsr_fast.inference import _bicubic, upscale_rgb
+class RestoredCache:
+    """R(LR) for the image in hand, computed once and shared by every method that needs it; ``seconds`` is what it
+    cost, added to each such method's time."""
+
+    def __init__(self, device=None):
+        self.device, self.key, self.value, self.seconds = device, None, None, 0.0
+        self._restorer = None
+
+    def restorer(self):
+        if self._restorer is None:
+            from mfsr_fast.restorer import load_restorer
+
+            try:
+                self._restorer = load_restorer(device=self.device)
+            except ValueError as e:
+                raise SystemExit(f"realesrgan: {e}") from None
+        return self._restorer
+
+    def get(self, key: str, x: torch.Tensor, restorer=None) -> tuple[torch.Tensor, float, bool]:
+        """(R(x), seconds it took, whether this call computed it) for image ``key``."""
+        r = restorer or self.restorer()
+        key = (key, os.path.abspath(r.path) if r.path else id(r))  # a model may carry a restorer of its own
+        fresh = self.key != key
+        if fresh:
+            t0 = time.perf_counter()
+            self.value = r(x.to(r.device))
+            self.seconds = time.perf_counter() - t0
+            self.key = key
+        return self.value, self.seconds, fresh
+
+
+def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: int, tile: int | None = None,
+               cache: RestoredCache | None = None, key: str = "") -> tuple[np.ndarray, int, float]:
+    """(SR uint8 image, NFE, seconds to charge for R(LR) beyond this call's own time): a method that used the
+    cached R(LR) of an earlier method is charged what computing it cost; one that computed it, nothing more."""
+    from mfsr_fast.inference import _bicubic, restorer_of, upscale_rgb
 
     x = torch.from_numpy(np.ascontiguousarray(lr).copy()).permute(2, 0, 1)[None].float() / 255
     h, w = hr_shape[:2]
+    cache = cache or RestoredCache()
+    key = key or str(id(lr))
     if method == "bicubic":
-        return np.asarray(Image.fromarray(lr).resize((w, h), Image.BICUBIC)), 0
+        return np.asarray(Image.fromarray(lr).resize((w, h), Image.BICUBIC)), 0, 0.0
+
+    def finish(out):
+        return _to_uint8(_bicubic(out, (h, w)) if out.shape[-2:] != (h, w) else out)
+
     kind, steps, w_cfg = parse_method(method)
+    if kind == "realesrgan":
+        out, sec, fresh = cache.get(key, x)
+        return finish(out), 1, 0.0 if fresh else sec
+    model = student if kind == "student" else teacher
+    if model is None:
+        raise SystemExit(f"method {method}: pass --teacher DIR")
+    dev = next(model.parameters()).device
+    restored, sec = None, 0.0
+    if model.needs_restorer:
+        restored, sec, fresh = cache.get(key, x, restorer_of(model))
+        sec = 0.0 if fresh else sec
+    nfe = steps + (1 if restored is not None else 0)  # R counts as one network pass
     if kind == "student":
-        dev = next(student.parameters()).device
-        out = upscale_rgb(student, x.to(dev), steps=steps, seed=seed, tile=tile)
-        return _to_uint8(_bicubic(out, (h, w)) if out.shape[-2:] != (h, w) else out), steps
-    if kind == "teacher":
-        if teacher is None:
-            raise SystemExit(f"method {method}: pass --teacher DIR")
-        dev = next(teacher.parameters()).device
-        out = upscale_rgb(teacher, x.to(dev), steps=steps, seed=seed, tile=tile, teacher_guidance=w_cfg)
-        return _to_uint8(_bicubic(out, (h, w)) if out.shape[-2:] != (h, w) else out), steps * (1 if w_cfg == 1 else 2)
-    raise AssertionError(kind)
+        out = upscale_rgb(student, x.to(dev), steps=steps, seed=seed, tile=tile, restored=restored)
+        return finish(out), nfe, sec
+    out = upscale_rgb(teacher, x.to(dev), steps=steps, seed=seed, tile=tile, teacher_guidance=w_cfg,
+                      restored=restored)
+    return finish(out), nfe + (0 if w_cfg == 1 else steps), sec
 
 
 def load_teacher(path: str, device=None, prompts: str | None = None, vae: str | None = None):
@@ -102,6 +151,7 @@ def load_teacher(path: str, device=None, prompts: str | None = None, vae: str | 
             folder = path  # a DiT4SR / SD3.5 folder: load_transformer says what is wrong with it
         teacher, _ = load(folder, prompts=prompts)
         teacher = teacher.to(dev).eval().requires_grad_(False)
+        teacher._mfsr_dir = folder  # where a carried restorer is looked up
         if teacher.cfg.codec == "sd3-vae":
             if not vae:
                 raise ValueError("the teacher works in SD3 VAE latents: pass --vae")
@@ -125,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tile", type=int, default=None, help="LR tile side (default: as upscale(), the model's size)")
+    ap.add_argument("--border", type=int, default=4, help="pixels cropped from each side for PSNR / SSIM (default "
+                    "%(default)s, the x4 convention; 0 for DESIGN section 8's DRealSR numbers)")
     ap.add_argument("--lpips", action="store_true", help="LPIPS-VGG column (needs --perceptual-weights)")
     ap.add_argument("--dists", action="store_true", help="DISTS column (needs --perceptual-weights)")
     ap.add_argument("--perceptual-weights", default=None, metavar="DIR",
@@ -167,30 +219,44 @@ def main(argv: list[str] | None = None) -> int:
     teacher = None
     if args.teacher:
         teacher = load_teacher(args.teacher, args.device, args.prompts, args.vae)
-    rows = []
-    for method in methods:
-        acc = {"psnr": [], "ssim": [], "psnr_y": [], "ssim_y": [], "niqe": [], "lpips": [], "dists": [], "sec": []}
-        nfe = 0
-        for hr_path, lr_path in items:
-            hr, lr = _rgb(hr_path), _rgb(lr_path)
+    if args.border < 0:
+        raise SystemExit("--border must be >= 0")
+    from mfsr_fast.inference import resolve_device
+
+    cache = RestoredCache(resolve_device(args.device))
+    accs = {m: {"psnr": [], "ssim": [], "psnr_y": [], "ssim_y": [], "niqe": [], "lpips": [], "dists": [], "sec": []}
+            for m in methods}
+    nfes = dict.fromkeys(methods, 0)
+    b = args.border
+    # Image by image, every method on it (so one R(LR) serves all the methods that need it).
+    from tqdm import tqdm
+
+    for hr_path, lr_path in tqdm(items, desc="evaluate", unit="image", file=sys.stderr, leave=False):
+        hr, lr = _rgb(hr_path), _rgb(lr_path)
+        for method in methods:
+            acc = accs[method]
             t0 = time.perf_counter()
-            sr, nfe = run_method(method, lr, hr.shape, student, teacher, args.seed, args.tile)
-            acc["sec"].append(time.perf_counter() - t0)
-            acc["psnr"].append(metrics.psnr(sr, hr))
-            acc["ssim"].append(metrics.ssim(sr, hr))
-            acc["psnr_y"].append(metrics.psnr(sr, hr, y=True))
-            acc["ssim_y"].append(metrics.ssim(sr, hr, y=True))
+            sr, nfes[method], charge = run_method(method, lr, hr.shape, student, teacher, args.seed, args.tile,
+                                                  cache, lr_path)
+            acc["sec"].append(time.perf_counter() - t0 + charge)
+            acc["psnr"].append(metrics.psnr(sr, hr, border=b))
+            acc["ssim"].append(metrics.ssim(sr, hr, border=b))
+            acc["psnr_y"].append(metrics.psnr(sr, hr, border=b, y=True))
+            acc["ssim_y"].append(metrics.ssim(sr, hr, border=b, y=True))
             if params is not None:
                 acc["niqe"].append(metrics.niqe_rgb(sr, params))
             if perceptual is not None:
                 for k, v in perceptual(sr, hr).items():
                     acc[k].append(v)
-        mean = {k: float(np.mean(v)) if v else float("nan") for k, v in acc.items()}
-        rows.append((method, nfe, mean))
+    rows = []
+    for method in methods:
+        mean = {k: float(np.mean(v)) if v else float("nan") for k, v in accs[method].items()}
+        rows.append((method, nfes[method], mean))
         print(f"{method}: PSNR {mean['psnr']:.2f} SSIM {mean['ssim']:.4f} NIQE {mean['niqe']:.3f} "
               f"({mean['sec']:.2f} s/img)", file=sys.stderr, flush=True)
     extra = "".join(f" {k.upper()} |" for k in show)
-    lines = [f"{os.path.basename(os.path.normpath(args.data))}, {len(items)} images",
+    lines = [f"{os.path.basename(os.path.normpath(args.data))}, {len(items)} images, PSNR / SSIM with {b} px border "
+             "cropped",
              "", f"| method | NFE | s / image | PSNR | SSIM | PSNR-Y | SSIM-Y | NIQE |{extra}",
              "| --- " * (8 + len(show)) + "|"]
     for method, nfe, m in rows:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from mfsr_fast.codec import PixelCodec, VAECodec
 from mfsr_fast.guidance import sample_teacher
 from mfsr_fast.imageio import ImageError, ImageMeta, array_to_pil, pil_to_array, read_image, to_uint16
-from mfsr_fast.meanflow import sample
+from mfsr_fast.meanflow import sample, time_grid
 from mfsr_fast.model import MFSRTransformer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "default")
@@ -50,6 +50,44 @@ def codec_of(model: MFSRTransformer):
                      "folder with a vae/ subfolder (load_model(PATH)), or attach_codec(model, VAECodec(...))")
 
 
+def restorer_of(model: MFSRTransformer):
+    """The frozen restorer a restorer-conditioned model needs (``None`` for the others): the one attached with
+    ``attach_restorer``, else the one its config names, looked up in the model's folder first
+    (``mfsr_fast.restorer.resolve_restorer``), on the model's device."""
+    if not model.needs_restorer:
+        return None
+    r = getattr(model, "_mfsr_restorer", None)
+    if r is None:
+        from mfsr_fast.restorer import load_restorer
+
+        p = next(model.parameters())
+        r = load_restorer(model.cfg.restorer, device=p.device, model_dir=getattr(model, "_mfsr_dir", None))
+        model._mfsr_restorer = r
+    return r
+
+
+def attach_restorer(model: MFSRTransformer, restorer) -> MFSRTransformer:
+    """Keep ``restorer`` (a ``mfsr_fast.restorer.Restorer``) with ``model``, on the model's device."""
+    restorer.to(device=next(model.parameters()).device)
+    model._mfsr_restorer = restorer
+    return model
+
+
+def lr_condition(model: MFSRTransformer, codec, lr: torch.Tensor, restored: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The LR stream's input for LR images (B, 3, h, w) in [0, 1], encoded by ``codec``: the bicubic upsampling x4,
+    R(LR) (``restored``, (B, 3, 4h, 4w) in [0, 1]) or both concatenated, as the model's ``lr_source`` says."""
+    source = model.cfg.lr_source
+    if source == "bicubic":
+        return codec.encode(_bicubic(lr, (MODEL_SCALE * lr.shape[-2], MODEL_SCALE * lr.shape[-1])))
+    if restored is None or restored.shape[-2:] != (MODEL_SCALE * lr.shape[-2], MODEL_SCALE * lr.shape[-1]):
+        raise ValueError(f"lr_source {source!r} needs R(LR) at x{MODEL_SCALE} the LR size")
+    c = codec.encode(restored)
+    if source == "restorer":
+        return c
+    return torch.cat([c, codec.encode(_bicubic(lr, restored.shape[-2:]))], dim=1)
+
+
 def attach_codec(model: MFSRTransformer, codec) -> MFSRTransformer:
     """Keep ``codec`` with ``model`` (for models whose codec is a VAE), on the model's device."""
     p = next(model.parameters())
@@ -63,6 +101,9 @@ def attach_codec(model: MFSRTransformer, codec) -> MFSRTransformer:
 def _load(path: str, device: str, dtype: str) -> MFSRTransformer:
     m = MFSRTransformer.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=getattr(torch, dtype))
     m = m.to(device=device).eval().requires_grad_(False)
+    m._mfsr_dir = path
+    if m.needs_restorer:
+        restorer_of(m)  # a missing restorer fails here, with what to run
     if m.cfg.codec == "sd3-vae":
         vae = _vae_folder(path)
         if vae is None:
@@ -130,6 +171,8 @@ def load_model(model="default", device=None, dtype=None) -> MFSRTransformer:
     m = m.to(dev)
     if isinstance(getattr(m, "_mfsr_codec", None), VAECodec):
         m._mfsr_codec.to(device=dev)
+    if m.needs_restorer:
+        restorer_of(m).to(device=dev)
     return m
 
 
@@ -173,24 +216,25 @@ def _bicubic(x: torch.Tensor, size) -> torch.Tensor:
 
 @torch.inference_mode()
 def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, steps: int,
-             teacher_guidance: float | None = None) -> torch.Tensor:
+             teacher_guidance: float | None = None, restored: torch.Tensor | None = None) -> torch.Tensor:
     """lr (B, 3, h, w) in [0, 1], h and w multiples of ``_lr_multiple``; noise (B, C, 4h / f, 4w / f) in the codec's
-    space: -> (B, 3, 4h, 4w). A student takes MeanFlow jumps; with ``teacher_guidance`` the model is sampled as a
-    teacher (Euler steps of the guided velocity)."""
+    space; ``restored`` R(lr) (B, 3, 4h, 4w) for restorer-conditioned models: -> (B, 3, 4h, 4w). A student takes
+    MeanFlow jumps; with ``teacher_guidance`` the model is sampled as a teacher (Euler steps of the guided velocity).
+    The flow runs in the model's space (``to_flow``: a scaled residual over R(LR) for residual models)."""
     codec = codec_of(model)
-    B, _, h, w = lr.shape
+    B = lr.shape[0]
     dtype = next(model.parameters()).dtype
-    c = codec.encode(_bicubic(lr, (MODEL_SCALE * h, MODEL_SCALE * w))).to(dtype)
+    c = lr_condition(model, codec, lr, restored).to(dtype)
     if teacher_guidance is not None:
-        x = sample_teacher(model, c, noise.to(dtype), steps=steps, guidance=teacher_guidance)
-        return codec.decode(x.float()).clamp(0, 1)
-    ctx, pooled = model.prompt("positive", B)
+        y = sample_teacher(model, c, noise.to(dtype), steps=steps, guidance=teacher_guidance)
+    else:
+        ctx, pooled = model.prompt("positive", B)
 
-    def fn(z, t, r):
-        return model.field(z, c, t.expand(B), r.expand(B), ctx, pooled)
+        def fn(z, t, r):
+            return model.field(z, c, t.expand(B), r.expand(B), ctx, pooled)
 
-    x = sample(fn, noise.to(dtype), steps=steps)
-    return codec.decode(x.float()).clamp(0, 1)
+        y = sample(fn, noise.to(dtype), timesteps=time_grid(steps, refine_t=model.cfg.refine_t, device=noise.device))
+    return codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
 
 
 def _window(n: int, left: int, right: int, device) -> torch.Tensor:
@@ -267,20 +311,32 @@ def auto_tile_batch(model: MFSRTransformer, device: torch.device, tile: int) -> 
 
 def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, seed: int = 0, tile: int | None = None,
                 overlap: int | None = None, progress: Callable[[int, int], None] | None = None,
-                teacher_guidance: float | None = None, tile_batch: int | None = None) -> torch.Tensor:
+                teacher_guidance: float | None = None, tile_batch: int | None = None,
+                restored: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] on the model's device -> (B, 3, 4H, 4W), tiled when larger than ``tile`` LR pixels.
     ``teacher_guidance=w`` samples the model as a flow-matching teacher (Euler, CFG w; 1: no guidance).
     ``tile_batch``: tiles per model call (default ``auto_tile_batch``); the result does not depend on it beyond
-    rounding."""
+    rounding. A restorer-conditioned model runs its restorer once on the whole image (tiled inside the restorer with
+    real context), and each tile takes its part; ``restored`` passes R(rgb) (B, 3, 4H, 4W) computed already."""
     B, _, H, W = rgb.shape
     device = rgb.device
     codec = codec_of(model)
     m = _lr_multiple(model)
+    if model.needs_restorer:
+        if restored is None:
+            restored = restorer_of(model)(rgb)
+        elif restored.shape != (B, 3, MODEL_SCALE * H, MODEL_SCALE * W):
+            raise ValueError(f"restored must be (B, 3, 4H, 4W) = {(B, 3, MODEL_SCALE * H, MODEL_SCALE * W)}, got "
+                             f"{tuple(restored.shape)}")
+        restored = restored.to(device=device, dtype=torch.float32)
     # Pad to whole patches in the latent by reflection (replicate where a side is too short to reflect).
     Hp, Wp = -(-H // m) * m, -(-W // m) * m
     if (Hp, Wp) != (H, W):
         mode = "reflect" if Hp - H < H and Wp - W < W else "replicate"
         rgb = F.pad(rgb, (0, Wp - W, 0, Hp - H), mode=mode)
+        if restored is not None:
+            s = MODEL_SCALE
+            restored = F.pad(restored, (0, s * (Wp - W), 0, s * (Hp - H)), mode=mode)
     g = torch.Generator(device="cpu").manual_seed(seed)
     lh, lw = Hp * MODEL_SCALE // codec.factor, Wp * MODEL_SCALE // codec.factor
     noise = torch.randn(B, codec.latent_channels, lh, lw, generator=g).to(device)
@@ -288,7 +344,7 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
     group = tile_batch or auto_tile_batch(model, device, tile)
     while True:
         try:
-            out = _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance, group)
+            out = _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance, group, restored)
             break
         except torch.OutOfMemoryError:
             if device.type != "cuda" or (tile <= 32 and group == 1):
@@ -301,13 +357,13 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
     return out[:, :, : MODEL_SCALE * H, : MODEL_SCALE * W]
 
 
-def _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance=None, group: int = 1):
+def _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance=None, group: int = 1, restored=None):
     B, _, H, W = rgb.shape
     m = _lr_multiple(model)
     n = noise.shape[-1] / W  # latent cells per LR pixel
     tile = max(8 * m, tile - tile % m)
     if H <= tile and W <= tile:
-        out = _sr_tile(model, rgb, noise, steps, teacher_guidance)
+        out = _sr_tile(model, rgb, noise, steps, teacher_guidance, restored)
         if progress:
             progress(1, 1)
         return out
@@ -323,13 +379,16 @@ def _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance=N
     per_call = max(1, group // B)  # tiles per model call (each tile carries the B images)
     for k in range(0, total, per_call):
         chunk = cells[k:k + per_call]
-        lrs, noises = [], []
+        lrs, noises, rs = [], [], []
         for i, j in chunk:
             y, x = ys[i], xs[j]
             ny, nx, nh, nw = (int(v * n) for v in (y, x, th, tw))
             lrs.append(rgb[:, :, y:y + th, x:x + tw])
             noises.append(noise[:, :, ny:ny + nh, nx:nx + nw])
-        outs = _sr_tile(model, torch.cat(lrs), torch.cat(noises), steps, teacher_guidance).split(B)
+            if restored is not None:
+                rs.append(restored[:, :, s * y:s * (y + th), s * x:s * (x + tw)])
+        outs = _sr_tile(model, torch.cat(lrs), torch.cat(noises), steps, teacher_guidance,
+                        torch.cat(rs) if rs else None).split(B)
         for (i, j), out in zip(chunk, outs):
             y, x = ys[i], xs[j]
             # Ramps only where a neighbouring tile overlaps (the true overlap, which the last tile may exceed).
@@ -459,5 +518,6 @@ def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=
     raise ValueError(f"image must be a path, PIL image, numpy array or torch tensor, got {type(image).__name__}")
 
 
-__all__ = ["upscale", "upscale_array", "upscale_rgb", "load_model", "attach_codec", "codec_of", "color_fix",
+__all__ = ["upscale", "upscale_array", "upscale_rgb", "load_model", "attach_codec", "codec_of", "attach_restorer",
+           "restorer_of", "lr_condition", "color_fix",
            "ImageError", "ImageMeta"]

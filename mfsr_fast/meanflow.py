@@ -92,11 +92,17 @@ def adaptive_loss(pred: torch.Tensor, target: torch.Tensor, *, p: float = 1.0, c
     return loss.mean() if reduce else loss
 
 
-def time_grid(steps: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Uniform decreasing grid 1 = t_0 > t_1 > ... > t_N = 0 of N + 1 points."""
+def time_grid(steps: int, *, refine_t: float = 0.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Decreasing grid 1 = t_0 > t_1 > ... > t_N = 0 of N + 1 points: uniform, or with ``refine_t`` in (0, 1) a first
+    jump to t_1 = refine_t and N - 1 equal steps from there to 0 (for N = 1 both are [1, 0])."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
+    if not 0.0 <= refine_t < 1.0:
+        raise ValueError(f"refine_t must be in [0, 1), got {refine_t}")
+    if refine_t == 0.0 or steps == 1:
+        return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
+    tail = torch.linspace(refine_t, 0.0, steps, device=device, dtype=dtype)
+    return torch.cat([torch.ones(1, device=device, dtype=dtype), tail])
 
 
 @torch.no_grad()

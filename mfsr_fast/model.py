@@ -11,6 +11,11 @@ Architecture (DESIGN section 4):
   h = t - r each have a sinusoidal + MLP embedder, summed. The h embedder's last layer starts at zero, so a student
   initialised from a teacher equals the teacher when r = t.
 
+- Restorer conditioning (DESIGN section 8): the LR stream may see R(LR), the output of a frozen pretrained x4
+  restorer (Real-ESRGAN x4plus, ``mfsr_fast.restorer``), instead of (or before) the bicubic-upsampled LR, and the
+  flow may run over the scaled residual y = (x - R(LR)) / residual_scale (``to_flow`` / ``from_flow``), so that a
+  zero network output is R(LR) itself and the model only learns what R lacks.
+
 Forward-mode tangents: ``forward(..., tangents=(tz, tt, tr))`` also returns du along them, computed layer by layer
 by explicit formulas in the same call (MeanFlow's target without torch.func.jvp; tests/test_model_jvp.py).
 
@@ -71,6 +76,18 @@ class MFSRConfig:
     x_t_min: float = 0.05
     codec: str = "sd3-vae"  # image <-> model space: "sd3-vae" (16-channel latents) or "pixel4" (pixel-unshuffle x4)
     learned_prompts: int = 0  # > 0: learned context tokens per named prompt (PROMPT_NAMES), stored with the weights
+    # What the LR stream sees (DESIGN section 8): "bicubic" (the upsampled LR), "restorer" (R(LR), the frozen restorer
+    # named by ``restorer``) or "both" (R(LR) and the upsampled LR, concatenated along channels; the second through its
+    # own zero-initialised patch embedding). The first image is the "base" of x_lr predictions and residual flows.
+    lr_source: str = "bicubic"
+    restorer: str = ""  # the restorer's name or folder (mfsr_fast.restorer.resolve_restorer)
+    # > 0: the flow runs over the scaled residual y = (x - base) / residual_scale instead of x, so noise at t = 1 is
+    # the base image plus residual_scale e, and a zero output (prediction "x") is the base image itself.
+    residual_scale: float = 0.0
+    # Multi-step sampling grid (``meanflow.time_grid``): 0 gives the uniform grid 1, (N-1)/N, ..., 0; a value in
+    # (0, 1) makes the first jump go from t = 1 to refine_t and the other N - 1 steps split [refine_t, 0] evenly, so
+    # steps 2..N refine the one-step image from a little noise instead of re-entering mid t.
+    refine_t: float = 0.0
 
 
 # Named learned prompts of models trained without a text encoder (DESIGN section 3 / training/teacher.py).
@@ -86,6 +103,14 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(in_channels=48, num_layers=4, num_heads=4, head_dim=32, context_dim=128, pooled_dim=128,
                  sample_size=32, pos_embed_max_size=256, dual_attention_layers=(0, 1), prediction="x_lr",
                  codec="pixel4", learned_prompts=4),
+    # tiny over Real-ESRGAN x4plus (DESIGN section 8): the LR stream sees R(LR) and the upsampled LR (which shows how
+    # degraded the input was, which R(LR) hides), the flow runs over the residual HR - R(LR) scaled by
+    # 1 / residual_scale (about the residual's spread on the training crops), and the network predicts that
+    # residual (zero: exactly R(LR)).
+    "tiny-r": dict(in_channels=48, num_layers=4, num_heads=4, head_dim=32, context_dim=128, pooled_dim=128,
+                   sample_size=32, pos_embed_max_size=256, dual_attention_layers=(0, 1), prediction="x",
+                   codec="pixel4", learned_prompts=4, lr_source="both", restorer="realesrgan-x4plus",
+                   residual_scale=0.25),
 }
 
 
@@ -469,6 +494,10 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         x_t_min: float = 0.05,
         codec: str = "sd3-vae",
         learned_prompts: int = 0,
+        lr_source: str = "bicubic",
+        restorer: str = "",
+        residual_scale: float = 0.0,
+        refine_t: float = 0.0,
     ):
         # Keyword arguments mirror MFSRConfig field by field: diffusers' ConfigMixin reads the signature.
         super().__init__()
@@ -481,6 +510,9 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         dim = cfg.num_heads * cfg.head_dim
         p = cfg.patch_size
         self.pos_embed = nn.Conv2d(cfg.in_channels, dim, kernel_size=p, stride=p)
+        # lr_source "both": the second LR image's own patch embedding, added to the LR tokens (zero at init).
+        self.lr_embed_extra = nn.Conv2d(cfg.in_channels, dim, kernel_size=p, stride=p) if cfg.lr_source == "both" \
+            else None
         self.time_embed = MLPEmbedder(cfg.time_freq_dim, dim)
         self.h_embed = MLPEmbedder(cfg.time_freq_dim, dim)
         self.pooled_embed = MLPEmbedder(cfg.pooled_dim, dim) if cfg.pooled_dim > 0 else None
@@ -518,6 +550,9 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         w = self.pos_embed.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.pos_embed.bias)
+        if self.lr_embed_extra is not None:
+            nn.init.zeros_(self.lr_embed_extra.weight)
+            nn.init.zeros_(self.lr_embed_extra.bias)
         for emb in (self.time_embed, self.h_embed):
             nn.init.normal_(emb.linear_1.weight, std=0.02)
             nn.init.normal_(emb.linear_2.weight, std=0.02)
@@ -601,7 +636,9 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
                                                   self.pos_embed.stride).flatten(2).transpose(1, 2)
         n_img = x.shape[1]
         if lr is not None:
-            x_lr = self.pos_embed(lr).flatten(2).transpose(1, 2) + pos  # (B, N, D)
+            x_lr = self.pos_embed(lr[:, :C]).flatten(2).transpose(1, 2) + pos  # (B, N, D)
+            if self.lr_embed_extra is not None:
+                x_lr = x_lr + self.lr_embed_extra(lr[:, C:]).flatten(2).transpose(1, 2)  # (B, N, D)
             x = torch.cat([x, x_lr], dim=1)  # (B, 2N, D)
             if tx is not None:
                 tx = torch.cat([tx, torch.zeros_like(x_lr)], dim=1)
@@ -699,7 +736,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         if self.cfg.prediction == "x_lr":
             if lr is None:
                 raise ValueError("prediction 'x_lr' needs the LR input")
-            out = lr + out
+            out = lr[:, :self.cfg.in_channels] + out
         tt = torch.as_tensor(t, dtype=torch.promote_types(z.dtype, torch.float32), device=z.device)
         tt = tt.expand(z.shape[0]) if tt.dim() == 0 else tt
         ttc = tt.clamp_min(self.cfg.x_t_min).reshape(-1, 1, 1, 1)
@@ -714,6 +751,25 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
                 dt = (t_t.to(ttc.dtype) * (tt >= self.cfg.x_t_min).to(ttc.dtype)).reshape(-1, 1, 1, 1)
                 du = du - (z.detach() - out.detach()) * dt / ttc.pow(2)
         return u, du.to(z.dtype)
+
+    @property
+    def lr_channels(self) -> int:
+        """Channels of the LR stream's input: the codec's, twice for lr_source 'both'."""
+        return self.cfg.in_channels * (2 if self.cfg.lr_source == "both" else 1)
+
+    @property
+    def needs_restorer(self) -> bool:
+        return self.cfg.lr_stream and self.cfg.lr_source in ("restorer", "both")
+
+    def to_flow(self, x: torch.Tensor, lr: torch.Tensor | None) -> torch.Tensor:
+        """Codec-space image -> the space the flow runs in: x itself, or (x - base) / residual_scale."""
+        k = self.cfg.residual_scale
+        return x if k <= 0 else (x - lr[:, :self.cfg.in_channels]) / k
+
+    def from_flow(self, y: torch.Tensor, lr: torch.Tensor | None) -> torch.Tensor:
+        """Inverse of ``to_flow``: base + residual_scale y (or y)."""
+        k = self.cfg.residual_scale
+        return y if k <= 0 else lr[:, :self.cfg.in_channels].to(y.dtype) + k * y
 
     @property
     def inner_dim(self) -> int:
@@ -745,8 +801,9 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
             if lr.shape[2:] != z.shape[2:]:
                 raise ValueError(f"lr spatial size {tuple(lr.shape[2:])} differs from z's {tuple(z.shape[2:])}; "
                                  "upsample the LR image to the output size before encoding")
-            if lr.shape[:2] != z.shape[:2]:
-                raise ValueError(f"lr shape {tuple(lr.shape)} does not match z {tuple(z.shape)} in batch/channels")
+            if lr.shape[0] != B or lr.shape[1] != self.lr_channels:
+                raise ValueError(f"lr shape {tuple(lr.shape)} does not match z {tuple(z.shape)}: expected {B} "
+                                 f"images of {self.lr_channels} channels (lr_source {cfg.lr_source!r})")
             if lr.dtype != z.dtype or lr.device != z.device:
                 raise ValueError(f"lr ({lr.dtype}, {lr.device}) must match z ({z.dtype}, {z.device})")
         elif lr is not None:
@@ -798,6 +855,15 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
 def _check_config(cfg: MFSRConfig) -> None:
     if cfg.prediction not in ("v", "x", "x_lr"):
         raise ValueError(f"prediction must be 'v', 'x' or 'x_lr', got {cfg.prediction!r}")
+    if cfg.lr_source not in ("bicubic", "restorer", "both"):
+        raise ValueError(f"lr_source must be 'bicubic', 'restorer' or 'both', got {cfg.lr_source!r}")
+    if cfg.lr_source != "bicubic" and not (cfg.lr_stream and cfg.restorer):
+        raise ValueError(f"lr_source {cfg.lr_source!r} needs the LR stream and a restorer name")
+    if cfg.residual_scale < 0 or (cfg.residual_scale > 0 and (not cfg.lr_stream or cfg.prediction == "x_lr")):
+        raise ValueError("residual_scale must be >= 0; a residual flow needs the LR stream and prediction 'v' or 'x' "
+                         "('x_lr' already adds the base)")
+    if not 0.0 <= cfg.refine_t < 1.0:
+        raise ValueError(f"refine_t must be in [0, 1), got {cfg.refine_t}")
     if cfg.codec not in ("sd3-vae", "pixel4"):
         raise ValueError(f"codec must be 'sd3-vae' or 'pixel4', got {cfg.codec!r}")
     if cfg.learned_prompts > 0 and cfg.context_dim <= 0:

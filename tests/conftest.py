@@ -61,7 +61,7 @@ def micro_inputs(model, B: int = 2, H: int = 8, W: int = 6, seed: int = 1, Lc: i
     dtype = model.dtype
     cfg = model.cfg
     z = torch.randn(B, cfg.in_channels, H, W, generator=g, dtype=torch.float64).to(dtype)
-    lr = torch.randn(B, cfg.in_channels, H, W, generator=g, dtype=torch.float64).to(dtype) if cfg.lr_stream else None
+    lr = torch.randn(B, model.lr_channels, H, W, generator=g, dtype=torch.float64).to(dtype) if cfg.lr_stream else None
     ctx = torch.randn(B, Lc, cfg.context_dim, generator=g, dtype=torch.float64).to(dtype) if cfg.context_dim else None
     pooled = torch.randn(B, cfg.pooled_dim, generator=g, dtype=torch.float64).to(dtype) if cfg.pooled_dim else None
     t = torch.rand(B, generator=g, dtype=torch.float64).clamp(0.2, 0.9).to(torch.promote_types(dtype, torch.float32))
@@ -74,3 +74,28 @@ def shared_data():
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"shared data folder not found at {os.path.abspath(SHARED_DATA)}")
     return SHARED_DATA
+
+
+def small_restorer_folder(folder, seed: int = 0, num_feat: int = 8, num_grow_ch: int = 4) -> str:
+    """A 1-block RRDBNet restorer with random weights, saved as ``mfsr_fast.restorer`` saves the real one (config.json
+    + model.safetensors + info.json): a fast stand-in for Real-ESRGAN x4plus."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mfsr_fast.restorer import RRDBNet
+
+    torch.manual_seed(seed)
+    net = RRDBNet(num_feat=num_feat, num_block=1, num_grow_ch=num_grow_ch)
+    with torch.no_grad():
+        for m in net.conv_layers():
+            m.weight.normal_(0, 0.05)
+            m.bias.normal_(0, 0.02)
+        net.conv_last.bias.fill_(0.5)  # outputs around mid-grey, not clamped to 0
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(net.config, scale=4), f)
+    with open(os.path.join(folder, "info.json"), "w") as f:
+        json.dump({"name": "test restorer", "licence": "test"}, f)
+    return str(folder)

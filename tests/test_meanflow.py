@@ -181,6 +181,13 @@ def test_sampler_grid_and_validation():
     assert calls == [0, 1, 2, 3]
     torch.testing.assert_close(out, -torch.full((2, 1), 4 * 0.25 ** 2))
     torch.testing.assert_close(time_grid(2), torch.tensor([1.0, 0.5, 0.0]))
+    # refine_t: one jump to refine_t, then equal steps to 0; one step is [1, 0] either way.
+    torch.testing.assert_close(time_grid(4, refine_t=0.06), torch.tensor([1.0, 0.06, 0.04, 0.02, 0.0]))
+    torch.testing.assert_close(time_grid(2, refine_t=0.1), torch.tensor([1.0, 0.1, 0.0]))
+    torch.testing.assert_close(time_grid(1, refine_t=0.1), torch.tensor([1.0, 0.0]))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="refine_t"):
+            time_grid(2, refine_t=bad)
     with pytest.raises(ValueError):
         sample(lambda z, t, r: z, torch.zeros(1, 1), timesteps=[0.0, 1.0])
     with pytest.raises(ValueError):

@@ -65,6 +65,18 @@ PRESETS = {
         stage2=StageConfig(sigma=(0.2, 1.5), blur_prob=0.8, resize_probs=(0.3, 0.4, 0.3), resize_up=(1.0, 1.2),
                            resize_down=(0.3, 1.0), noise_sigma=(1.0, 12.0), poisson_scale=(0.05, 2.5),
                            jpeg_quality=(60.0, 100.0))),
+    # Camera-like degradations (the restorer-conditioned default, DESIGN section 8): optical blur, a mild resize,
+    # sensor noise and light JPEG, as in real zoom pairs (DRealSR). Real-ESRGAN already undoes heavy degradations;
+    # trained on them, the model over it learns that a flat R(LR) may hide lost texture and paints grain into the
+    # genuinely flat areas of ordinary photographs (measured: RESULTS.md).
+    "mild": DegradationConfig(
+        stage1=StageConfig(sigma=(0.2, 1.5), sinc_prob=0.05, resize_probs=(0.1, 0.5, 0.4), resize_up=(1.0, 1.2),
+                           resize_down=(0.7, 1.0), gaussian_noise_prob=0.6, noise_sigma=(1.0, 6.0),
+                           poisson_scale=(0.05, 0.5), jpeg_quality=(75.0, 95.0)),
+        stage2=StageConfig(sigma=(0.2, 1.0), sinc_prob=0.05, blur_prob=0.5, resize_probs=(0.2, 0.4, 0.4),
+                           resize_up=(1.0, 1.1), resize_down=(0.8, 1.0), gaussian_noise_prob=0.6,
+                           noise_sigma=(1.0, 4.0), poisson_scale=(0.05, 0.3), jpeg_quality=(80.0, 100.0)),
+        final_sinc_prob=0.3),
 }
 
 

@@ -55,7 +55,8 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 def diagnose(teacher, hr: torch.Tensor, lr: torch.Tensor, t_values, steps, *, seed: int = 0, batch: int = 8) -> dict:
     """{"x_hat": {t: PSNR}, "euler": {steps: PSNR}, "bicubic": PSNR} for the teacher on (hr, lr)."""
     from mfsr_fast.guidance import sample_teacher
-    from mfsr_fast.inference import codec_of
+    from mfsr_fast.inference import codec_of, lr_condition, restorer_of
+    from training.pool import restore_crops
 
     dev = next(teacher.parameters()).device
     dtype = next(teacher.parameters()).dtype
@@ -63,21 +64,27 @@ def diagnose(teacher, hr: torch.Tensor, lr: torch.Tensor, t_values, steps, *, se
     scale = hr.shape[-1] // lr.shape[-1]
     up = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
     out = {"bicubic": float(np.mean(_psnr(up, hr))), "x_hat": {}, "euler": {}}
+    restorer = restorer_of(teacher)
+    restored = restore_crops(restorer, lr.to(dev)).cpu() if restorer is not None else None
+    if restored is not None:
+        out["restorer"] = float(np.mean(_psnr(restored, hr)))
     g = torch.Generator().manual_seed(seed)
     for i in range(0, hr.shape[0], batch):
-        h, u = hr[i:i + batch].to(dev), up[i:i + batch].to(dev)
-        x, c = codec.encode(h).float(), codec.encode(u).to(dtype)
-        e = torch.randn(x.shape, generator=g).to(dev)
-        ctx, pooled = teacher.prompt("positive", x.shape[0])
+        h, low = hr[i:i + batch].to(dev), lr[i:i + batch].to(dev)
+        c = lr_condition(teacher, codec, low, None if restored is None else restored[i:i + batch].to(dev))
+        c = c.to(dtype)
+        y = teacher.to_flow(codec.encode(h).float(), c.float())  # the flow's space (a residual for residual models)
+        e = torch.randn(y.shape, generator=g).to(dev)
+        ctx, pooled = teacher.prompt("positive", y.shape[0])
         for t in t_values:
-            tt = torch.full((x.shape[0],), float(t), device=dev)
-            z = (1 - t) * x + t * e
+            tt = torch.full((y.shape[0],), float(t), device=dev)
+            z = (1 - t) * y + t * e
             v = teacher.field(z.to(dtype), c, tt, tt, ctx, pooled).float()
-            est = codec.decode(z - t * v).clamp(0, 1)
+            est = codec.decode(teacher.from_flow(z - t * v, c.float())).clamp(0, 1)
             out["x_hat"].setdefault(t, []).extend(_psnr(est, hr[i:i + batch]))
         for n in steps:
             z = sample_teacher(teacher, c, e.to(dtype), steps=n).float()
-            est = codec.decode(z).clamp(0, 1)
+            est = codec.decode(teacher.from_flow(z, c.float())).clamp(0, 1)
             out["euler"].setdefault(n, []).extend(_psnr(est, hr[i:i + batch]))
     out["x_hat"] = {t: float(np.mean(v)) for t, v in out["x_hat"].items()}
     out["euler"] = {n: float(np.mean(v)) for n, v in out["euler"].items()}
@@ -86,11 +93,13 @@ def diagnose(teacher, hr: torch.Tensor, lr: torch.Tensor, t_values, steps, *, se
 
 def table(name: str, res: dict) -> str:
     ts, ns = list(res["x_hat"]), list(res["euler"])
+    r = "restorer" in res
     head = ("| teacher | " + " | ".join(f"x_hat t = {t:g}" for t in ts) + " | Euler " + " / ".join(map(str, ns))
-            + " steps | bicubic |")
+            + " steps | bicubic |" + (" R(LR) |" if r else ""))
     row = (f"| {name} | " + " | ".join(f"{res['x_hat'][t]:.2f}" for t in ts) + " | "
-           + " / ".join(f"{res['euler'][n]:.2f}" for n in ns) + f" | {res['bicubic']:.2f} |")
-    return "\n".join([head, "|" + " --- |" * (len(ts) + 3), row])
+           + " / ".join(f"{res['euler'][n]:.2f}" for n in ns) + f" | {res['bicubic']:.2f} |"
+           + (f" {res['restorer']:.2f} |" if r else ""))
+    return "\n".join([head, "|" + " --- |" * (len(ts) + 3 + r), row])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from mfsr_fast.codec import PixelCodec, VAECodec
 from mfsr_fast.model import MFSRTransformer
@@ -79,6 +78,7 @@ class TrainConfig:
     num_workers: int = 1  # data-loading processes (0: in the training process)
     degrade_on: str = "workers"  # where the degradation runs: workers (data-loading processes) | device (training)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    pool: str = ""  # a precomputed sample pool (python -m training.pool): (HR, LR, R(LR)) instead of degrading here
 
 
 def _parse_value(text: str, default):
@@ -178,7 +178,15 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int, scale: int = 4, degrade: bool = True):
         self.cfg, self.rank, self.world, self.scale = cfg, rank, world, scale
-        self.images = ImageFolder(cfg.data, crop=cfg.crop, flip=True, seed=cfg.seed, multiple_of=scale)
+        self.pool = None
+        if cfg.pool:
+            from training.pool import Pool
+
+            self.pool = Pool(cfg.pool)
+            if self.pool.crop != cfg.crop:
+                raise ValueError(f"--pool {cfg.pool} holds {self.pool.crop} px crops, --crop is {cfg.crop}")
+        else:
+            self.images = ImageFolder(cfg.data, crop=cfg.crop, flip=True, seed=cfg.seed, multiple_of=scale)
         self.degradation = DEGRADATIONS[cfg.degradation]
         self.per_rank = cfg.batch_size // world
         self.degrade = degrade
@@ -186,7 +194,28 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.cfg.max_steps
 
+    def _from_pool(self, step: int):
+        """(HR, LR, R(LR), seeds) from the pool: an epoch-seeded permutation, a seeded horizontal flip per sample."""
+        n = len(self.pool)
+        hrs, lrs, rs, seeds = [], [], [], []
+        perms: dict[int, torch.Tensor] = {}
+        for j in range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank):
+            epoch, pos = divmod(step * self.cfg.batch_size + j, n)
+            if epoch not in perms:
+                perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+            hr, lr, r = self.pool[int(perms[epoch][pos])]
+            seed = sample_seed(self.cfg.seed, step, j)
+            if torch.rand((), generator=torch.Generator().manual_seed(seed ^ 0x2545F491)).item() < 0.5:
+                hr, lr, r = hr.flip(-1), lr.flip(-1), r.flip(-1)
+            hrs.append(hr)
+            lrs.append(lr)
+            rs.append(r)
+            seeds.append(seed)
+        return torch.stack(hrs), torch.stack(lrs), torch.stack(rs), torch.tensor(seeds, dtype=torch.long)
+
     def __getitem__(self, step: int):
+        if self.pool is not None:
+            return self._from_pool(step)
         n = len(self.images)
         hrs, seeds = [], []
         perms: dict[int, torch.Tensor] = {}
@@ -258,10 +287,12 @@ def codec_for(model: MFSRTransformer, vae: str = ""):
     return codec
 
 
-def lr_condition(codec, lr: torch.Tensor, scale: int = 4) -> torch.Tensor:
-    """The LR stream's input: the LR image bicubic-upsampled to the output size, encoded like the target."""
-    up = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
-    return codec.encode(up)
+def lr_condition(model: MFSRTransformer, codec, lr: torch.Tensor, restored: torch.Tensor | None) -> torch.Tensor:
+    """The LR stream's input, as at inference (``mfsr_fast.inference.lr_condition``): the bicubic upsampling and / or
+    R(LR), encoded like the target."""
+    from mfsr_fast.inference import lr_condition as condition
+
+    return condition(model, codec, lr, restored)
 
 
 # EMA.
@@ -342,10 +373,21 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     else:  # one process, or FSDP2 (the sharded model is its own wrapper)
         wrapped = _Field(model)
 
-    on_device = cfg.degrade_on == "device"
-    data = StepBatches(cfg, d.rank, d.world, degrade=not on_device)
-    if d.main and data.images.skipped:
+    on_device = cfg.degrade_on == "device" and not cfg.pool
+    try:
+        data = StepBatches(cfg, d.rank, d.world, degrade=not on_device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if d.main and data.pool is None and data.images.skipped:
         print(f"skipped {len(data.images.skipped)} unreadable images", flush=True)
+    restorer = None
+    if model.needs_restorer and data.pool is None:  # R on each degraded LR crop, frozen, on the training device
+        from mfsr_fast.restorer import load_restorer
+
+        try:
+            restorer = load_restorer(model.cfg.restorer, device=d.device)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     sampler = range(start, cfg.max_steps)
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
                                          prefetch_factor=2 if cfg.num_workers > 0 else None,
@@ -383,13 +425,21 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
 
     try:
         for item in loader:
-            if on_device:
+            restored = None
+            if data.pool is not None:
+                hr, lr, restored, seeds = item
+                hr, lr, restored = hr.to(d.device), lr.to(d.device), restored.to(d.device)
+            elif on_device:
                 hr, seeds = item
                 hr, lr = degrade_samples(hr.to(d.device, non_blocking=True), seeds, data.degradation)
             else:
                 hr, lr, seeds = item
                 hr, lr = hr.to(d.device), lr.to(d.device)
-            batch = (hr, lr, seeds)
+            if restorer is not None:
+                from training.pool import restore_crops
+
+                restored = restore_crops(restorer, lr).clone()
+            batch = (hr, lr, restored, seeds)
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             opt.zero_grad(set_to_none=True)

@@ -4,7 +4,10 @@ Takes the EMA weights of the run's newest checkpoint (or of the checkpoint folde
 ``save_pretrained`` (config.json + safetensors; the learned prompts travel inside) and an ``info.json`` with where
 they came from: the student run, its teacher, steps, wall time from the JSONL logs, and the machine. A student in SD3
 VAE latent space gets its VAE copied to ``OUT_DIR/vae`` (from ``--vae``, or the run's own ``vae`` setting), so that
-``upscale(..., model=OUT_DIR)`` finds everything in one folder.
+``upscale(..., model=OUT_DIR)`` finds everything in one folder. A restorer-conditioned student (DESIGN section 8)
+gets its restorer copied to ``OUT_DIR/restorer`` the same way; ``--no-restorer`` leaves it out, so the folder names
+the restorer (its config's ``restorer``) and finds it where the set-up installs it (the embedded default does this,
+so that the repository holds no restorer weights; ``make setup`` converts them from their released source).
 """
 
 from __future__ import annotations
@@ -53,11 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", help="student run folder (or checkpoint / save_pretrained folder)")
     ap.add_argument("output", help="folder to write (replaced atomically)")
     ap.add_argument("--vae", help="the VAE folder of an SD3-VAE student (default: the run's --vae)")
+    ap.add_argument("--no-restorer", action="store_true", help="do not copy a restorer-conditioned student's "
+                    "restorer into the folder (it is then found by name, where the set-up installs it)")
+    ap.add_argument("--refine-t", type=float, default=None, help="store this multi-step sampling grid in the "
+                    "exported config (MFSRConfig.refine_t: first jump to refine_t, then equal steps; 0: uniform); "
+                    "default: keep the run's")
     args = ap.parse_args(argv)
     from mfsr_fast.model import MFSRTransformer
 
     src = find_weights(args.run)
-    model = MFSRTransformer.from_pretrained(src, low_cpu_mem_usage=False, torch_dtype=torch.float32)
+    overrides = {} if args.refine_t is None else {"refine_t": args.refine_t}
+    try:
+        model = MFSRTransformer.from_pretrained(src, low_cpu_mem_usage=False, torch_dtype=torch.float32,
+                                                **overrides)
+    except ValueError as e:
+        if not overrides:
+            raise
+        raise SystemExit(f"--refine-t: {e}") from None
     info = {"source": os.path.abspath(src), "student": _log_summary(args.run),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}
     cfg_path = os.path.join(args.run, "config.json")
@@ -73,6 +88,17 @@ def main(argv: list[str] | None = None) -> int:
     vae = args.vae or info.get("student_config", {}).get("vae", "")
     if model.cfg.codec == "sd3-vae" and not vae:
         raise SystemExit("this student works in SD3 VAE latents: pass --vae, the VAE folder it was trained with")
+    restorer = None
+    if model.needs_restorer:
+        from mfsr_fast.restorer import resolve_restorer
+
+        try:
+            restorer = resolve_restorer(model.cfg.restorer)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        rinfo = os.path.join(restorer, "info.json")
+        info["restorer"] = json.load(open(rinfo)) if os.path.isfile(rinfo) else {"name": model.cfg.restorer}
+        info["restorer"]["carried"] = not args.no_restorer
     parent = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
@@ -85,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise SystemExit(f"--vae: {e}") from None
+    if restorer is not None and not args.no_restorer:
+        shutil.copytree(restorer, os.path.join(tmp, "restorer"))
     with open(os.path.join(tmp, "info.json"), "w") as f:
         json.dump(_portable(info), f, indent=2)
     os.chmod(tmp, 0o755)

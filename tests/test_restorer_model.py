@@ -1,0 +1,253 @@
+"""Restorer-conditioned models (DESIGN section 8): the LR stream's source, the residual flow over R(LR), upscaling
+with R, training from R on the device and from a precomputed pool, export with the restorer carried, and the
+``realesrgan`` evaluation method. A 1-block random RRDBNet stands in for Real-ESRGAN x4plus."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize_, small_restorer_folder
+
+from mfsr_fast.model import MFSRTransformer
+
+MICRO = dict(num_layers=1, dual_attention_layers=(0,), num_heads=2, head_dim=16)
+
+
+@pytest.fixture
+def restorer_dir(tmp_path, monkeypatch):
+    """A small restorer installed under the name the presets use, found through $MFSR_RESTORER_DIR."""
+    root = tmp_path / "restorers"
+    small_restorer_folder(root / "realesrgan-x4plus")
+    monkeypatch.setenv("MFSR_RESTORER_DIR", str(root))
+    from mfsr_fast import restorer as rs
+
+    rs._CACHE.clear()
+    yield root
+    rs._CACHE.clear()
+
+
+def _model(**kw) -> MFSRTransformer:
+    torch.manual_seed(0)
+    return MFSRTransformer.from_preset("tiny-r", **{**MICRO, **kw}).eval()
+
+
+def test_fresh_residual_model_is_exactly_the_restorer(restorer_dir):
+    """x = R(LR) + residual_scale * y with a zero-initialised output: every step count, whole or tiled, gives R(LR)."""
+    from mfsr_fast.inference import restorer_of, upscale_rgb
+
+    model = _model()
+    x = torch.rand(1, 3, 20, 28)
+    ref = restorer_of(model)(x)
+    for kw in (dict(steps=1), dict(steps=3), dict(steps=2, tile=8, overlap=4), dict(steps=2, teacher_guidance=2.0)):
+        out = upscale_rgb(model, x, **kw)
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    odd = x[:, :, :19, :27]  # padded to whole patches, R(LR) padded alike, then cropped back
+    torch.testing.assert_close(upscale_rgb(model, odd, tile=8, overlap=4), restorer_of(model)(odd), rtol=0, atol=2e-6)
+
+
+def test_restored_image_is_used_and_checked(restorer_dir):
+    from mfsr_fast.inference import upscale_rgb
+
+    model = _model()
+    x = torch.rand(1, 3, 8, 8)
+    given = torch.rand(1, 3, 32, 32)
+    torch.testing.assert_close(upscale_rgb(model, x, restored=given), given, rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="restored must be"):
+        upscale_rgb(model, x, restored=torch.rand(1, 3, 16, 16))
+
+
+def test_multi_step_sampling_follows_the_models_refine_grid(restorer_dir, monkeypatch):
+    """upscale runs the student on the grid its config stores (refine_t), the teacher on the uniform Euler grid."""
+    from mfsr_fast import inference
+
+    seen = []
+    real = inference.sample
+
+    def spy(fn, noise, *, steps=1, timesteps=None, callback=None):
+        seen.append([round(float(t), 6) for t in timesteps])
+        return real(fn, noise, steps=steps, timesteps=timesteps, callback=callback)
+
+    monkeypatch.setattr(inference, "sample", spy)
+    x = torch.rand(1, 3, 8, 8)
+    inference.upscale_rgb(_model(refine_t=0.06), x, steps=4)
+    inference.upscale_rgb(_model(), x, steps=2)
+    assert seen == [[1.0, 0.06, 0.04, 0.02, 0.0], [1.0, 0.5, 0.0]]
+
+
+def test_flow_space_round_trip_and_field_base():
+    m = randomize_(_model(lr_source="both"))
+    C = m.cfg.in_channels
+    x, lr = torch.randn(2, C, 8, 8), torch.randn(2, 2 * C, 8, 8)
+    y = m.to_flow(x, lr)
+    torch.testing.assert_close(y, (x - lr[:, :C]) / m.cfg.residual_scale)
+    torch.testing.assert_close(m.from_flow(y, lr), x)
+    plain = randomize_(MFSRTransformer.from_preset("tiny", **MICRO))
+    assert plain.to_flow(x, lr[:, :C]) is x and plain.from_flow(x, lr[:, :C]) is x
+    # x_lr predictions add the first LR image (the base), also when a second one follows.
+    xl = randomize_(MFSRTransformer.from_preset("tiny", **MICRO, lr_source="both", restorer="r"))
+    z, t = torch.randn(2, C, 8, 8), torch.full((2,), 0.5)
+    out = xl(z, lr, t, t, prompt="positive")
+    torch.testing.assert_close(xl.field(z, lr, t, t, prompt="positive"), (z - (lr[:, :C] + out)) / 0.5)
+
+
+def test_both_sources_extra_embedding_starts_at_zero():
+    both = _model(lr_source="both")
+    one = _model(lr_source="restorer")
+    randomize_(one)
+    state = one.state_dict()
+    missing, unexpected = both.load_state_dict(state, strict=False)
+    assert missing == ["lr_embed_extra.weight", "lr_embed_extra.bias"] and not unexpected
+    C = one.cfg.in_channels
+    z, lr, t = torch.randn(2, C, 8, 8), torch.randn(2, 2 * C, 8, 8), torch.full((2,), 0.7)
+    torch.testing.assert_close(both(z, lr, t, prompt="positive"), one(z, lr[:, :C], t, prompt="positive"))
+    randomize_(both)
+    assert not torch.allclose(both(z, lr, t, prompt="positive"),
+                              both(z, torch.cat([lr[:, :C], lr[:, C:] + 1], 1), t, prompt="positive"))
+    with pytest.raises(ValueError, match="lr_source 'both'"):
+        both(z, lr[:, :C], t, prompt="positive")
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lr_source="sideways"), "lr_source must be"),
+    (dict(restorer=""), "needs the LR stream and a restorer"),
+    (dict(residual_scale=-1.0), "residual_scale"),
+    (dict(prediction="x_lr"), "residual flow"),
+    (dict(refine_t=1.0), "refine_t"),
+])
+def test_bad_restorer_configs_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _model(**kw)
+
+
+def _tiny_images(root, n=4, size=48):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    os.makedirs(root, exist_ok=True)
+    for i in range(n):
+        base = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((size, size), Image.BICUBIC)
+        img.save(os.path.join(root, f"img{i}.png"))
+    return str(root)
+
+
+def _teacher_args(out, data, **extra):
+    args = ["--preset", "micro", "--model-preset", "tiny-r", "--data", data, "--crop", "32", "--max-steps", "2",
+            "--batch-size", "2", "--output-dir", str(out), "--num-workers", "0", "--ckpt-every", "2"]
+    for k, v in extra.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def test_pool_build_resume_and_batches(restorer_dir, tmp_path):
+    from training import engine
+    from training.pool import Pool, build
+
+    data = _tiny_images(tmp_path / "imgs")
+    out = tmp_path / "pool"
+    build(str(out), data=data, count=5, crop=32, degradation="dit4sr", seed=0, shard=2)
+    pool = Pool(str(out))
+    assert len(pool) == 5 and pool.crop == 32
+    hr, lr, r = pool[4]
+    assert hr.shape == (3, 32, 32) and lr.shape == (3, 8, 8) and r.shape == (3, 32, 32)
+    assert torch.equal(lr * 255, (lr * 255).round())  # the 8-bit LR, exactly
+    # A second build with the same settings resumes (nothing to do); other settings are refused.
+    first = open(out / "shard_00001.safetensors", "rb").read()
+    build(str(out), data=data, count=5, crop=32, degradation="dit4sr", seed=0, shard=2)
+    assert open(out / "shard_00001.safetensors", "rb").read() == first
+    with pytest.raises(SystemExit, match="other settings"):
+        build(str(out), data=data, count=5, crop=32, degradation="dit4sr", seed=1, shard=2)
+    # Training batches from the pool: deterministic per step, the three images flipped together.
+    cfg = engine.TrainConfig(pool=str(out), crop=32, batch_size=4, max_steps=3)
+    sb = engine.StepBatches(cfg, 0, 1)
+    a, b = sb[1], sb[1]
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+    items = [pool[i] for i in range(len(pool))]
+    hrs, lrs, rs_, _ = sb[2]
+    for j in range(4):
+        k = next(i for i, (h, _, _) in enumerate(items) if torch.equal(h, hrs[j]) or torch.equal(h.flip(-1), hrs[j]))
+        flip = not torch.equal(items[k][0], hrs[j])
+        h, low, r = (v.flip(-1) if flip else v for v in items[k])
+        assert torch.equal(low, lrs[j]) and torch.equal(r, rs_[j])
+    with pytest.raises(ValueError, match="32 px crops"):
+        engine.StepBatches(engine.TrainConfig(pool=str(out), crop=64, batch_size=2, max_steps=1), 0, 1)
+
+
+def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(restorer_dir, tmp_path, monkeypatch):
+    from mfsr_fast import inference
+    from mfsr_fast import restorer as rs
+    from mfsr_fast.inference import load_model, upscale
+    from training import distill, export, teacher
+    from training.pool import build
+
+    data = _tiny_images(tmp_path / "imgs")
+    assert teacher.main(_teacher_args(tmp_path / "t", data)) == 0
+    build(str(tmp_path / "pool"), data=data, count=4, crop=32, degradation="dit4sr", seed=0, shard=4)
+    assert teacher.main(_teacher_args(tmp_path / "tp", data, pool=tmp_path / "pool")) == 0
+    log = [json.loads(x) for x in open(tmp_path / "tp" / "log.jsonl")]
+    assert all(np.isfinite(r["loss"]) for r in log)
+    args = ["--preset", "micro", "--teacher", str(tmp_path / "tp"), "--pool", str(tmp_path / "pool"), "--crop", "32",
+            "--max-steps", "2", "--batch-size", "2", "--output-dir", str(tmp_path / "s"), "--num-workers", "0",
+            "--guidance", "1.5"]
+    assert distill.main(args) == 0
+    # Export carries the restorer; without $MFSR_RESTORER_DIR the folder still works on its own.
+    assert export.main([str(tmp_path / "s"), str(tmp_path / "exp")]) == 0
+    assert os.path.isfile(tmp_path / "exp" / "restorer" / "model.safetensors")
+    info = json.load(open(tmp_path / "exp" / "info.json"))
+    assert info["restorer"]["carried"] is True
+    assert export.main([str(tmp_path / "s"), str(tmp_path / "named"), "--no-restorer", "--refine-t", "0.06"]) == 0
+    assert not os.path.exists(tmp_path / "named" / "restorer")
+    assert load_model(str(tmp_path / "named")).cfg.refine_t == 0.06
+    assert load_model(str(tmp_path / "exp")).cfg.refine_t == 0.0
+    with pytest.raises(SystemExit, match="refine_t must be in"):
+        export.main([str(tmp_path / "s"), str(tmp_path / "bad"), "--refine-t", "1.5"])
+    assert not os.path.exists(tmp_path / "bad")
+    img = np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    a = upscale(img, model=str(tmp_path / "named"))
+    monkeypatch.delenv("MFSR_RESTORER_DIR")
+    inference._load.cache_clear()
+    rs._CACHE.clear()
+    b = upscale(img, model=str(tmp_path / "exp"))
+    assert a.shape == b.shape == (48, 64, 3)
+    np.testing.assert_array_equal(a, b)  # the same student and the same restorer weights
+    # The folder without its restorer, where none is installed: a clear error that says what to run.
+    inference._load.cache_clear()
+    rs._CACHE.clear()
+    monkeypatch.setattr(rs, "WEIGHTS_ROOT", str(tmp_path / "nothing-installed"))
+    try:
+        with pytest.raises(ValueError, match="python -m mfsr_fast.restorer fetch"):
+            load_model(str(tmp_path / "named"))
+    finally:
+        inference._load.cache_clear()
+
+
+def test_evaluate_realesrgan_method_shares_one_restored_image(restorer_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from mfsr_fast import evaluate
+
+    rng = np.random.default_rng(0)
+    for sub in ("HR", "LR"):
+        os.makedirs(tmp_path / "ev" / sub)
+    for i in range(2):
+        hr = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+        Image.fromarray(hr).save(tmp_path / "ev" / "HR" / f"p{i}.png")
+        Image.fromarray(hr).resize((10, 8), Image.BICUBIC).save(tmp_path / "ev" / "LR" / f"p{i}.png")
+    model = _model()
+    model.save_pretrained(tmp_path / "m")
+    # The fresh model outputs R(LR) itself, so its row equals the realesrgan row; R ran once per image.
+    assert evaluate.main(["--data", str(tmp_path / "ev"), "--methods", "realesrgan,student:1,bicubic", "--model",
+                          str(tmp_path / "m"), "--border", "0"]) == 0
+    rows = {ln.split("|")[1].strip(): ln.split("|")[4:8] for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| realesrgan") or ln.startswith("| student")}
+    assert rows["realesrgan"] == rows["student:1"]
+    cache = evaluate.RestoredCache()
+    lr = rng.integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    _, nfe, charge1 = evaluate.run_method("realesrgan", lr, (32, 40), None, None, 0, cache=cache, key="a")
+    _, _, charge2 = evaluate.run_method("realesrgan", lr, (32, 40), None, None, 0, cache=cache, key="a")
+    assert nfe == 1 and charge1 == 0.0 and charge2 == cache.seconds > 0
