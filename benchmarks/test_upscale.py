@@ -25,13 +25,13 @@ from mfsr_fast.model import MFSRTransformer
 from mfsr_fast.restorer import Restorer, RRDBNet, load_restorer
 
 
-def _realesrgan(device) -> Restorer:
-    """Real-ESRGAN x4plus as users run it (``mfsr_fast.restorer``): the released weights where the set-up converted
-    them, else the same RRDBNet with random weights (the same time)."""
+def _realesrgan(device) -> tuple[Restorer, str]:
+    """Real-ESRGAN x4plus as users run it (``mfsr_fast.restorer``) and which weights: the released ones where the
+    set-up converted them, else the same RRDBNet with random weights (the same time)."""
     try:
-        return load_restorer(device=device)
+        return load_restorer(device=device), "released"
     except ValueError:
-        return Restorer(RRDBNet().to(device))
+        return Restorer(RRDBNet().to(device)), "random (not converted here)"
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")), reason="no embedded default")
@@ -43,7 +43,7 @@ def test_upscale_128_to_512(benchmark, full, env_info):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, side, side, generator=g).to(device)
     model = load_model("default", device)
-    realesrgan = _realesrgan(device)
+    realesrgan, weights = _realesrgan(device)
     reps = 3 if full else 1
     with torch.inference_mode():
         upscale_rgb(model, x, steps=1)  # warm-up (allocator, oneDNN primitives) for both
@@ -56,7 +56,7 @@ def test_upscale_128_to_512(benchmark, full, env_info):
         }
     info = dict(env_info, lr_side=side, out_side=4 * side, params_mfsr=sum(p.numel() for p in model.parameters()),
                 params_realesrgan=sum(p.numel() for p in realesrgan.net.parameters()),
-                default_uses_restorer=model.needs_restorer)
+                realesrgan_weights=weights, default_uses_restorer=model.needs_restorer)
     info.update({f"ms_{k}": v * 1e3 for k, v in times.items()})
     info["mfsr_1step_over_realesrgan"] = times["mfsr_1step"] / times["realesrgan_x4plus"]
     info["speedup_vs_realesrgan_x4plus"] = times["realesrgan_x4plus"] / times["mfsr_1step"]

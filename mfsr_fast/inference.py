@@ -51,24 +51,28 @@ def codec_of(model: MFSRTransformer):
 
 
 def restorer_of(model: MFSRTransformer):
-    """The frozen restorer a restorer-conditioned model needs (``None`` for the others): the one attached with
-    ``attach_restorer``, else the one its config names, looked up in the model's folder first
-    (``mfsr_fast.restorer.resolve_restorer``), on the model's device."""
+    """The frozen restorer a restorer-conditioned model needs (``None`` for the others), on the model's device: the
+    one attached with ``attach_restorer``, else the one its config names, looked up in the model's folder first
+    (``mfsr_fast.restorer.resolve_restorer``). Restorers loaded from a folder are shared per folder and device
+    (``load_restorer``'s cache), so a model that changed device takes that device's copy instead of moving a shared
+    one."""
     if not model.needs_restorer:
         return None
+    from mfsr_fast.restorer import load_restorer
+
+    dev = next(model.parameters()).device
     r = getattr(model, "_mfsr_restorer", None)
     if r is None:
-        from mfsr_fast.restorer import load_restorer
-
-        p = next(model.parameters())
-        r = load_restorer(model.cfg.restorer, device=p.device, model_dir=getattr(model, "_mfsr_dir", None))
-        model._mfsr_restorer = r
+        r = load_restorer(model.cfg.restorer, device=dev, model_dir=getattr(model, "_mfsr_dir", None))
+    elif r.device != dev:
+        r = load_restorer(r.path, device=dev, dtype=r.dtype) if r.path else r.to(device=dev)
+    model._mfsr_restorer = r
     return r
 
 
 def attach_restorer(model: MFSRTransformer, restorer) -> MFSRTransformer:
-    """Keep ``restorer`` (a ``mfsr_fast.restorer.Restorer``) with ``model``, on the model's device."""
-    restorer.to(device=next(model.parameters()).device)
+    """Keep ``restorer`` (a ``mfsr_fast.restorer.Restorer``) with ``model``; ``restorer_of`` puts it on the model's
+    device when it is used."""
     model._mfsr_restorer = restorer
     return model
 
@@ -172,7 +176,7 @@ def load_model(model="default", device=None, dtype=None) -> MFSRTransformer:
     if isinstance(getattr(m, "_mfsr_codec", None), VAECodec):
         m._mfsr_codec.to(device=dev)
     if m.needs_restorer:
-        restorer_of(m).to(device=dev)
+        restorer_of(m)  # on dev: the shared copy for dev, or the attached one moved
     return m
 
 

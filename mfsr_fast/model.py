@@ -105,7 +105,7 @@ PRESETS: dict[str, dict] = {
                  codec="pixel4", learned_prompts=4),
     # tiny over Real-ESRGAN x4plus (DESIGN section 8): the LR stream sees R(LR) and the upsampled LR (which shows how
     # degraded the input was, which R(LR) hides), the flow runs over the residual HR - R(LR) scaled by
-    # 1 / residual_scale (about the residual's spread on the training crops), and the network predicts that
+    # 1 / residual_scale (0.25; 0.1 did worse in training.diagnose, RESULTS.md), and the network predicts that
     # residual (zero: exactly R(LR)).
     "tiny-r": dict(in_channels=48, num_layers=4, num_heads=4, head_dim=32, context_dim=128, pooled_dim=128,
                    sample_size=32, pos_embed_max_size=256, dual_attention_layers=(0, 1), prediction="x",

@@ -117,10 +117,6 @@ class RRDBNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, nn.Conv2d)]
 
 
-def _num_convs(num_block: int) -> int:
-    return 15 * num_block + 6
-
-
 # The ncnn format.
 
 
@@ -148,12 +144,13 @@ def read_ncnn(param_path: str, bin_path: str) -> tuple[dict, list[tuple[np.ndarr
     for ln in layers:
         if ln[0] != "Convolution":
             continue
-        n_in, n_out = int(ln[2]), int(ln[3])
-        fields = dict(kv.split("=", 1) for kv in ln[4 + n_in + n_out:] if "=" in kv)
         try:
+            n_in, n_out = int(ln[2]), int(ln[3])
+            fields = dict(kv.split("=", 1) for kv in ln[4 + n_in + n_out:] if "=" in kv)
             out_ch, k, wcount = int(fields["0"]), int(fields.get("1", 1)), int(fields["6"])
-        except (KeyError, ValueError):
-            raise FormatError(f"{param_path}: convolution {ln[1]} lacks 0= (outputs) or 6= (weight count)") from None
+        except (IndexError, KeyError, ValueError):
+            raise FormatError(f"{param_path}: convolution line {' '.join(ln)!r} lacks its blob counts, 0= (outputs) "
+                              "or 6= (weight count)") from None
         if int(fields.get("11", k)) != k or int(fields.get("3", 1)) != 1 or int(fields.get("2", 1)) != 1:
             raise FormatError(f"{param_path}: convolution {ln[1]} is not a square, stride-1, undilated kernel")
         if fields.get("5", "0") != "1":
@@ -357,12 +354,15 @@ class Restorer:
     def device(self) -> torch.device:
         return self.net.conv_first.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.conv_first.weight.dtype
+
     @torch.inference_mode()
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:
         if lr.dim() != 4 or lr.shape[1] != 3:
             raise ValueError(f"the restorer takes (B, 3, h, w) RGB images, got {tuple(lr.shape)}")
-        dtype = self.net.conv_first.weight.dtype
-        x = lr.to(device=self.device, dtype=dtype)
+        x = lr.to(device=self.device, dtype=self.dtype)
         H, W = x.shape[-2:]
         tile = self.tile or (max(H, W) if max(H, W) <= self.max_side else self.max_side)
         if H <= tile and W <= tile:

@@ -64,14 +64,14 @@ def test_read_ncnn_recovers_config_and_weights(tmp_path):
     param, binf = write_ncnn(net, str(tmp_path / "m"))
     cfg, convs = rs.read_ncnn(param, binf)
     assert cfg == SMALL
-    assert len(convs) == rs._num_convs(1) == len(net.conv_layers())
+    assert len(convs) == 15 + 6 == len(net.conv_layers())  # 15 per RRDB block, 6 around them
     for (w, b), m in zip(convs, net.conv_layers()):
         assert w.dtype == np.float16 and b.dtype == np.float32
         np.testing.assert_array_equal(w, m.weight.detach().numpy().astype(np.float16))
         np.testing.assert_array_equal(b, m.bias.detach().numpy())
 
 
-@pytest.mark.parametrize("case", ["tag", "truncated", "trailing", "layer_count", "magic", "shape", "too_few"])
+@pytest.mark.parametrize("case", ["tag", "truncated", "trailing", "layer_count", "magic", "shape", "fields", "too_few"])
 def test_read_ncnn_rejects_broken_files(tmp_path, case):
     net = _net()
     stem = str(tmp_path / "m")
@@ -98,6 +98,11 @@ def test_read_ncnn_rejects_broken_files(tmp_path, case):
                                           "5=1 6=432")
         open(param, "w").write(text)
         match = "conv_2"
+    elif case == "fields":  # conv_2 without its weight count
+        param, binf = write_ncnn(net, stem)
+        text = open(param).read().replace("conv_2 1 1 b2 b3 0=4 1=3 4=1 5=1 6=432", "conv_2 1 1 b2 b3 0=4 1=3 4=1 5=1")
+        open(param, "w").write(text)
+        match = "lacks its blob counts, 0= .outputs. or 6="
     else:  # a file with fewer convolutions than one RRDB block needs
         small = rs.RRDBNet(**SMALL)
         small.body = torch.nn.Sequential()

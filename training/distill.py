@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from mfsr_fast.convert import load_teacher
+from mfsr_fast.inference import lr_condition
 from mfsr_fast.meanflow import adaptive_loss, meanflow_target
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
@@ -116,7 +117,7 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
     def loss_fn(field, model: MFSRTransformer, batch, step: int, d) -> torch.Tensor:
         hr, lr, restored, seeds = batch
         gens = engine.per_sample_generators(seeds)
-        c = engine.lr_condition(model, codec, lr, restored)
+        c = lr_condition(model, codec, lr, restored)  # as at inference
         x = model.to_flow(codec.encode(hr), c)  # the flow's space: x, or the scaled residual over R(LR)
         e = engine.per_sample_randn(gens, tuple(x.shape[1:])).to(x.device)
         a = engine.sample_t(gens, cfg)

@@ -39,6 +39,7 @@ from training import checkpoint as ckpt
 from training.data import ImageFolder
 from training.degrade import PRESETS as DEGRADATIONS
 from training.degrade import degrade
+from training.pool import Pool, restore_crops
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                             "train")
@@ -180,8 +181,6 @@ class StepBatches(torch.utils.data.Dataset):
         self.cfg, self.rank, self.world, self.scale = cfg, rank, world, scale
         self.pool = None
         if cfg.pool:
-            from training.pool import Pool
-
             self.pool = Pool(cfg.pool)
             if self.pool.crop != cfg.crop:
                 raise ValueError(f"--pool {cfg.pool} holds {self.pool.crop} px crops, --crop is {cfg.crop}")
@@ -285,14 +284,6 @@ def codec_for(model: MFSRTransformer, vae: str = ""):
     if codec.latent_channels != model.cfg.in_channels:
         raise SystemExit(f"--vae has {codec.latent_channels} latent channels, the model {model.cfg.in_channels}")
     return codec
-
-
-def lr_condition(model: MFSRTransformer, codec, lr: torch.Tensor, restored: torch.Tensor | None) -> torch.Tensor:
-    """The LR stream's input, as at inference (``mfsr_fast.inference.lr_condition``): the bicubic upsampling and / or
-    R(LR), encoded like the target."""
-    from mfsr_fast.inference import lr_condition as condition
-
-    return condition(model, codec, lr, restored)
 
 
 # EMA.
@@ -435,9 +426,7 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
             else:
                 hr, lr, seeds = item
                 hr, lr = hr.to(d.device), lr.to(d.device)
-            if restorer is not None:
-                from training.pool import restore_crops
-
+            if restorer is not None:  # clone: a normal tensor, not the inference-mode one R returns
                 restored = restore_crops(restorer, lr).clone()
             batch = (hr, lr, restored, seeds)
             for g in opt.param_groups:

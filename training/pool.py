@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from safetensors.torch import load_file, save_file
 
 PAD = 4  # LR pixels of reflected context around a crop for the restorer (its borders otherwise see zeros)
 
@@ -66,8 +67,6 @@ class Pool:
         return self.count
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from safetensors.torch import load_file
-
         k, j = divmod(int(i), self.shard)
         if k not in self._cache:
             self._cache[k] = load_file(self._paths()[k])
@@ -77,8 +76,6 @@ class Pool:
 
 def build(out: str, *, data: str, count: int, crop: int, degradation: str, seed: int, shard: int = 256,
           restorer: str = "realesrgan-x4plus", device: str = "cpu", threads: int = 0) -> str:
-    from safetensors.torch import save_file
-
     from mfsr_fast.restorer import load_restorer
     from training import engine
 
@@ -131,6 +128,7 @@ def build(out: str, *, data: str, count: int, crop: int, degradation: str, seed:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from training.degrade import PRESETS as DEGRADATIONS
     from training.engine import DEFAULT_DATA
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -138,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=DEFAULT_DATA, help="HR image folder (default: %(default)s)")
     ap.add_argument("--count", type=int, default=3072)
     ap.add_argument("--crop", type=int, default=128, help="HR crop side (LR is crop / 4)")
-    ap.add_argument("--degradation", default="dit4sr", help="training/degrade.py preset (default: %(default)s)")
+    ap.add_argument("--degradation", default="dit4sr", choices=sorted(DEGRADATIONS),
+                    help="training/degrade.py preset (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard", type=int, default=256, help="samples per shard file")
     ap.add_argument("--restorer", default="realesrgan-x4plus", help="restorer name or folder")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from mfsr_fast.guidance import guided_velocity, sample_teacher  # noqa: F401  (re-exported)
+from mfsr_fast.inference import lr_condition
 from mfsr_fast.model import PROMPT_NAMES, MFSRTransformer
 from training import engine
 
@@ -67,7 +68,7 @@ def make_loss(cfg: TeacherConfig, codec):
         hr, lr, restored, seeds = batch
         gens = engine.per_sample_generators(seeds)
         x = codec.encode(hr)
-        c = engine.lr_condition(model, codec, lr, restored)
+        c = lr_condition(model, codec, lr, restored)  # as at inference
         which = prompt_choice(engine.per_sample_rand(gens), cfg.p_negative, cfg.p_null).to(x.device)
         neg = (which == PROMPT_NAMES.index("negative")).view(-1, 1, 1, 1)
         # The negative prompt's target: the LR stream's base image (the upsampled LR, or R(LR): what the positive
