@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from mfsr_fast.imageio import ImageError, read_image, write_image
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
@@ -33,9 +35,48 @@ def _inputs(src: str, recursive: bool) -> list[tuple[str, str]]:
     else:
         for f in sorted(os.listdir(src)):
             p = os.path.join(src, f)
-            if os.path.isfile(p) and f.lower().endswith(EXTENSIONS):
+            # A broken symbolic link is kept: it fails with its reason, as it does with -r, not silently.
+            if (os.path.isfile(p) or os.path.islink(p)) and f.lower().endswith(EXTENSIONS):
                 found.append((p, f))
     return found
+
+
+def _probe_bits(path: str) -> int:
+    """8 or 16: the bit depth the output will keep, from the file's header (no decoding); 8 if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return 16 if im.mode.startswith("I;16") or im.mode == "I" or im.mode in ("RGB;16", "RGBA;16") else 8
+    except Exception:  # unreadable files fail later with their reason
+        return 8
+
+
+def _clashes(files: list[tuple[str, str]], args) -> list[str]:
+    """Inputs that would be written to the same output name (x.jpg and x.png with --ext png)."""
+    seen: dict[str, str] = {}
+    out = []
+    for path, rel in files:
+        target = os.path.normcase(os.path.abspath(_out_path(rel, args.output, args.suffix, args.ext,
+                                                            _probe_bits(path))))
+        if target in seen:
+            out.append(f"{seen[target]} and {path} would both be written to {target}")
+        else:
+            seen[target] = path
+    return out
+
+
+def _check_output_folder(folder: str) -> str | None:
+    """None when ``folder`` exists (or was created) and is writable, else why not."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return f"--output {folder} is a file, not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the output folder {folder}: {e.strerror or e}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write to the output folder {folder} (permission denied)"
+    return None
 
 
 def _out_path(rel: str, out_dir: str, suffix: str, ext: str | None, bits: int) -> str:
@@ -82,16 +123,30 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--scale must be in (0, 16]")
     if args.ext and args.ext.lower().lstrip(".") not in ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"):
         ap.error(f"--ext {args.ext}: use png, jpg, webp, tif or bmp")
+    def usage(msg: str) -> int:
+        print(f"mfsr-upscale: {msg}", file=sys.stderr)
+        return 2
+
+    # Everything that can be checked before any image is computed is checked here, in this order: the inputs,
+    # names that would collide, the output folder, then the model.
     try:
         files = _inputs(args.input, args.recursive)
+    except ImageError as e:
+        return usage(str(e))
+    if not files:
+        return usage(f"no images in {args.input} ({', '.join(EXTENSIONS)})")
+    clashes = _clashes(files, args)
+    if clashes:
+        return usage("output names collide (nothing was written): " + "; ".join(clashes)
+                     + ". Use --suffix or --ext so that each input gets its own name, or upscale them separately")
+    why = _check_output_folder(args.output)
+    if why:
+        return usage(why)
+    try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model = load_model(args.model, args.device, dtype)
     except (ImageError, ValueError) as e:
-        print(f"mfsr-upscale: {e}", file=sys.stderr)
-        return 2
-    if not files:
-        print(f"mfsr-upscale: no images in {args.input} ({', '.join(EXTENSIONS)})", file=sys.stderr)
-        return 2
+        return usage(str(e))
     from tqdm import tqdm
 
     failed: list[tuple[str, str]] = []
@@ -109,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             if os.path.exists(out_path) and not args.overwrite:
                 raise ImageError(f"{out_path} exists (use --overwrite to replace it)")
             res = upscale_array(arr, scale=args.scale, steps=args.steps, model=model, tile=args.tile, seed=args.seed,
-                                color_fix_method=args.color_fix)
+                                color_fix_method=args.color_fix, out_dtype=np.uint16 if meta.bits == 16 else np.uint8)
+            del arr
             write_image(out_path, res, meta)
             written += 1
             for note in meta.notes:
@@ -118,7 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             failed.append((path, str(e)))
             tqdm.write(f"failed: {e}")
         except torch.OutOfMemoryError:
-            failed.append((path, "out of memory even at the smallest tile; try --tile 64 or --device cpu"))
+            failed.append((path, "out of GPU memory even at the smallest tile; try --tile 64 or --device cpu"))
+            tqdm.write(f"failed: {path}: out of GPU memory")
+        except (MemoryError, RuntimeError) as e:  # the CPU allocator's failure is a RuntimeError
+            if not isinstance(e, MemoryError) and "allocate" not in str(e):
+                raise
+            failed.append((path, f"out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); the "
+                           "output alone needs width x height x channels bytes: try a smaller --scale"))
+            tqdm.write(f"failed: {path}: out of memory")
     dt = time.perf_counter() - t0
     print(f"{written} image(s) written to {args.output} in {dt:.1f} s"
           + (f" ({dt / written:.2f} s per image)" if written else ""))

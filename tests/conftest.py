@@ -99,3 +99,16 @@ def small_restorer_folder(folder, seed: int = 0, num_feat: int = 8, num_grow_ch:
     with open(os.path.join(folder, "info.json"), "w") as f:
         json.dump({"name": "test restorer", "licence": "test"}, f)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A 1-block random model with learned prompts and the pixel codec (fast; outputs are not meant to look good)."""
+    from mfsr_fast.model import MFSRTransformer
+
+    torch.manual_seed(0)
+    m = MFSRTransformer.from_preset("tiny", num_layers=1, num_heads=2, head_dim=16, dual_attention_layers=(0,))
+    randomize_(m, std=0.05)
+    d = tmp_path_factory.mktemp("model")
+    m.save_pretrained(str(d))
+    return str(d)

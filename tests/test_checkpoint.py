@@ -80,9 +80,11 @@ def test_checkpoint_files_hold_no_pickle(tmp_path):
     path = C.save_checkpoint(str(tmp_path), 1, model=model, optimizer=opt)
     files = {os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs}
     assert files == {"model/config.json", "model/diffusion_pytorch_model.safetensors", "optimizer.safetensors",
-                     "rng.safetensors", "trainer_state.json"}
+                     "rng.safetensors", "trainer_state.json", "manifest.json"}
     with open(os.path.join(path, "trainer_state.json")) as f:
         json.load(f)
+    with open(os.path.join(path, "manifest.json")) as f:  # every other file, with its size and SHA-256
+        assert set(json.load(f)["files"]) == files - {"manifest.json"}
 
 
 def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -103,6 +103,30 @@ def test_resume_after_sigkill_is_bit_exact(images, teacher_run, tmp_path):
             assert torch.equal(a[k], b[k]), f"{sub}/{k} differs after resume"
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_resume_falls_back_to_the_newest_whole_checkpoint(images, teacher_run, tmp_path, damage):
+    """latest.json names a deleted folder, or the newest checkpoint is cut short: --resume continues from the one
+    before (named, with the reason) and ends bit-identical to the uninterrupted run."""
+    import shutil
+
+    ref_dir, _ = teacher_run
+    out = tmp_path / "run"
+    shutil.copytree(ref_dir, out)
+    newest = out / "checkpoints" / "step_00000006"
+    if damage == "deleted":
+        shutil.rmtree(newest)
+    else:
+        w = newest / "ema" / "diffusion_pytorch_model.safetensors"
+        w.write_bytes(w.read_bytes()[:-64])
+    res = _teacher(images, out, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "skipping" in res.stdout and "step_00000006" in res.stdout and "(step 4)" in res.stdout
+    for sub in ("model", "ema"):
+        a, b = _weights(ref_dir, sub), _weights(str(out), sub)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{sub}/{k} differs after the fallback resume"
+
+
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(images, tmp_path):
     out = tmp_path / "term"
     proc = subprocess.Popen([sys.executable, "-m", "training.teacher", "--preset", "micro", "--data", images,

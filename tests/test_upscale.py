@@ -21,21 +21,6 @@ from mfsr_fast.inference import DEFAULT_MODEL, upscale  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A 1-block random model with learned prompts and the pixel codec (fast; outputs are not meant to look good)."""
-    from conftest import randomize_
-
-    from mfsr_fast.model import MFSRTransformer
-
-    torch.manual_seed(0)
-    m = MFSRTransformer.from_preset("tiny", num_layers=1, num_heads=2, head_dim=16, dual_attention_layers=(0,))
-    randomize_(m, std=0.05)
-    d = tmp_path_factory.mktemp("model")
-    m.save_pretrained(str(d))
-    return str(d)
-
-
 def _photo(h=20, w=24, seed=0):
     rng = np.random.default_rng(seed)
     small = rng.uniform(0, 255, (4, 5, 3)).astype(np.uint8)
@@ -200,12 +185,12 @@ def test_cli_folder_failures_listed_and_inputs_never_overwritten(model_dir, tmp_
     r = subprocess.run([sys.executable, "-m", "mfsr_fast", str(src / "a.png"), "-o", str(src), "--suffix", "",
                         "--model", model_dir], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "overwrite an input" in r.stderr and (src / "a.png").read_bytes() == before
-    # Unwritable output "folder" (an existing file): a clear error per image, exit status 1.
+    # Unwritable output "folder" (under an existing file): refused before any image is computed, status 2.
     blocker = tmp_path / "file_not_dir"
     blocker.write_text("x")
     r = subprocess.run([sys.executable, "-m", "mfsr_fast", str(src / "a.png"), "-o", str(blocker / "o"),
                         "--model", model_dir], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and "cannot write" in r.stderr
+    assert r.returncode == 2 and "cannot create the output folder" in r.stderr
     r = subprocess.run([sys.executable, "-m", "mfsr_fast", str(tmp_path / "nothing"), "--model", model_dir],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "no such file or folder" in r.stderr

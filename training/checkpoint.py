@@ -6,8 +6,12 @@ Layout of ``<run>/checkpoints/step_00001000/``:
 - ``rng.safetensors``: torch CPU (and CUDA) generator states;
 - ``trainer_state.json``: step, the optimizer's param groups and scalar state, Python and NumPy RNG states, the
   training config and anything else the trainer passes in ``extra``.
+- ``manifest.json``: the size and SHA-256 of every file above, written last (``mfsr_fast.integrity``).
 A checkpoint is written under a temporary name and renamed when complete; ``latest.json`` (replaced atomically) names
-the newest complete one, so a crash mid-write leaves the previous checkpoint in charge.
+the newest complete one, so a crash mid-write leaves the previous checkpoint in charge. Resuming takes the newest
+checkpoint whose files match its manifest (``latest_checkpoint``), naming the newer ones it passed over and why; old
+checkpoints are rotated away only after a newer one is whole, and temporary folders a killed writer left are removed
+by the next save. Files get the permissions the umask gives (not tempfile's private 0600 / 0700).
 
 Caution:
 - Optimizer states must be tensors or JSON values (true of torch's optimizers); param groups must be JSON values.
@@ -25,7 +29,25 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-LATEST = "latest.json"
+from mfsr_fast.integrity import (
+    CHECKPOINT_FILES,
+    LATEST,
+    IntegrityError,
+    apply_umask,
+    check_folder,
+    checkpoint_steps,
+    newest_checkpoint,
+    write_manifest,
+)
+
+__all__ = ["CheckpointWriteError", "IntegrityError", "checkpoint_bytes", "latest_checkpoint", "load_checkpoint",
+           "load_optimizer_state", "remove_partial", "save_checkpoint"]
+
+TMP_PREFIX = ".tmp-step_"
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, permissions): the message names the file; earlier checkpoints stay."""
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -35,6 +57,7 @@ def _atomic_write_text(path: str, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    apply_umask(tmp)
     os.replace(tmp, path)
 
 
@@ -110,6 +133,35 @@ def _save_model(module, state: dict[str, torch.Tensor] | None, folder: str) -> N
               os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
 
+def _tensor_bytes(module, state: dict | None) -> int:
+    if state is not None:
+        return sum(v.numel() * v.element_size() for v in state.values())
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def checkpoint_bytes(model, optimizer=None, ema=None, model_state=None, ema_state=None, optimizer_state=None) -> int:
+    """About how many bytes a checkpoint of these takes (the tensors; JSON and headers are small)."""
+    n = _tensor_bytes(model, model_state)
+    if ema is not None:
+        n += _tensor_bytes(ema, ema_state)
+    if optimizer is not None or optimizer_state is not None:
+        sd = optimizer_state if optimizer_state is not None else optimizer.state_dict()
+        n += sum(v.numel() * v.element_size() for st in sd["state"].values() for v in st.values()
+                 if isinstance(v, torch.Tensor))
+    return n
+
+
+def remove_partial(root: str) -> list[str]:
+    """Remove the temporary folders of checkpoints whose writer was killed mid-write; returns their names."""
+    gone = []
+    if os.path.isdir(root):
+        for d in sorted(os.listdir(root)):
+            if d.startswith(TMP_PREFIX) and os.path.isdir(os.path.join(root, d)):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+                gone.append(d)
+    return gone
+
+
 def save_checkpoint(root: str, step: int, *, model, optimizer: torch.optim.Optimizer | None = None, ema=None,
                     config: dict | None = None, extra: dict | None = None, keep: int = 3,
                     model_state: dict | None = None, ema_state: dict | None = None,
@@ -117,45 +169,71 @@ def save_checkpoint(root: str, step: int, *, model, optimizer: torch.optim.Optim
     """Write ``root/step_<step>/`` atomically, point ``root/latest.json`` at it, keep the newest ``keep``.
 
     ``model_state`` / ``ema_state`` / ``optimizer_state``: full state dicts gathered from sharded (FSDP2) modules,
-    written instead of the modules' own (the optimizer's keyed by parameter index, as ``optimizer.state_dict()``)."""
+    written instead of the modules' own (the optimizer's keyed by parameter index, as ``optimizer.state_dict()``).
+    A failed write (disk full, ...) raises ``CheckpointWriteError`` naming the file, the space needed and the space
+    free, and leaves every earlier checkpoint as it was."""
     os.makedirs(root, exist_ok=True)
+    remove_partial(root)  # one writer per run: any temporary folder here is a killed writer's leftover
     final = os.path.join(root, f"step_{step:08d}")
-    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-step_{step:08d}-")
+    tmp = tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{step:08d}-")
+    current = tmp
     try:
-        _save_model(model, model_state, os.path.join(tmp, "model"))
+        current = os.path.join(tmp, "model")
+        _save_model(model, model_state, current)
         if ema is not None:
-            _save_model(ema, ema_state, os.path.join(tmp, "ema"))
+            current = os.path.join(tmp, "ema")
+            _save_model(ema, ema_state, current)
         meta = {"step": step, "config": config or {}, "extra": extra or {}}
         if optimizer is not None or optimizer_state is not None:
             tensors, opt_meta = _optimizer_to_files(optimizer, optimizer_state)
-            save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+            current = os.path.join(tmp, "optimizer.safetensors")
+            save_file(tensors, current)
             meta["optimizer"] = opt_meta
         rng_tensors, meta["rng"] = _rng_state()
-        save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+        current = os.path.join(tmp, "rng.safetensors")
+        save_file(rng_tensors, current)
+        current = os.path.join(tmp, "trainer_state.json")
+        with open(current, "w") as f:
             json.dump(meta, f)
+        current = os.path.join(tmp, "manifest.json")
+        write_manifest(tmp)
+        apply_umask(tmp)
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointWriteError):
+            raise _write_error(e, root, current, step, model, optimizer, ema, model_state, ema_state,
+                               optimizer_state) from e
         raise
     _atomic_write_text(os.path.join(root, LATEST), json.dumps({"step": step, "path": os.path.basename(final)}))
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
-    for old in done[:-keep] if keep > 0 else []:
+    # Rotation: only checkpoints older than the one just written (which is whole) go, the newest keep - 1 of them
+    # stay. Newer step_* folders (damaged ones a resume passed over) are left for the user to inspect.
+    older = [name for s_, name in checkpoint_steps(root) if s_ < step]
+    for old in older[max(0, keep - 1):] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     return final
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The newest complete checkpoint under root, or None."""
-    path = os.path.join(root, LATEST)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        name = json.load(f)["path"]
-    full = os.path.join(root, name)
-    return full if os.path.isdir(full) else None
+def _write_error(e: BaseException, root, current, step, *sizes) -> CheckpointWriteError:
+    free = shutil.disk_usage(root).free
+    need = checkpoint_bytes(*sizes)
+    why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    return CheckpointWriteError(
+        f"could not write checkpoint step {step}: {current}: {why}. The checkpoint needs about {need / 2**20:.1f} MiB "
+        f"and {free / 2**20:.1f} MiB are free on {root}; earlier checkpoints are intact (free some space, then "
+        "continue with --resume)")
+
+
+def latest_checkpoint(root: str, report=None) -> str | None:
+    """The newest whole checkpoint under root (its files match its manifest), or None. ``report(message)`` is told
+    about every newer checkpoint passed over, with the reason."""
+    path, skipped = newest_checkpoint(root)
+    if report is not None:
+        for name, why in skipped:
+            report(f"skipping {os.path.join(root, name)}: {why}")
+    return path
 
 
 def load_optimizer_state(path: str) -> dict:
@@ -168,10 +246,15 @@ def load_optimizer_state(path: str) -> dict:
 
 
 def load_checkpoint(path: str, *, model, optimizer: torch.optim.Optimizer | None = None, ema=None,
-                    restore_rng: bool = True) -> dict:
-    """Load weights, optimizer and RNG state in place; returns the trainer state (step, config, extra)."""
+                    restore_rng: bool = True, check: bool = True) -> dict:
+    """Load weights, optimizer and RNG state in place; returns the trainer state (step, config, extra).
+
+    ``check``: verify the files against the checkpoint's manifest first (``IntegrityError`` naming the damaged file);
+    pass False for a checkpoint ``latest_checkpoint`` has just verified."""
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    if check:
+        check_folder(path, CHECKPOINT_FILES)
     with open(os.path.join(path, "trainer_state.json")) as f:
         meta = json.load(f)
     model.load_state_dict(load_file(os.path.join(path, "model", "diffusion_pytorch_model.safetensors")))

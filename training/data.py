@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mfsr_fast.imageio import jpeg_truncated
+
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 
 
@@ -61,7 +63,12 @@ class ImageFolder(torch.utils.data.Dataset):
         for path in scan(root):
             try:
                 with Image.open(path) as im:
+                    fmt = im.format
                     im.verify()
+                if fmt == "JPEG":  # verify() reads the header only: a cut-off file would train on grey rows
+                    with open(path, "rb") as f:
+                        if jpeg_truncated(f.read()):
+                            raise ValueError("truncated JPEG (the data ends before the end-of-image marker)")
                 files.append(path)
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
                 self._skip(path, e)

@@ -92,7 +92,8 @@ def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "", norm_k_b
                          "transformer folder")
     if not os.path.isdir(path):
         raise SystemExit(f"--teacher {path}: no such folder")
-    run_ckpt = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"))
+    run_ckpt = ckpt.latest_checkpoint(os.path.join(path, "checkpoints"),
+                                      report=lambda m: print(f"--teacher: {m}", file=sys.stderr, flush=True))
     if run_ckpt is not None:
         path = run_ckpt
     if os.path.isfile(os.path.join(path, "trainer_state.json")):

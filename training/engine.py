@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from mfsr_fast.codec import PixelCodec, VAECodec
+from mfsr_fast.integrity import checkpoint_steps
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
 from training.data import ImageFolder
@@ -319,12 +320,36 @@ def _out_of_time(deadline: float, d: Dist) -> bool:
     return late
 
 
+def _resume_point(ckdir: str, main: bool) -> str | None:
+    """The checkpoint ``--resume`` continues from: the newest whole one, naming the newer ones passed over; None
+    where the run has none yet. A run whose checkpoints are all damaged stops instead of starting over."""
+    say = (lambda m: print(f"--resume: {m}", flush=True)) if main else None
+    if main:
+        for name in ckpt.remove_partial(ckdir):
+            print(f"--resume: removed {os.path.join(ckdir, name)} (a checkpoint a killed run left half-written)",
+                  flush=True)
+    path = ckpt.latest_checkpoint(ckdir, report=say)
+    if path is None:
+        if checkpoint_steps(ckdir):
+            raise SystemExit(f"--resume: no checkpoint under {ckdir} is whole (the reasons are above); move them "
+                             "away, or run without --resume to start from step 0")
+        if main:
+            print(f"--resume: no checkpoint under {ckdir} yet; starting from step 0", flush=True)
+    return path
+
+
 def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: str, extra: dict | None = None) -> str:
     """Run the loop; ``loss_fn(model_for_grad, inner_model, batch, step, d) -> loss`` computes one step's loss.
 
     Returns the path of the last checkpoint. ``extra`` is stored in every checkpoint (e.g. the teacher's path).
     """
     d = setup(cfg)
+    # The data first: a missing, empty or image-less folder is one sentence before any work (no RNG is drawn here).
+    on_device = cfg.degrade_on == "device" and not cfg.pool
+    try:
+        data = StepBatches(cfg, d.rank, d.world, degrade=not on_device)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"{name}: {e}") from None
     torch.manual_seed(cfg.seed)
     model = model.to(d.device)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -333,12 +358,10 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
         print("--fsdp: one process, nothing to shard; training unsharded", flush=True)
     ckdir = os.path.join(cfg.output_dir, "checkpoints")
     start = 0
-    resume_from = ckpt.latest_checkpoint(ckdir) if cfg.resume else None
-    if cfg.resume and resume_from is None and d.main:
-        print(f"--resume: no checkpoint under {ckdir}; starting from step 0", flush=True)
+    resume_from = _resume_point(ckdir, d.main) if cfg.resume else None
     if resume_from is not None and fsdp:
         # Weights load before sharding; the optimizer state after, through torch.distributed.checkpoint.
-        start = ckpt.load_checkpoint(resume_from, model=model, ema=ema)["step"]
+        start = ckpt.load_checkpoint(resume_from, model=model, ema=ema, check=False)["step"]
     if fsdp:
         shard_(model, d)
         shard_(ema, d)
@@ -349,7 +372,7 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
         if fsdp:
             _set_sharded_optimizer_state(model, opt, names, ckpt.load_optimizer_state(resume_from))
         else:
-            start = ckpt.load_checkpoint(resume_from, model=model, optimizer=opt, ema=ema)["step"]
+            start = ckpt.load_checkpoint(resume_from, model=model, optimizer=opt, ema=ema, check=False)["step"]
         if d.main:
             print(f"resumed from {resume_from} (step {start})", flush=True)
     if d.main:
@@ -364,11 +387,6 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     else:  # one process, or FSDP2 (the sharded model is its own wrapper)
         wrapped = _Field(model)
 
-    on_device = cfg.degrade_on == "device" and not cfg.pool
-    try:
-        data = StepBatches(cfg, d.rank, d.world, degrade=not on_device)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
     if d.main and data.pool is None and data.images.skipped:
         print(f"skipped {len(data.images.skipped)} unreadable images", flush=True)
     restorer = None
@@ -407,9 +425,13 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
         path = None
         states = _gather_full_states(model, ema, opt, names) if fsdp else {}  # collective: every rank
         if d.main:
-            path = ckpt.save_checkpoint(ckdir, at, model=model, optimizer=opt, ema=ema, config=dataclasses.asdict(cfg),
-                                        extra=dict(extra or {}, nonfinite_steps=nonfinite), keep=cfg.keep_checkpoints,
-                                        **states)
+            try:
+                path = ckpt.save_checkpoint(ckdir, at, model=model, optimizer=opt, ema=ema,
+                                            config=dataclasses.asdict(cfg),
+                                            extra=dict(extra or {}, nonfinite_steps=nonfinite),
+                                            keep=cfg.keep_checkpoints, **states)
+            except ckpt.CheckpointWriteError as e:
+                raise Stop(str(e)) from None
         if d.world > 1:
             dist.barrier()
         return path

@@ -23,6 +23,7 @@ import tempfile
 import torch
 
 from mfsr_fast.inference import find_weights
+from mfsr_fast.integrity import apply_umask
 
 
 def _log_summary(run_dir: str) -> dict:
@@ -115,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(restorer, os.path.join(tmp, "restorer"))
     with open(os.path.join(tmp, "info.json"), "w") as f:
         json.dump(_portable(info), f, indent=2)
-    os.chmod(tmp, 0o755)
-    for dirpath, dirs, files in os.walk(tmp):
-        for d in dirs:
-            os.chmod(os.path.join(dirpath, d), 0o755)
-        for f in files:
-            os.chmod(os.path.join(dirpath, f), 0o644)
+    apply_umask(tmp)
     if os.path.isdir(args.output):
         shutil.rmtree(args.output)
     os.replace(tmp, args.output)
