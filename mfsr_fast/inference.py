@@ -14,6 +14,7 @@ half the tile (``upscale_rgb``).
 from __future__ import annotations
 
 import functools
+import itertools
 import numbers
 import os
 import warnings
@@ -276,12 +277,31 @@ def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, step
         y = sample_teacher(model, c, noise.to(dtype), steps=steps, guidance=teacher_guidance)
     else:
         ctx, pooled = model.prompt("positive", B)
+        calls = itertools.count()
 
         def fn(z, t, r):
-            return model.field(z, c, t.expand(B), r.expand(B), ctx, pooled)
+            # Every other step sees the token grid moved by half a patch: patch-edge errors of one step then fall
+            # inside the next step's patches instead of adding up on one grid (benchmarks/RESULTS.md, "multi-step
+            # patch grid"). The first step is unmoved, so one step is unchanged.
+            shift = (next(calls) % 2) * (model.cfg.patch_size // 2)
+            return shifted_call(lambda zz, cc: model.field(zz, cc, t.expand(B), r.expand(B), ctx, pooled), z, c,
+                                shift, model.cfg.patch_size)
 
         y = sample(fn, noise.to(dtype), timesteps=time_grid(steps, refine_t=model.cfg.refine_t, device=noise.device))
     return codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
+
+
+def shifted_call(f, z: torch.Tensor, c: torch.Tensor, shift: int, patch: int) -> torch.Tensor:
+    """``f(z, c)`` with the patch grid moved by ``shift`` latent cells (0 <= shift < patch) down and right: both
+    inputs padded by reflection (``shift`` before, ``patch - shift`` after, so the size stays whole patches), the
+    output cropped back. ``shift = 0`` is ``f(z, c)`` itself."""
+    if shift == 0:
+        return f(z, c)
+    if not 0 < shift < patch:
+        raise ValueError(f"shift must be in [0, {patch}), got {shift}")
+    pad = (shift, patch - shift, shift, patch - shift)
+    out = f(F.pad(z, pad, mode="reflect"), F.pad(c, pad, mode="reflect"))
+    return out[:, :, shift:shift + z.shape[-2], shift:shift + z.shape[-1]]
 
 
 def _lr_multiple(model: MFSRTransformer) -> int:
