@@ -380,7 +380,7 @@ def _prepare(model: MFSRTransformer, rgb: torch.Tensor, restored: torch.Tensor |
 
 def _rows(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int, seed: int, tile: int | None, overlap: int | None,
           progress, teacher_guidance: float | None, tile_batch: int | None, restored: torch.Tensor | None):
-    """(rows generator of the padded image's x4 output, padded height): see ``tiling.tile_rows``."""
+    """The rows generator of the padded image's x4 output: see ``tiling.tile_rows``."""
     device = rgb.device
     codec = codec_of(model)
     rgb, rrows = _prepare(model, rgb, restored)
@@ -390,10 +390,9 @@ def _rows(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int, seed: int, t
     def run(lr, noise, r):
         return _sr_tile(model, lr, noise, steps, teacher_guidance, r)
 
-    gen = tile_rows(run, rgb, scale=MODEL_SCALE, cells_per_px=MODEL_SCALE / codec.factor,
-                    channels=codec.latent_channels, seed=seed, tile=tile, overlap=overlap,
-                    multiple=_lr_multiple(model), group=group, restored=rrows, progress=progress)
-    return gen, rgb.shape[-2]
+    return tile_rows(run, rgb, scale=MODEL_SCALE, cells_per_px=MODEL_SCALE / codec.factor,
+                     channels=codec.latent_channels, seed=seed, tile=tile, overlap=overlap,
+                     multiple=_lr_multiple(model), group=group, restored=rrows, progress=progress)
 
 
 def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, seed: int = 0, tile: int | None = None,
@@ -412,8 +411,8 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
     group = tile_batch or auto_tile_batch(model, rgb.device, tile)
     while True:
         try:
-            gen, _ = _rows(model, rgb, steps=steps, seed=seed, tile=tile, overlap=overlap, progress=progress,
-                           teacher_guidance=teacher_guidance, tile_batch=group, restored=restored)
+            gen = _rows(model, rgb, steps=steps, seed=seed, tile=tile, overlap=overlap, progress=progress,
+                        teacher_guidance=teacher_guidance, tile_batch=group, restored=restored)
             out = torch.cat([rows for _, rows in gen], dim=2)
             break
         except torch.OutOfMemoryError as e:
@@ -467,6 +466,8 @@ def _checked_unit(arr: np.ndarray, what: str) -> np.ndarray:
         raise ValueError(f"float {what} values must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
     if hi > 1 + 1e-3 or lo < -1e-3:
         warnings.warn(f"float {what} values {lo:g}..{hi:g} clipped to [0, 1]", stacklevel=3)
+    if lo >= 0 and hi <= 1:  # already in range: no copy (large inputs are checked twice on the numpy path)
+        return arr.astype(np.float32, copy=False)
     return np.clip(arr, 0, 1).astype(np.float32, copy=False)
 
 
@@ -518,8 +519,8 @@ def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="d
         sink = RowSink(out, x, scale=s, color_fix=color_fix_method, grey=color.shape[2] == 1, alpha=alpha,
                        fix=color_fix, bicubic=_bicubic)
         try:
-            gen, _ = _rows(m, x, steps=steps, seed=seed, tile=tile, overlap=None, progress=progress or None,
-                           teacher_guidance=None, tile_batch=group, restored=None)
+            gen = _rows(m, x, steps=steps, seed=seed, tile=tile, overlap=None, progress=progress or None,
+                        teacher_guidance=None, tile_batch=group, restored=None)
             with torch.inference_mode():
                 for r0, rows in gen:
                     rows = rows[:, :, : max(0, min(rows.shape[2], s * H - r0)), : s * W]  # drop the padding

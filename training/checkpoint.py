@@ -27,6 +27,7 @@ import tempfile
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mfsr_fast.integrity import (
@@ -203,7 +204,8 @@ def save_checkpoint(root: str, step: int, *, model, optimizer: torch.optim.Optim
         os.replace(tmp, final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointWriteError):
+        # safetensors reports I/O failures (a full disk included) as SafetensorError, not OSError.
+        if isinstance(e, (OSError, SafetensorError)) and not isinstance(e, CheckpointWriteError):
             raise _write_error(e, root, current, step, model, optimizer, ema, model_state, ema_state,
                                optimizer_state) from e
         raise
@@ -219,7 +221,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer: torch.optim.Optim
 def _write_error(e: BaseException, root, current, step, *sizes) -> CheckpointWriteError:
     free = shutil.disk_usage(root).free
     need = checkpoint_bytes(*sizes)
-    why = getattr(e, "strerror", None) or str(e).splitlines()[0]
+    why = getattr(e, "strerror", None) or (str(e).splitlines() or [type(e).__name__])[0]
     return CheckpointWriteError(
         f"could not write checkpoint step {step}: {current}: {why}. The checkpoint needs about {need / 2**20:.1f} MiB "
         f"and {free / 2**20:.1f} MiB are free on {root}; earlier checkpoints are intact (free some space, then "
