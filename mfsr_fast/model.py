@@ -88,6 +88,11 @@ class MFSRConfig:
     # (0, 1) makes the first jump go from t = 1 to refine_t and the other N - 1 steps split [refine_t, 0] evenly, so
     # steps 2..N refine the one-step image from a little noise instead of re-entering mid t.
     refine_t: float = 0.0
+    # > 0: a convolutional head that sees across patches. The read-out gives each model-space pixel ``conv_head``
+    # feature channels beside its output; two 3 x 3 convolutions over both add a correction to the output (the
+    # second zero-initialised). A linear read-out per token alone leaves a step at every patch edge (the patch grid
+    # of RESULTS.md); the head can remove it. 0: the linear read-out only (SD3 / DiT4SR).
+    conv_head: int = 0
 
 
 # Named learned prompts of models trained without a text encoder (DESIGN section 3 / training/teacher.py).
@@ -110,7 +115,7 @@ PRESETS: dict[str, dict] = {
     "tiny-r": dict(in_channels=48, num_layers=4, num_heads=4, head_dim=32, context_dim=128, pooled_dim=128,
                    sample_size=32, pos_embed_max_size=256, dual_attention_layers=(0, 1), prediction="x",
                    codec="pixel4", learned_prompts=4, lr_source="both", restorer="realesrgan-x4plus",
-                   residual_scale=0.25),
+                   residual_scale=0.25, conv_head=16),
 }
 
 
@@ -498,6 +503,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         restorer: str = "",
         residual_scale: float = 0.0,
         refine_t: float = 0.0,
+        conv_head: int = 0,
     ):
         # Keyword arguments mirror MFSRConfig field by field: diffusers' ConfigMixin reads the signature.
         super().__init__()
@@ -522,7 +528,13 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
             for i in range(cfg.num_layers)
         ])
         self.norm_out = nn.Linear(dim, 2 * dim)
-        self.proj_out = nn.Linear(dim, p * p * cfg.in_channels)
+        self.proj_out = nn.Linear(dim, p * p * (cfg.in_channels + cfg.conv_head))
+        if cfg.conv_head > 0:
+            width = cfg.in_channels + cfg.conv_head
+            self.head_conv1 = nn.Conv2d(width, width, kernel_size=3, padding=1)
+            self.head_conv2 = nn.Conv2d(width, cfg.in_channels, kernel_size=3, padding=1)
+        else:
+            self.head_conv1 = self.head_conv2 = None
         if cfg.learned_prompts > 0:
             n = len(PROMPT_NAMES)
             self.prompt_context = nn.Parameter(torch.zeros(n, cfg.learned_prompts, cfg.context_dim))
@@ -570,6 +582,9 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.norm_out.bias)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
+        if self.head_conv2 is not None:
+            nn.init.zeros_(self.head_conv2.weight)
+            nn.init.zeros_(self.head_conv2.bias)
         if self.cfg.learned_prompts > 0:
             nn.init.normal_(self.prompt_context, std=1.0)  # distinct prompts from the start
             if self.prompt_pooled is not None:
@@ -680,13 +695,28 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
             tx = _t_linear(self.proj_out, tx)
         else:
             x = kernels.adaln_modulate(x, shift, scale, eps=cfg.eps, backend=backend)  # (B, N, D)
-        x = self.proj_out(x)  # (B, N, p * p * C)
+        x = self.proj_out(x)  # (B, N, p * p * (C + conv_head))
+        Co = C + cfg.conv_head
 
-        def unpatch(a):  # (B, N, p * p * C) -> (B, C, H, W)
-            return a.reshape(B, hp, wp, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
-        if not jvp:
-            return unpatch(x)
-        return unpatch(x), unpatch(torch.zeros_like(x) if tx is None else tx)
+        def unpatch(a):  # (B, N, p * p * Co) -> (B, Co, H, W)
+            return a.reshape(B, hp, wp, p, p, Co).permute(0, 5, 1, 3, 2, 4).reshape(B, Co, H, W)
+        out = unpatch(x)
+        tout = None if not jvp else unpatch(torch.zeros_like(x) if tx is None else tx)
+        if self.head_conv1 is not None:
+            out, tout = self._conv_head(out, tout)
+        return out if not jvp else (out, tout)
+
+    def _conv_head(self, o: torch.Tensor, to: torch.Tensor | None):
+        """(B, C + conv_head, H, W) read-out -> (B, C, H, W): o[:, :C] + conv2(silu(conv1(o))), and its tangent."""
+        C = self.cfg.in_channels
+        a = self.head_conv1(o)
+        out = o[:, :C] + self.head_conv2(F.silu(a))
+        if to is None:
+            return out, None
+        with torch.no_grad():
+            ta = F.conv2d(to, self.head_conv1.weight, None, padding=1)
+            tout = to[:, :C] + F.conv2d(_t_silu(a, ta), self.head_conv2.weight, None, padding=1)
+        return out, tout
 
     def prompt(self, which, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(context, pooled) of learned prompts: ``which`` is a name from PROMPT_NAMES (repeated ``batch`` times) or a
@@ -862,6 +892,8 @@ def _check_config(cfg: MFSRConfig) -> None:
     if cfg.residual_scale < 0 or (cfg.residual_scale > 0 and (not cfg.lr_stream or cfg.prediction == "x_lr")):
         raise ValueError("residual_scale must be >= 0; a residual flow needs the LR stream and prediction 'v' or 'x' "
                          "('x_lr' already adds the base)")
+    if cfg.conv_head < 0:
+        raise ValueError(f"conv_head must be >= 0, got {cfg.conv_head}")
     if not 0.0 <= cfg.refine_t < 1.0:
         raise ValueError(f"refine_t must be in [0, 1), got {cfg.refine_t}")
     if cfg.codec not in ("sd3-vae", "pixel4"):

@@ -251,3 +251,31 @@ def test_field_parametrisations_and_learned_prompts(prediction):
     with pytest.raises(ValueError, match="no learned prompts"):
         bare = MFSRTransformer.from_preset("tiny", num_layers=1, dual_attention_layers=(), learned_prompts=0)
         bare.prompt("positive")
+
+
+def test_conv_head_starts_as_the_linear_read_out_and_sees_across_patches():
+    """conv_head > 0: at init (second conv zero) the output is the linear read-out's first C channels; trained (here:
+    random) it mixes neighbouring patches, which a per-token read-out cannot; a config without the field has none."""
+    torch.manual_seed(0)
+    m = micro_model(conv_head=3)
+    C = m.cfg.in_channels
+    assert m.proj_out.out_features == m.cfg.patch_size ** 2 * (C + 3)
+    o = torch.randn(2, C + 3, 8, 6)
+    torch.nn.init.zeros_(m.head_conv2.weight)
+    torch.nn.init.zeros_(m.head_conv2.bias)
+    assert torch.equal(m._conv_head(o, None)[0], o[:, :C])
+    fresh = MFSRTransformer.from_preset("tiny-r")
+    assert fresh.cfg.conv_head > 0 and not fresh.head_conv2.weight.any()
+    # Random head: one read-out pixel changed at a patch's last row/column moves output pixels in the next patch.
+    torch.nn.init.normal_(m.head_conv2.weight, std=0.3)
+    o2 = o.clone()
+    o2[:, :, 1, 1] += 1.0  # patch (0, 0) of a 2 x 2 patch grid
+    with torch.no_grad():
+        d = (m._conv_head(o2, None)[0] - m._conv_head(o, None)[0]).abs().sum(dim=(0, 1))
+    assert d[2, 2] > 0 and d[1, 3] > 0 and d[3, 3] > 0  # neighbours across the patch edges
+    assert d[4, 4] == 0 and d[1, 4] == 0 and d[4, 0] == 0  # two 3 x 3 convolutions reach 2 pixels
+    with pytest.raises(ValueError, match="conv_head"):
+        micro_model(conv_head=-1)
+    # Models saved before the field existed (the dit4sr path, older runs) load with the plain read-out.
+    plain = micro_model()
+    assert plain.cfg.conv_head == 0 and plain.head_conv1 is None and plain.head_conv2 is None

@@ -20,6 +20,7 @@ VARIANTS = {  # over the micro model (the tiny preset's x_lr prediction and lear
     "no-context-no-pooled-no-qk-norm": dict(context_dim=0, pooled_dim=0, qk_norm=None, learned_prompts=0),
     "three-blocks-two-dual": dict(num_layers=3, dual_attention_layers=(0, 2)),
     "restorer-and-bicubic-residual": dict(lr_source="both", restorer="r", residual_scale=0.25, prediction="x"),
+    "conv-head": dict(lr_source="both", restorer="r", residual_scale=0.25, prediction="x", conv_head=4),
 }
 
 
