@@ -24,6 +24,7 @@ the (DDP / FSDP-wrapped) model returns u and du/dt, see ``MFSRTransformer.forwar
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -56,6 +57,9 @@ class DistillConfig(engine.TrainConfig):
     jvp_fp32: bool = True  # the JVP pass outside bf16 autocast
     loss_p: float = 1.0  # adaptive weighting L / sg(L + c)^p
     loss_c: float = 1e-3
+    # > 0: the multi-step sampling grid (MFSRConfig.refine_t) stored in the student's config from the start, so the
+    # run's samples (--sample-every), checkpoints and exports use it; 0: the teacher's (export --refine-t overrides).
+    refine_t: float = 0.0
 
 
 PRESETS = {
@@ -70,7 +74,7 @@ PRESETS = {
     # 0.857; the student's one step matches it (30.33 dB, 0.848, 6.82), at 150 steps as at 300.
     "tiny-r": dict(model_preset="tiny-r", max_steps=300, batch_size=16, crop=128, degradation="mild", lr=1e-4,
                    warmup_steps=20, ema_decay=0.99, ckpt_every=100, num_workers=1, t_mean=0.0, t_one_fraction=0.3,
-                   guidance=1.5),
+                   guidance=1.5, refine_t=0.06),
     "small": dict(model_preset="small", max_steps=10000, batch_size=32, crop=256, lr=5e-5),
     "micro": dict(model_preset="tiny", max_steps=6, batch_size=4, crop=32, warmup_steps=1, ckpt_every=2, log_every=1,
                   num_workers=0),
@@ -160,11 +164,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--against must be negative or null, got {cfg.against!r}")
     if cfg.jvp_mode == "jvp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("--jvp-mode jvp cannot run under DDP (torch.func.jvp cannot take the wrapper): use split")
+    if not 0.0 <= cfg.refine_t < 1.0:
+        raise SystemExit(f"--refine-t must be in [0, 1), got {cfg.refine_t}")
     if cfg.teacher_dtype not in ("auto", "float32", "bfloat16"):
         raise SystemExit(f"--teacher-dtype must be auto, float32 or bfloat16, got {cfg.teacher_dtype!r}")
     teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema, cfg.prompts, cfg.norm_k_bug, cfg.lr_conv_scale)
     frozen_prompts = bool(cfg.prompts)
     student = copy.deepcopy(teacher).float().requires_grad_(True)  # fp32 master weights
+    if cfg.refine_t > 0:  # sampling only: the training target does not use it
+        student.register_to_config(refine_t=cfg.refine_t)
+        student.cfg = dataclasses.replace(student.cfg, refine_t=cfg.refine_t)
     if frozen_prompts:  # embeddings of a text encoder: conditioning, not weights to learn
         student.prompt_context.requires_grad_(False)
         if student.prompt_pooled is not None:
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     codec = engine.codec_for(student, cfg.vae)
     engine.train(cfg, student, make_loss(cfg, teacher, codec), name="distill",
                  extra={"teacher": os.path.abspath(cfg.teacher), "guidance": cfg.guidance,
-                        "vae": os.path.abspath(cfg.vae) if cfg.vae else ""})
+                        "vae": os.path.abspath(cfg.vae) if cfg.vae else ""}, student=True)
     return 0
 
 

@@ -81,6 +81,15 @@ class TrainConfig:
     degrade_on: str = "workers"  # where the degradation runs: workers (data-loading processes) | device (training)
     threads: int = 0  # torch CPU threads (0: torch's default)
     pool: str = ""  # a precomputed sample pool (python -m training.pool): (HR, LR, R(LR)) instead of degrading here
+    # Watching the run (training/monitor.py): every sample_every steps and at the end, a PNG grid of sample_count
+    # held-in crops in <output-dir>/samples and PSNR-Y / SSIM-Y (NIQE with niqe_params) rows in log.jsonl, on the
+    # first val_count pairs of val_data (HR/ + LR/) or on the crops; tensorboard: the same scalars and images.
+    sample_every: int = 0  # 0: off
+    sample_count: int = 4
+    val_data: str = ""
+    val_count: int = 4
+    niqe_params: str = ""
+    tensorboard: bool = False
 
 
 def _parse_value(text: str, default):
@@ -338,10 +347,12 @@ def _resume_point(ckdir: str, main: bool) -> str | None:
     return path
 
 
-def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: str, extra: dict | None = None) -> str:
+def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: str, extra: dict | None = None,
+          student: bool = False) -> str:
     """Run the loop; ``loss_fn(model_for_grad, inner_model, batch, step, d) -> loss`` computes one step's loss.
 
     Returns the path of the last checkpoint. ``extra`` is stored in every checkpoint (e.g. the teacher's path).
+    ``student``: the run's samples (``--sample-every``) show 1 and 4 MeanFlow steps instead of one Euler step.
     """
     d = setup(cfg)
     # The data first: a missing, empty or image-less folder is one sentence before any work (no RNG is drawn here).
@@ -397,6 +408,11 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
             restorer = load_restorer(model.cfg.restorer, device=d.device)
         except ValueError as e:
             raise SystemExit(str(e)) from None
+    monitor = None
+    if cfg.sample_every > 0:  # every rank runs it (an FSDP model's forward is collective); the main one writes
+        from training.monitor import Monitor
+
+        monitor = Monitor(cfg, data, model, student=student, device=d.device, main=d.main, restorer=restorer)
     sampler = range(start, cfg.max_steps)
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
                                          prefetch_factor=2 if cfg.num_workers > 0 else None,
@@ -419,6 +435,7 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     step = start
     last_path = None
     t0, done_since = time.perf_counter(), 0
+    sampled = None
     deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else None
 
     def save(at: int) -> str:
@@ -491,11 +508,16 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
                        "nonfinite_steps": nonfinite, "time": time.time()}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
+                if monitor is not None:
+                    monitor.log_loss(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rec['steps_per_s']:.2f}",
                                 img_s=f"{rec['images_per_s']:.1f}")
                 t0, done_since = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
+            if monitor is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                monitor(step, ema, log)
+                sampled = step
             if stop["signal"] is not None:
                 last_path = save(step)
                 raise Stop(f"stopped by signal {signal.Signals(stop['signal']).name} at step {step}; checkpoint "
@@ -508,6 +530,8 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
                 last_path = save(step)
         if step > start or last_path is None:
             last_path = save(step)
+        if monitor is not None and sampled != step:  # stopped early (--max-minutes): the end's samples too
+            monitor(step, ema, log)
     except Stop as e:
         if d.main:
             print(f"\n{e}", file=sys.stderr, flush=True)
@@ -519,10 +543,20 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
             bar.close()
         if log is not None:
             log.close()
+        if monitor is not None:
+            monitor.close()
         if d.world > 1:
             dist.destroy_process_group()
     if d.main:
         print(f"done: {step} steps, {nonfinite} skipped as non-finite; checkpoint {last_path}", flush=True)
+        if monitor is not None:
+            from training.plot import plot_run
+
+            try:
+                print(f"curves: {plot_run(cfg.output_dir)}", flush=True)
+            except ImportError:
+                print("no curves: python -m training.plot needs matplotlib (pip install 'mfsr-fast[train]')",
+                      flush=True)
     return last_path
 
 

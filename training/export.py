@@ -31,6 +31,7 @@ def _log_summary(run_dir: str) -> dict:
     if not os.path.isfile(path):
         return {}
     rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = [r for r in rows if r.get("kind") != "val"]  # --sample-every's validation rows
     if not rows:
         return {}
     steps = rows[-1]["step"]
