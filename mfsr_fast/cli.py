@@ -107,7 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ext", default=None, help="output format: png, jpg, webp, tif (default: the input's)")
     ap.add_argument("--color-fix", choices=("wavelet", "adain"), default=None, help="match colours to the LR")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return ap
+
+
+def _version() -> str:
+    from mfsr_fast import __version__
+
+    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
