@@ -44,7 +44,8 @@ def plot_run(run: str, out: str | None = None) -> str:
     import matplotlib.pyplot as plt
 
     train, val = read_log(run)
-    metrics = sorted({k.split("@")[0] for r in val for k in r if "@" in k})
+    order = {"psnr_y": 0, "ssim_y": 1, "niqe": 2}
+    metrics = sorted({k.split("@")[0] for r in val for k in r if "@" in k}, key=lambda m: (order.get(m, 3), m))
     fig, axes = plt.subplots(1, 1 + len(metrics), figsize=(4.2 * (1 + len(metrics)), 3.4), squeeze=False)
     ax = axes[0][0]
     if train:
@@ -52,6 +53,7 @@ def plot_run(run: str, out: str | None = None) -> str:
         ax.plot(steps, loss, color="0.75", lw=0.8, label="loss")
         ax.plot(steps, _smooth(loss, 10), color="C0", lw=1.5, label="running mean (10 rows)")
         ax.legend(fontsize=8)
+    ax.ticklabel_format(axis="y", useOffset=False)  # MeanFlow's adaptive loss sits near 1: show the values
     ax.set(title="training loss", xlabel="step")
     ax.grid(alpha=0.3)
     for ax, name in zip(axes[0][1:], metrics):
