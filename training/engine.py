@@ -516,8 +516,10 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
             if bar is not None:
                 bar.update(1)
             if monitor is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                m0 = time.perf_counter()
                 monitor(step, ema, log)
                 sampled = step
+                t0 += time.perf_counter() - m0  # the logged step rates (and export's train_seconds) leave it out
             if stop["signal"] is not None:
                 last_path = save(step)
                 raise Stop(f"stopped by signal {signal.Signals(stop['signal']).name} at step {step}; checkpoint "
