@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test,lint,train]"
+	$(PY) -m pip install --quiet -e ".[test,lint,train,web]"
 	touch $(STAMP)
 
 $(RESTORER): | $(STAMP)

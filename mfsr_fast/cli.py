@@ -90,10 +90,41 @@ def _out_path(rel: str, out_dir: str, suffix: str, ext: str | None, bits: int) -
     return os.path.join(out_dir, stem + suffix + e)
 
 
+def upscale_file(path: str, out_for, model, *, scale: float, steps: int, tile: int | None = None, seed: int = 0,
+                 color_fix: str | None = None, overwrite: bool = False, protected=(), progress=None):
+    """Read ``path``, upscale it and write it (atomically) to ``out_for(bits)``, keeping its bit depth, alpha and
+    metadata; returns (output path, ImageMeta). Everything that is the file's fault, or the machine's (out of
+    memory), is an ImageError with a message for the user; the CLI and the web page (``mfsr_fast.app``) both use it.
+    ``protected``: real paths never written to (the inputs)."""
+    import torch
+
+    from mfsr_fast.inference import upscale_array
+
+    arr, meta = read_image(path)
+    out_path = out_for(meta.bits)
+    if os.path.realpath(out_path) in protected:
+        raise ImageError(f"output {out_path} would overwrite an input; choose another --output or --suffix")
+    if os.path.exists(out_path) and not overwrite:
+        raise ImageError(f"{out_path} exists (use --overwrite to replace it)")
+    try:
+        res = upscale_array(arr, scale=scale, steps=steps, model=model, tile=tile, seed=seed, progress=progress,
+                            color_fix_method=color_fix, out_dtype=np.uint16 if meta.bits == 16 else np.uint8)
+    except torch.OutOfMemoryError:
+        raise ImageError("out of GPU memory even at the smallest tile; try --tile 64 or --device cpu") from None
+    except (MemoryError, RuntimeError) as e:  # the CPU allocator's failure is a RuntimeError
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        raise ImageError(f"out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); the output "
+                         "alone needs width x height x channels bytes: try a smaller --scale") from None
+    del arr
+    write_image(out_path, res, meta)
+    return out_path, meta
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mfsr-upscale", description="x4 real-world super-resolution (MeanFlow, "
                                  "1-4 steps) of an image file or a folder of images.")
-    ap.add_argument("input", help="an image file or a folder of images")
+    ap.add_argument("input", nargs="?", help="an image file or a folder of images (none with --serve)")
     ap.add_argument("-o", "--output", default="upscaled", help="output folder (default: %(default)s)")
     ap.add_argument("-r", "--recursive", action="store_true", help="also take images in sub-folders")
     ap.add_argument("--scale", type=float, default=4.0, help="output / input size (default 4)")
@@ -107,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ext", default=None, help="output format: png, jpg, webp, tif (default: the input's)")
     ap.add_argument("--color-fix", choices=("wavelet", "adain"), default=None, help="match colours to the LR")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
+    web = ap.add_argument_group("web page (the 'web' extra: pip install 'mfsr-fast[web]')")
+    web.add_argument("--serve", action="store_true", help="serve a local web page for upscaling instead")
+    web.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    web.add_argument("--port", type=int, default=7860, help="(default %(default)s)")
+    web.add_argument("--max-upload-mb", type=float, default=50, help="largest upload in MB (default %(default)s)")
+    web.add_argument("--max-megapixels", type=float, default=8,
+                     help="largest input the page accepts, in megapixels (default %(default)s)")
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return ap
 
@@ -122,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from mfsr_fast.inference import load_model, upscale_array
+    from mfsr_fast.inference import load_model
 
     if args.steps < 1 or args.steps > 64:
         ap.error("--steps must be in 1..64")
@@ -133,6 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     def usage(msg: str) -> int:
         print(f"mfsr-upscale: {msg}", file=sys.stderr)
         return 2
+
+    if args.serve:
+        if args.input is not None:
+            ap.error("--serve takes no input: upload images on the page")
+        if not 0 < args.port < 65536 or args.max_upload_mb <= 0 or args.max_megapixels <= 0:
+            ap.error("--port must be in 1..65535, --max-upload-mb and --max-megapixels positive")
+        from mfsr_fast.app import serve
+
+        try:
+            serve(args.model, args.device, getattr(torch, args.dtype) if args.dtype else None, host=args.host,
+                  port=args.port, max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels)
+        except (ImageError, ValueError) as e:
+            return usage(str(e))
+        return 0
+    if args.input is None:
+        ap.error("the following arguments are required: input (or --serve for the web page)")
 
     # Everything that can be checked before any image is computed is checked here, in this order: the inputs,
     # names that would collide, the output folder, then the model.
@@ -164,31 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     for path, rel in bar:
         bar.set_postfix_str(rel[-40:])
         try:
-            arr, meta = read_image(path)
-            out_path = _out_path(rel, args.output, args.suffix, args.ext, meta.bits)
-            if os.path.realpath(out_path) in inputs:
-                raise ImageError(f"output {out_path} would overwrite an input; choose another --output or --suffix")
-            if os.path.exists(out_path) and not args.overwrite:
-                raise ImageError(f"{out_path} exists (use --overwrite to replace it)")
-            res = upscale_array(arr, scale=args.scale, steps=args.steps, model=model, tile=args.tile, seed=args.seed,
-                                color_fix_method=args.color_fix, out_dtype=np.uint16 if meta.bits == 16 else np.uint8)
-            del arr
-            write_image(out_path, res, meta)
+            _, meta = upscale_file(path, lambda bits, rel=rel: _out_path(rel, args.output, args.suffix, args.ext, bits),
+                                   model, scale=args.scale, steps=args.steps, tile=args.tile, seed=args.seed,
+                                   color_fix=args.color_fix, overwrite=args.overwrite, protected=inputs)
             written += 1
             for note in meta.notes:
                 tqdm.write(f"{rel}: {note}")
         except (ImageError, ValueError, OSError) as e:
             failed.append((path, str(e)))
             tqdm.write(f"failed: {e}")
-        except torch.OutOfMemoryError:
-            failed.append((path, "out of GPU memory even at the smallest tile; try --tile 64 or --device cpu"))
-            tqdm.write(f"failed: {path}: out of GPU memory")
-        except (MemoryError, RuntimeError) as e:  # the CPU allocator's failure is a RuntimeError
-            if not isinstance(e, MemoryError) and "allocate" not in str(e):
-                raise
-            failed.append((path, f"out of memory ({str(e).splitlines()[0] if str(e) else 'MemoryError'}); the "
-                           "output alone needs width x height x channels bytes: try a smaller --scale"))
-            tqdm.write(f"failed: {path}: out of memory")
     dt = time.perf_counter() - t0
     print(f"{written} image(s) written to {args.output} in {dt:.1f} s"
           + (f" ({dt / written:.2f} s per image)" if written else ""))
