@@ -17,7 +17,9 @@ Architecture (DESIGN section 4):
   zero network output is R(LR) itself and the model only learns what R lacks.
 
 Forward-mode tangents: ``forward(..., tangents=(tz, tt, tr))`` also returns du along them, computed layer by layer
-by explicit formulas in the same call (MeanFlow's target without torch.func.jvp; tests/test_model_jvp.py).
+in the same call (MeanFlow's target without torch.func.jvp; tests/test_model_jvp.py): every layer takes and returns
+``Dual`` (primal, tangent) pairs and is written once with the pair operations of ``mfsr_fast.tangent``, each of which
+puts the tangent formula next to its primal op. Input checks live in ``mfsr_fast.model_checks``.
 
 Time convention: t in [0, 1], t = 1 is noise, z_t = (1 - t) x + t e (diffusers' FlowMatchEulerDiscreteScheduler:
 sigma = t, timestep = 1000 t). Every attention goes through ``kernels.attention``, every adaLN modulation through
@@ -35,8 +37,10 @@ Caution:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -44,7 +48,23 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-import kernels
+from mfsr_fast import model_checks as checks
+from mfsr_fast.tangent import (
+    Dual,
+    add,
+    attention,
+    cat,
+    chunk,
+    conv2d,
+    gated,
+    gelu_tanh,
+    linear,
+    modulate,
+    rms_norm,
+    scale,
+    silu,
+    sum_tangents,
+)
 
 
 @dataclass(frozen=True)
@@ -148,34 +168,6 @@ def timestep_embedding_tangent(t: torch.Tensor, tt: torch.Tensor, dim: int, max_
     return emb
 
 
-# Explicit tangents (forward-mode derivatives) of the model's layers, for ``forward(..., tangents=...)``. Tangents
-# are detached and computed without autograd (MeanFlow consumes them under stop-gradient); None stands for zero.
-@torch.no_grad()
-def _t_linear(lin: nn.Linear, t: torch.Tensor | None) -> torch.Tensor | None:
-    """W t: a linear layer's tangent (the bias has none)."""
-    return None if t is None else F.linear(t, lin.weight)
-
-
-@torch.no_grad()
-def _t_silu(x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else torch.ops.aten.silu_backward(t, x.detach())
-
-
-@torch.no_grad()
-def _t_add(*ts: torch.Tensor | None) -> torch.Tensor | None:
-    ts = [t for t in ts if t is not None]
-    return sum(ts[1:], ts[0]) if ts else None
-
-
-def _cat_tangents(pairs) -> torch.Tensor | None:
-    """Concatenate the tangents of (primal, tangent) pairs along dim 2, zeros for None; None if all are None."""
-    if all(t is None for _, t in pairs):
-        return None
-    with torch.no_grad():
-        ts = [torch.zeros_like(p) if t is None else t for p, t in pairs]
-        return torch.cat(ts, dim=2) if len(ts) > 1 else ts[0]
-
-
 def sincos_pos_embed(dim: int, h: int, w: int, max_size: int, base_size: int, device=None) -> torch.Tensor:
     """SD3's 2-D sin-cos positions, centre-cropped from a max_size x max_size grid -> (h * w, dim) in fp32.
 
@@ -229,12 +221,8 @@ class MLPEmbedder(nn.Module):
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-    def forward_with_tangent(self, x: torch.Tensor, t: torch.Tensor | None):
-        h = self.linear_1(x)
-        return self.linear_2(F.silu(h)), _t_linear(self.linear_2, _t_silu(h, _t_linear(self.linear_1, t)))
+    def forward(self, x: Dual) -> Dual:
+        return linear(self.linear_2, silu(linear(self.linear_1, x)))
 
 
 class Attention(nn.Module):
@@ -265,74 +253,45 @@ class Attention(nn.Module):
                                                                        nn.Linear(dim, dim))
             self.to_out_control = nn.Linear(dim, dim)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.cfg.num_heads, self.cfg.head_dim)).transpose(1, 2)  # (B, H, L, Dh)
-
-    def _norm(self, norm, x):
-        return x if norm is None else norm(x)
-
-    def _proj(self, lins, norm, x, t, jvp: bool):
-        """Linears (one after another), heads, optional RMSNorm: (primal, tangent or None)."""
+    def _proj(self, lins, norm, x: Dual) -> Dual:
+        """Linears (one after another), split into heads (B, H, L, Dh), then the optional RMSNorm."""
         for lin in lins:
-            x, t = lin(x), (_t_linear(lin, t) if jvp else None)
-        x, t = self._heads(x), (self._heads(t) if t is not None else None)
-        if norm is None:
-            return x, t
-        return norm(x), (norm.tangent(x, t) if jvp else None)
+            x = linear(lin, x)
+        return rms_norm(norm, x.map(lambda a: a.unflatten(-1, (self.cfg.num_heads, self.cfg.head_dim)).transpose(1, 2)))
 
-    def forward(self, x: torch.Tensor, n_img: int, c: torch.Tensor | None = None, backend: str = "auto",
-                tx: torch.Tensor | None = None, tc: torch.Tensor | None = None, jvp: bool = False):
+    def forward(self, x: Dual, n_img: int, c: Dual | None = None, backend: str = "auto") -> tuple[Dual, Dual | None]:
         """x: (B, N [+ N_lr], D) image tokens, the first n_img from z; c: (B, Lc, D) context or None.
-        Returns (out_img, out_ctx); with ``jvp``, also their tangents for the input tangents tx, tc (None = zero)."""
-        x_img, x_lr = x[:, :n_img], x[:, n_img:]  # (B, N, D), (B, N_lr, D)
-        tx_img, tx_lr = (tx[:, :n_img], tx[:, n_img:]) if tx is not None else (None, None)
-        q_img, tq_img = self._proj([self.to_q], self.norm_q, x_img, tx_img, jvp)  # (B, H, N, Dh)
-        k_img_n, tk_img_n = self._proj([self.to_k], self.norm_k, x_img, tx_img, jvp)
-        v_img, tv_img = self._proj([self.to_v], None, x_img, tx_img, jvp)
-        qs, ks, vs = [(q_img, tq_img)], [(k_img_n, tk_img_n)], [(v_img, tv_img)]
-        if x_lr.shape[1]:
-            # DiT4SR: control projections applied after the shared image projections.
-            qs.append(self._proj([self.to_q, self.to_q_control], self.norm_q, x_lr, tx_lr, jvp))
-            if self.cfg.dit4sr_norm_k_bug:
-                # Released DiT4SR: key_control = norm_k(key) after key = norm_k(key): image keys normalised twice.
-                ks.append((self._norm(self.norm_k, k_img_n),
-                           self.norm_k.tangent(k_img_n, tk_img_n) if jvp and self.norm_k is not None else tk_img_n))
-            else:
-                ks.append(self._proj([self.to_k, self.to_k_control], self.norm_k, x_lr, tx_lr, jvp))
-            vs.append(self._proj([self.to_v, self.to_v_control], None, x_lr, tx_lr, jvp))
+        -> (image tokens out, context tokens out or None)."""
+        x_img, x_lr = x.map(lambda a: a[:, :n_img]), x.map(lambda a: a[:, n_img:])
+        q = [self._proj([self.to_q], self.norm_q, x_img)]  # (B, H, N, Dh)
+        k_img = self._proj([self.to_k], self.norm_k, x_img)
+        k, v = [k_img], [self._proj([self.to_v], None, x_img)]
+        if x_lr.p.shape[1]:
+            # DiT4SR: control projections applied after the shared image projections. The released code's keys:
+            # key_control = norm_k(key) after key = norm_k(key), the image keys normalised twice.
+            q.append(self._proj([self.to_q, self.to_q_control], self.norm_q, x_lr))
+            k.append(rms_norm(self.norm_k, k_img) if self.cfg.dit4sr_norm_k_bug
+                     else self._proj([self.to_k, self.to_k_control], self.norm_k, x_lr))
+            v.append(self._proj([self.to_v, self.to_v_control], None, x_lr))
         if c is not None:
             if self.context_out:
-                qs.append(self._proj([self.add_q_proj], self.norm_added_q, c, tc, jvp))  # (B, H, Lc, Dh)
-            ks.append(self._proj([self.add_k_proj], self.norm_added_k, c, tc, jvp))
-            vs.append(self._proj([self.add_v_proj], None, c, tc, jvp))
-        q, k, v = (torch.cat([p for p, _ in t], dim=2) if len(t) > 1 else t[0][0]
-                   for t in (qs, ks, vs))  # (B, H, Lq | L, Dh)
-        if jvp:
-            tq, tk, tv = (_cat_tangents(t) for t in (qs, ks, vs))
-            o, to = kernels.attention_with_tangent(q, k, v, tq, tk, tv, backend=backend)  # (B, H, Lq, Dh)
-            to = to.transpose(1, 2).flatten(2)  # (B, L, D)
-        else:
-            o, to = kernels.attention(q, k, v, backend=backend), None  # (B, H, Lq, Dh)
-        o = o.transpose(1, 2).flatten(2)  # (B, L, D)
-        n_x = x.shape[1]
-        out_img = self.to_out(o[:, :n_img])  # (B, N, D)
-        t_img = _t_linear(self.to_out, to[:, :n_img]) if jvp else None
-        if x_lr.shape[1]:
-            o_lr = o[:, n_img:n_x]  # (B, N_lr, D)
-            to_lr = to[:, n_img:n_x] if jvp else None
+                q.append(self._proj([self.add_q_proj], self.norm_added_q, c))
+            k.append(self._proj([self.add_k_proj], self.norm_added_k, c))
+            v.append(self._proj([self.add_v_proj], None, c))
+        o = attention(cat(q, 2), cat(k, 2), cat(v, 2), backend)  # (B, H, Lq, Dh)
+        return self._out(o.map(lambda a: a.transpose(1, 2).flatten(2)), x_lr, n_img, x.p.shape[1], c)
+
+    def _out(self, o: Dual, x_lr: Dual, n_img: int, n_x: int, c: Dual | None) -> tuple[Dual, Dual | None]:
+        """Output projections of the attended tokens o (B, Lq, D): image, LR (with DiT4SR's residual), context."""
+        out = linear(self.to_out, o.map(lambda a: a[:, :n_img]))  # (B, N, D)
+        if x_lr.p.shape[1]:
+            o_lr = o.map(lambda a: a[:, n_img:n_x])  # (B, N_lr, D)
             if self.cfg.lr_attn_residual:
-                o_lr = o_lr + x_lr
-                to_lr = _t_add(to_lr, tx_lr) if jvp else None
-            out_img = torch.cat([out_img, self.to_out_control(o_lr)], dim=1)  # (B, N + N_lr, D)
-            if jvp:
-                t_img = torch.cat([t_img, _t_linear(self.to_out_control, to_lr)], dim=1)
-        out_ctx = t_ctx = None
-        if c is not None and self.context_out:
-            out_ctx = self.to_add_out(o[:, n_x:])  # (B, Lc, D)
-            t_ctx = _t_linear(self.to_add_out, to[:, n_x:]) if jvp else None
-        if jvp:
-            return out_img, out_ctx, t_img, t_ctx
-        return out_img, out_ctx
+                o_lr = add(o_lr, x_lr)
+            out = cat([out, linear(self.to_out_control, o_lr)], 1)  # (B, N + N_lr, D)
+        if c is None or not self.context_out:
+            return out, None
+        return out, linear(self.to_add_out, o.map(lambda a: a[:, n_x:]))  # (B, Lc, D)
 
 
 class FeedForward(nn.Module):
@@ -347,29 +306,27 @@ class FeedForward(nn.Module):
         self.control_conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden) if lr_conv else None
         self.lr_conv_scale = cfg.lr_conv_scale
 
-    def forward(self, x: torch.Tensor, n_img: int, grid: tuple[int, int], tx: torch.Tensor | None = None,
-                jvp: bool = False):
-        """(B, L, D) -> (B, L, D); with ``jvp``, (out, tangent) for the input tangent tx (None = zero)."""
-        h = self.fc1(x)
-        a = F.gelu(h, approximate="tanh")  # (B, L, 4D)
-        ta = None
-        if jvp and tx is not None:
-            with torch.no_grad():
-                ta = torch.ops.aten.gelu_backward(_t_linear(self.fc1, tx), h.detach(), approximate="tanh")
-        if self.control_conv is not None and x.shape[1] > n_img:
-            a_img, a_lr = a[:, :n_img], a[:, n_img:]  # (B, N, 4D) each
-            lr_map = a_lr.transpose(1, 2).unflatten(2, grid)  # (B, 4D, Hp, Wp)
-            cross = self.control_conv(lr_map).flatten(2).transpose(1, 2)  # (B, N, 4D)
-            a = torch.cat([a_img + self.lr_conv_scale * cross, a_lr], dim=1)  # (B, 2N, 4D)
-            if ta is not None:
-                with torch.no_grad():
-                    conv = self.control_conv
-                    t_map = ta[:, n_img:].transpose(1, 2).unflatten(2, grid)
-                    t_cross = F.conv2d(t_map, conv.weight, None, conv.stride, conv.padding, conv.dilation,
-                                       conv.groups).flatten(2).transpose(1, 2)
-                    ta = torch.cat([ta[:, :n_img] + self.lr_conv_scale * t_cross, ta[:, n_img:]], dim=1)
-        out = self.fc2(a)  # (B, L, D)
-        return (out, _t_linear(self.fc2, ta)) if jvp else out
+    def forward(self, x: Dual, n_img: int, grid: tuple[int, int]) -> Dual:
+        """(B, L, D) -> (B, L, D); ``grid`` = (Hp, Wp), the token grid of the LR stream's hidden map."""
+        a = gelu_tanh(linear(self.fc1, x))  # (B, L, 4D)
+        if self.control_conv is not None and x.p.shape[1] > n_img:
+            lr_map = a.map(lambda u: u[:, n_img:].transpose(1, 2).unflatten(2, grid))  # (B, 4D, Hp, Wp)
+            cross = conv2d(self.control_conv, lr_map).map(lambda u: u.flatten(2).transpose(1, 2))  # (B, N, 4D)
+            a = cat([add(a.map(lambda u: u[:, :n_img]), scale(cross, self.lr_conv_scale)),
+                     a.map(lambda u: u[:, n_img:])], 1)  # (B, 2N, 4D)
+        return linear(self.fc2, a)
+
+
+# adaLN-Zero modulation chunks, in the order the norm1 / norm1_context linears emit them (SD3's layout). The last
+# block's context modulation is AdaLayerNormContinuous's: scale first, then shift.
+IMAGE_MOD = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp")
+DUAL_MOD = IMAGE_MOD + ("shift_msa2", "scale_msa2", "gate_msa2")  # MMDiT-X: the image-only attention's
+LAST_CONTEXT_MOD = ("scale_msa", "shift_msa")
+
+
+def _modulation(lin: nn.Linear, st: Dual, names: tuple[str, ...]) -> SimpleNamespace:
+    """The named (B, D) chunks of lin(silu(temb))."""
+    return SimpleNamespace(**dict(zip(names, chunk(linear(lin, st), len(names)))))
 
 
 class JointBlock(nn.Module):
@@ -380,87 +337,40 @@ class JointBlock(nn.Module):
         dim = cfg.num_heads * cfg.head_dim
         self.cfg, self.dual, self.last = cfg, dual, last
         has_ctx = cfg.context_dim > 0
-        # Image modulation: shift/scale/gate for attention and MLP (+ shift/scale/gate for the second attention).
-        self.norm1 = nn.Linear(dim, (9 if dual else 6) * dim)
+        self.norm1 = nn.Linear(dim, len(DUAL_MOD if dual else IMAGE_MOD) * dim)
         self.attn = Attention(cfg, context=has_ctx, context_out=not last)
         self.attn2 = Attention(cfg, context=False, context_out=False) if dual else None
         self.ff = FeedForward(cfg, lr_conv=cfg.lr_stream)
         if has_ctx:
             # The last block only feeds the context into attention (SD3's context_pre_only): scale/shift only.
-            self.norm1_context = nn.Linear(dim, (2 if last else 6) * dim)
+            self.norm1_context = nn.Linear(dim, len(LAST_CONTEXT_MOD if last else IMAGE_MOD) * dim)
             self.ff_context = None if last else FeedForward(dataclasses.replace(cfg, lr_stream=False), lr_conv=False)
 
-    def forward(self, x, c, temb, n_img: int, grid: tuple[int, int], backend: str = "auto", tangents=None):
-        """x: (B, N [+ N_lr], D), c: (B, Lc, D) or None, temb: (B, D) -> updated (x, c).
-        ``tangents`` = (tx, tc, ttemb) (each may be None = zero) -> (x, c, (tx, tc)): the explicit JVP pass, the same
-        primal ops, each followed by its tangent (DESIGN section 3's du/dt without torch.func.jvp)."""
-        jvp = tangents is not None
-        tx, tc, ttemb = tangents if jvp else (None, None, None)
-        eps = self.cfg.eps
-        n_mod = 9 if self.dual else 6
-        st = F.silu(temb)
-        tst = _t_silu(temb, ttemb)
-        # Image modulation chunks: shift/scale/gate (attention), shift/scale/gate (MLP) [, shift/scale/gate (attn2)].
-        mod = self.norm1(st).chunk(n_mod, dim=1)  # each (B, D)
-        tmod = _t_linear(self.norm1, tst).chunk(n_mod, dim=1) if tst is not None else (None,) * n_mod
-
-        def ada(x_, shift, scale, gate=None, h=None, tx_=None, tshift=None, tscale=None, tgate=None, th=None):
-            """adaLN modulation -> (outputs, tangents); tangents are None (pairs of None with h) without jvp."""
-            if jvp:
-                return kernels.adaln_modulate_with_tangent(x_, shift, scale, gate=gate, h=h, tx=tx_, tshift=tshift,
-                                                           tscale=tscale, tgate=tgate, th=th, eps=eps,
-                                                           backend=backend)
-            out = kernels.adaln_modulate(x_, shift, scale, gate=gate, h=h, eps=eps, backend=backend)
-            return out, (None if h is None else (None, None))
-
-        @torch.no_grad()
-        def t_gated(t_base, t_gate, h, gate, t_h):
-            """Tangent of base + gate * h."""
-            return _t_add(t_base, t_gate[:, None] * h.detach() if t_gate is not None else None,
-                          gate.detach()[:, None] * t_h if t_h is not None else None)
-
-        y, ty = ada(x, mod[0], mod[1], tx_=tx, tshift=tmod[0], tscale=tmod[1])  # (B, N, D)
-        if self.dual:
-            # MMDiT-X: a second modulation of the same normalised input feeds the image-only attention.
-            y2, ty2 = ada(x, mod[6], mod[7], tx_=tx, tshift=tmod[6], tscale=tmod[7])
-        yc = tyc = None
+    def forward(self, x: Dual, c: Dual | None, temb: Dual, n_img: int, grid: tuple[int, int],
+                backend: str = "auto") -> tuple[Dual, Dual | None]:
+        """x: (B, N [+ N_lr], D), c: (B, Lc, D) or None, temb: (B, D) -> updated (x, c); c is None after the last
+        block."""
+        ada = functools.partial(modulate, eps=self.cfg.eps, backend=backend)
+        st = silu(temb)
+        m = _modulation(self.norm1, st, DUAL_MOD if self.dual else IMAGE_MOD)
+        y = ada(x, m.shift_msa, m.scale_msa)  # (B, N, D)
+        # MMDiT-X: a second modulation of the same input feeds the image-only attention.
+        y2 = ada(x, m.shift_msa2, m.scale_msa2) if self.dual else None
+        yc = mc = None
         if c is not None:
-            n_c = 2 if self.last else 6
-            cmod = self.norm1_context(st).chunk(n_c, dim=1)
-            tcmod = _t_linear(self.norm1_context, tst).chunk(n_c, dim=1) if tst is not None else (None,) * n_c
-            if self.last:  # AdaLayerNormContinuous order: scale first
-                yc, tyc = ada(c, cmod[1], cmod[0], tx_=tc, tshift=tcmod[1], tscale=tcmod[0])  # (B, Lc, D)
-            else:
-                yc, tyc = ada(c, cmod[0], cmod[1], tx_=tc, tshift=tcmod[0], tscale=tcmod[1])
-
-        out = self.attn(y, n_img, yc, backend=backend, tx=ty, tc=tyc, jvp=jvp)
-        a, ac, ta, tac = out if jvp else (*out, None, None)  # (B, N, D), (B, Lc, D) or None
+            mc = _modulation(self.norm1_context, st, LAST_CONTEXT_MOD if self.last else IMAGE_MOD)
+            yc = ada(c, mc.shift_msa, mc.scale_msa)  # (B, Lc, D)
+        a, ac = self.attn(y, n_img, yc, backend)
         if self.dual:
-            tx = t_gated(tx, tmod[2], a, mod[2], ta) if jvp else None
-            x = x + mod[2][:, None] * a  # (B, N, D)
-            out = self.attn2(y2, n_img, None, backend=backend, tx=ty2, jvp=jvp)
-            a2, ta2 = (out[0], out[2]) if jvp else (out[0], None)
-            (x, y), (tx, ty) = ada(x, mod[3], mod[4], gate=mod[8], h=a2, tx_=tx, tshift=tmod[3], tscale=tmod[4],
-                                   tgate=tmod[8], th=ta2)
+            x = gated(x, m.gate_msa, a)
+            x, y = ada(x, m.shift_mlp, m.scale_mlp, gate=m.gate_msa2, h=self.attn2(y2, n_img, None, backend)[0])
         else:
-            (x, y), (tx, ty) = ada(x, mod[3], mod[4], gate=mod[2], h=a, tx_=tx, tshift=tmod[3], tscale=tmod[4],
-                                   tgate=tmod[2], th=ta)
-        f, tf = self.ff(y, n_img, grid, tx=ty, jvp=True) if jvp else (self.ff(y, n_img, grid), None)
-        tx = t_gated(tx, tmod[5], f, mod[5], tf) if jvp else None
-        x = x + mod[5][:, None] * f  # (B, N, D)
-
-        if c is not None and not self.last:
-            (c, yc), (tc, tyc) = ada(c, cmod[3], cmod[4], gate=cmod[2], h=ac, tx_=tc, tshift=tcmod[3],
-                                     tscale=tcmod[4], tgate=tcmod[2], th=tac)
-            if jvp:
-                fc, tfc = self.ff_context(yc, yc.shape[1], (0, 0), tx=tyc, jvp=True)
-                tc = t_gated(tc, tcmod[5], fc, cmod[5], tfc)
-            else:
-                fc = self.ff_context(yc, yc.shape[1], (0, 0))
-            c = c + cmod[5][:, None] * fc  # (B, Lc, D)
-        elif self.last:
-            c = tc = None
-        return (x, c, (tx, tc)) if jvp else (x, c)
+            x, y = ada(x, m.shift_mlp, m.scale_mlp, gate=m.gate_msa, h=a)
+        x = gated(x, m.gate_mlp, self.ff(y, n_img, grid))
+        if c is None or self.last:
+            return x, None
+        c, yc = ada(c, mc.shift_mlp, mc.scale_mlp, gate=mc.gate_msa, h=ac)
+        return x, gated(c, mc.gate_mlp, self.ff_context(yc, yc.p.shape[1], (0, 0)))
 
 
 class MFSRTransformer(ModelMixin, ConfigMixin):
@@ -510,7 +420,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         kwargs["dual_attention_layers"] = tuple(int(i) for i in dual_attention_layers)
         cfg = MFSRConfig(**kwargs)
-        _check_config(cfg)
+        checks.check_config(cfg)
         self.cfg = cfg
         self.kernel_backend = "auto"
         dim = cfg.num_heads * cfg.head_dim
@@ -620,103 +530,80 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
 
         ``tangents`` = (tz, tt, tr) (each None = zero) returns (u, du): u as without tangents (differentiable in
         reverse mode) and its forward-mode derivative along (tz, tt, tr), detached, from one explicit tangent pass
-        (no torch.func.jvp: works through DDP and FSDP wrappers and costs far less host time); equal to
-        ``torch.func.jvp`` of the same call within rounding (tests/test_model_jvp.py)."""
-        cfg = self.cfg
-        jvp = tangents is not None
-        if jvp and (not isinstance(tangents, (tuple, list)) or len(tangents) != 3):
-            raise ValueError("tangents must be a tuple (tz, tt, tr), each a tensor or None")
+        (``mfsr_fast.tangent``; no torch.func.jvp: works through DDP and FSDP wrappers, which only see ``__call__``,
+        and costs far less host time); equal to ``torch.func.jvp`` of the same call within rounding
+        (tests/test_model_jvp.py)."""
         if prompt is not None:
             if context is not None or pooled is not None:
                 raise ValueError("pass either prompt or context/pooled, not both")
             context, pooled = self.prompt(prompt, z.shape[0] if isinstance(z, torch.Tensor) else None)
-        t, r = self._check_inputs(z, lr, t, r, context, pooled)
+        t, r = checks.check_inputs(self, z, lr, t, r, context, pooled)
+        tz, tt, tr = checks.check_tangents(z, tangents)
         B, C, H, W = z.shape
-        tz, tt, tr = tangents if jvp else (None, None, None)
-        if tz is not None and tz.shape != z.shape:
-            raise ValueError(f"the tangent of z must have z's shape {tuple(z.shape)}, got {_describe(tz)}")
-        for name, tan in (("t", tt), ("r", tr)):
-            if tan is not None and (not isinstance(tan, torch.Tensor) or tan.shape != (B,)):
-                raise ValueError(f"the tangent of {name} must be a (B,) = ({B},) tensor, got {_describe(tan)}")
-        p = cfg.patch_size
-        hp, wp = H // p, W // p
-        backend = self.kernel_backend
-        dtype = z.dtype
-
-        pos = sincos_pos_embed(self.inner_dim, hp, wp, cfg.pos_embed_max_size, cfg.sample_size // p,
-                               device=z.device).to(dtype)  # (N, D)
-        x = self.pos_embed(z).flatten(2).transpose(1, 2) + pos  # (B, N, D)
-        with torch.no_grad():
-            tx = None if tz is None else F.conv2d(tz.to(dtype), self.pos_embed.weight, None,
-                                                  self.pos_embed.stride).flatten(2).transpose(1, 2)
-        n_img = x.shape[1]
-        if lr is not None:
-            x_lr = self.pos_embed(lr[:, :C]).flatten(2).transpose(1, 2) + pos  # (B, N, D)
-            if self.lr_embed_extra is not None:
-                x_lr = x_lr + self.lr_embed_extra(lr[:, C:]).flatten(2).transpose(1, 2)  # (B, N, D)
-            x = torch.cat([x, x_lr], dim=1)  # (B, 2N, D)
-            if tx is not None:
-                tx = torch.cat([tx, torch.zeros_like(x_lr)], dim=1)
-
-        # Dual time conditioning: embed t and h = t - r, add the pooled projection.
-        s_t, s_h = t * cfg.timestep_scale, (t - r) * cfg.timestep_scale
-        with torch.no_grad():
-            ts_t = None if tt is None else tt * cfg.timestep_scale
-            ts_h = _t_add(tt, None if tr is None else -tr)
-            ts_h = None if ts_h is None else ts_h * cfg.timestep_scale
-            te_t = None if ts_t is None else timestep_embedding_tangent(s_t, ts_t, cfg.time_freq_dim).to(dtype)
-            te_h = None if ts_h is None else timestep_embedding_tangent(s_h, ts_h, cfg.time_freq_dim).to(dtype)
-        temb, ttemb = self.time_embed.forward_with_tangent(
-            timestep_embedding(s_t, cfg.time_freq_dim).to(dtype), te_t)  # (B, D)
-        hemb, themb = self.h_embed.forward_with_tangent(timestep_embedding(s_h, cfg.time_freq_dim).to(dtype), te_h)
-        temb = temb + hemb
-        ttemb = _t_add(ttemb, themb)
-        if self.pooled_embed is not None:
-            if pooled is None:
-                pooled = z.new_zeros(B, cfg.pooled_dim)
-            temb = temb + self.pooled_embed(pooled)  # (B, D)
-        c = self.context_embed(context) if context is not None else None  # (B, Lc, D)
-        tc = None
-
+        grid = (H // self.cfg.patch_size, W // self.cfg.patch_size)
+        x = self._tokens(z, lr, tz, grid)  # (B, N [+ N_lr], D)
+        temb = self._conditioning(t, r, tt, tr, pooled, B, z.dtype)  # (B, D)
+        c = None if context is None else Dual(self.context_embed(context))  # (B, Lc, D)
+        n_img = grid[0] * grid[1]
         for blk in self.blocks:
-            if jvp:
-                x, c, (tx, tc) = blk(x, c, temb, n_img, (hp, wp), backend=backend, tangents=(tx, tc, ttemb))
-            else:
-                x, c = blk(x, c, temb, n_img, (hp, wp), backend=backend)
+            x, c = blk(x, c, temb, n_img, grid, backend=self.kernel_backend)
+        out = self._read_out(x.map(lambda a: a[:, :n_img]), temb, grid)  # only the noisy-latent tokens
+        if tangents is None:
+            return out.p
+        return out.p, (torch.zeros_like(out.p) if out.t is None else out.t)
 
-        x = x[:, :n_img]  # (B, N, D): only the noisy-latent tokens are decoded
-        scale, shift = self.norm_out(F.silu(temb)).chunk(2, dim=1)  # (B, D) each
-        if jvp:
-            tx = tx[:, :n_img] if tx is not None else None
-            tst = _t_silu(temb, ttemb)
-            tscale, tshift = _t_linear(self.norm_out, tst).chunk(2, dim=1) if tst is not None else (None, None)
-            x, tx = kernels.adaln_modulate_with_tangent(x, shift, scale, tx=tx, tshift=tshift, tscale=tscale,
-                                                        eps=cfg.eps, backend=backend)  # (B, N, D)
-            tx = _t_linear(self.proj_out, tx)
-        else:
-            x = kernels.adaln_modulate(x, shift, scale, eps=cfg.eps, backend=backend)  # (B, N, D)
-        x = self.proj_out(x)  # (B, N, p * p * (C + conv_head))
-        Co = C + cfg.conv_head
-
-        def unpatch(a):  # (B, N, p * p * Co) -> (B, Co, H, W)
-            return a.reshape(B, hp, wp, p, p, Co).permute(0, 5, 1, 3, 2, 4).reshape(B, Co, H, W)
-        out = unpatch(x)
-        tout = None if not jvp else unpatch(torch.zeros_like(x) if tx is None else tx)
-        if self.head_conv1 is not None:
-            out, tout = self._conv_head(out, tout)
-        return out if not jvp else (out, tout)
-
-    def _conv_head(self, o: torch.Tensor, to: torch.Tensor | None):
-        """(B, C + conv_head, H, W) read-out -> (B, C, H, W): o[:, :C] + conv2(silu(conv1(o))), and its tangent."""
+    def _tokens(self, z: torch.Tensor, lr: torch.Tensor | None, tz: torch.Tensor | None, grid) -> Dual:
+        """Patch embeddings plus sin-cos positions of z and, with the LR stream, of lr: (B, N [+ N_lr], D)."""
         C = self.cfg.in_channels
-        a = self.head_conv1(o)
-        out = o[:, :C] + self.head_conv2(F.silu(a))
-        if to is None:
-            return out, None
+        pos = sincos_pos_embed(self.inner_dim, *grid, self.cfg.pos_embed_max_size,
+                               self.cfg.sample_size // self.cfg.patch_size, device=z.device).to(z.dtype)  # (N, D)
+        tokens = lambda a: a.flatten(2).transpose(1, 2)  # noqa: E731  (B, D, Hp, Wp) -> (B, N, D)
+        x = conv2d(self.pos_embed, Dual(z, None if tz is None else tz.to(z.dtype))).map(tokens)
+        x = Dual(x.p + pos, x.t)
+        if lr is None:
+            return x
+        x_lr = tokens(self.pos_embed(lr[:, :C])) + pos  # (B, N, D)
+        if self.lr_embed_extra is not None:
+            x_lr = x_lr + tokens(self.lr_embed_extra(lr[:, C:]))
+        return cat([x, Dual(x_lr)], 1)  # (B, 2N, D)
+
+    def _conditioning(self, t, r, tt, tr, pooled, B: int, dtype) -> Dual:
+        """Dual time conditioning: embedders of t and h = t - r (timesteps scaled by timestep_scale), summed, plus
+        the pooled projection: (B, D)."""
+        k, dim = self.cfg.timestep_scale, self.cfg.time_freq_dim
         with torch.no_grad():
-            ta = F.conv2d(to, self.head_conv1.weight, None, padding=1)
-            tout = to[:, :C] + F.conv2d(_t_silu(a, ta), self.head_conv2.weight, None, padding=1)
-        return out, tout
+            th = sum_tangents(tt, None if tr is None else -tr)
+            ts_t, ts_h = (None if tt is None else tt * k), (None if th is None else th * k)
+        s_t, s_h = Dual(t * k, ts_t), Dual((t - r) * k, ts_h)
+
+        def features(s: Dual) -> Dual:
+            with torch.no_grad():
+                ts = None if s.t is None else timestep_embedding_tangent(s.p, s.t, dim).to(dtype)
+            return Dual(timestep_embedding(s.p, dim).to(dtype), ts)
+
+        temb = add(self.time_embed(features(s_t)), self.h_embed(features(s_h)))
+        if self.pooled_embed is None:
+            return temb
+        pooled = pooled if pooled is not None else torch.zeros(B, self.cfg.pooled_dim, dtype=dtype,
+                                                               device=t.device)
+        return add(temb, self.pooled_embed(Dual(pooled)))
+
+    def _read_out(self, x: Dual, temb: Dual, grid) -> Dual:
+        """Final adaLN, the linear read-out to patches and, with ``conv_head``, the head across patches."""
+        p, Co = self.cfg.patch_size, self.cfg.in_channels + self.cfg.conv_head
+        scale_, shift = chunk(linear(self.norm_out, silu(temb)), 2)  # (B, D) each: scale first
+        x = modulate(x, shift, scale_, eps=self.cfg.eps, backend=self.kernel_backend)  # (B, N, D)
+        x = linear(self.proj_out, x)  # (B, N, p * p * Co)
+        B, (hp, wp) = x.p.shape[0], grid
+        out = x.map(lambda a: a.reshape(B, hp, wp, p, p, Co).permute(0, 5, 1, 3, 2, 4).reshape(B, Co, hp * p,
+                                                                                             wp * p))
+        return out if self.head_conv1 is None else self._conv_head(out)
+
+    def _conv_head(self, o: Dual) -> Dual:
+        """(B, C + conv_head, H, W) read-out -> (B, C, H, W): o[:, :C] + conv2(silu(conv1(o))), a correction that
+        sees across patch edges."""
+        C = self.cfg.in_channels
+        return add(o.map(lambda a: a[:, :C]), conv2d(self.head_conv2, silu(conv2d(self.head_conv1, o))))
 
     def prompt(self, which, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(context, pooled) of learned prompts: ``which`` is a name from PROMPT_NAMES (repeated ``batch`` times) or a
@@ -804,114 +691,3 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
     @property
     def inner_dim(self) -> int:
         return self.cfg.num_heads * self.cfg.head_dim
-
-    def _check_inputs(self, z, lr, t, r, context, pooled):
-        """Clear ValueErrors for a caller's mistakes, before anything deep can fail."""
-        cfg = self.cfg
-        param = self.pos_embed.weight
-        if not isinstance(z, torch.Tensor) or z.dim() != 4:
-            raise ValueError(f"z must be a (B, C, H, W) tensor, got {_describe(z)}")
-        B, C, H, W = z.shape
-        if C != cfg.in_channels:
-            raise ValueError(f"z has {C} channels, the model expects {cfg.in_channels}")
-        if H % cfg.patch_size or W % cfg.patch_size or H == 0 or W == 0:
-            raise ValueError(f"z spatial size {H}x{W} must be positive and divisible by the patch size "
-                             f"{cfg.patch_size}")
-        if z.dtype != param.dtype:
-            raise ValueError(f"z dtype {z.dtype} does not match the model dtype {param.dtype}; cast one of them "
-                             f"(e.g. model.to({z.dtype}))")
-        if z.device != param.device:
-            raise ValueError(f"z is on {z.device}, the model on {param.device}")
-        if cfg.lr_stream:
-            if lr is None:
-                raise ValueError("this model has an LR stream: pass lr, the encoded low-resolution image "
-                                 "(B, C, H, W) at the output size")
-            if not isinstance(lr, torch.Tensor) or lr.dim() != 4:
-                raise ValueError(f"lr must be a (B, C, H, W) tensor, got {_describe(lr)}")
-            if lr.shape[2:] != z.shape[2:]:
-                raise ValueError(f"lr spatial size {tuple(lr.shape[2:])} differs from z's {tuple(z.shape[2:])}; "
-                                 "upsample the LR image to the output size before encoding")
-            if lr.shape[0] != B or lr.shape[1] != self.lr_channels:
-                raise ValueError(f"lr shape {tuple(lr.shape)} does not match z {tuple(z.shape)}: expected {B} "
-                                 f"images of {self.lr_channels} channels (lr_source {cfg.lr_source!r})")
-            if lr.dtype != z.dtype or lr.device != z.device:
-                raise ValueError(f"lr ({lr.dtype}, {lr.device}) must match z ({z.dtype}, {z.device})")
-        elif lr is not None:
-            raise ValueError("this model has no LR stream (lr_stream=False): pass lr=None")
-        t = self._check_time(t, "t", B, z)
-        r = t if r is None else self._check_time(r, "r", B, z)
-        # One host sync for all three checks (each bool() waits for the GPU); the details only when one fails.
-        if not torch.compiler.is_compiling() and bool(((t < 0) | (t > 1) | (r < 0) | (r > 1) | (r > t)).any()):
-            if bool(((t < 0) | (t > 1)).any()):
-                raise ValueError(f"t must lie in [0, 1], got values in [{float(t.min()):.4g}, {float(t.max()):.4g}]")
-            if bool(((r < 0) | (r > 1)).any()):
-                raise ValueError(f"r must lie in [0, 1], got values in [{float(r.min()):.4g}, {float(r.max()):.4g}]")
-            if bool((r > t).any()):
-                raise ValueError("r must be <= t for every sample (u averages the velocity over [r, t])")
-        if context is not None:
-            if cfg.context_dim == 0:
-                raise ValueError("this model has no context stream (context_dim=0): pass context=None")
-            if (not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != B
-                    or context.shape[2] != cfg.context_dim):
-                raise ValueError(f"context must be (B={B}, L, {cfg.context_dim}), got {_describe(context)}")
-            if context.dtype != z.dtype or context.device != z.device:
-                raise ValueError(f"context ({context.dtype}, {context.device}) must match z ({z.dtype}, {z.device})")
-        if pooled is not None:
-            if cfg.pooled_dim == 0:
-                raise ValueError("this model has no pooled projection (pooled_dim=0): pass pooled=None")
-            if not isinstance(pooled, torch.Tensor) or pooled.shape != (B, cfg.pooled_dim):
-                raise ValueError(f"pooled must be (B={B}, {cfg.pooled_dim}), got {_describe(pooled)}")
-            if pooled.dtype != z.dtype or pooled.device != z.device:
-                raise ValueError(f"pooled ({pooled.dtype}, {pooled.device}) must match z ({z.dtype}, {z.device})")
-        return t, r
-
-    @staticmethod
-    def _check_time(t, name: str, B: int, z: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, (int, float)):
-            t = torch.full((B,), float(t), device=z.device, dtype=torch.promote_types(z.dtype, torch.float32))
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor of shape (B,) = ({B},) or a float, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.device != z.device:
-            raise ValueError(f"{name} is on {t.device}, z on {z.device}")
-        if t.dim() == 0:
-            t = t.expand(B)
-        if t.shape != (B,):
-            raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
-        return t
-
-
-def _check_config(cfg: MFSRConfig) -> None:
-    if cfg.prediction not in ("v", "x", "x_lr"):
-        raise ValueError(f"prediction must be 'v', 'x' or 'x_lr', got {cfg.prediction!r}")
-    if cfg.lr_source not in ("bicubic", "restorer", "both"):
-        raise ValueError(f"lr_source must be 'bicubic', 'restorer' or 'both', got {cfg.lr_source!r}")
-    if cfg.lr_source != "bicubic" and not (cfg.lr_stream and cfg.restorer):
-        raise ValueError(f"lr_source {cfg.lr_source!r} needs the LR stream and a restorer name")
-    if cfg.residual_scale < 0 or (cfg.residual_scale > 0 and (not cfg.lr_stream or cfg.prediction == "x_lr")):
-        raise ValueError("residual_scale must be >= 0; a residual flow needs the LR stream and prediction 'v' or 'x' "
-                         "('x_lr' already adds the base)")
-    if cfg.conv_head < 0:
-        raise ValueError(f"conv_head must be >= 0, got {cfg.conv_head}")
-    if not 0.0 <= cfg.refine_t < 1.0:
-        raise ValueError(f"refine_t must be in [0, 1), got {cfg.refine_t}")
-    if cfg.codec not in ("sd3-vae", "pixel4"):
-        raise ValueError(f"codec must be 'sd3-vae' or 'pixel4', got {cfg.codec!r}")
-    if cfg.learned_prompts > 0 and cfg.context_dim <= 0:
-        raise ValueError("learned_prompts needs a context stream (context_dim > 0)")
-    if cfg.qk_norm not in (None, "rms_norm"):
-        raise ValueError(f"qk_norm must be None or 'rms_norm', got {cfg.qk_norm!r}")
-    if cfg.num_layers < 1 or cfg.num_heads < 1 or cfg.head_dim < 1 or cfg.patch_size < 1 or cfg.in_channels < 1:
-        raise ValueError(f"sizes must be positive: {cfg}")
-    if (cfg.num_heads * cfg.head_dim) % 4:
-        raise ValueError("num_heads * head_dim must be divisible by 4 (2-D sin-cos positions)")
-    bad = [i for i in cfg.dual_attention_layers if not 0 <= i < cfg.num_layers]
-    if bad:
-        raise ValueError(f"dual_attention_layers {bad} outside [0, {cfg.num_layers})")
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"tensor of shape {tuple(x.shape)}"
-    return type(x).__name__

@@ -295,6 +295,7 @@ def test_lr_stream_attention_against_explicit_formula(bug):
     import torch.nn.functional as F
 
     from mfsr_fast.model import Attention, MFSRConfig
+    from mfsr_fast.tangent import Dual
 
     torch.manual_seed(0)
     cfg = MFSRConfig(num_heads=2, head_dim=8, context_dim=16, dit4sr_norm_k_bug=bug)
@@ -305,7 +306,7 @@ def test_lr_stream_attention_against_explicit_formula(bug):
     B, N, Lc, D = 2, 6, 3, 16
     x = torch.randn(B, 2 * N, D, dtype=torch.float64)
     c = torch.randn(B, Lc, D, dtype=torch.float64)
-    out, out_c = attn(x, N, c, backend="reference")
+    out, out_c = (d.p for d in attn(Dual(x), N, Dual(c), backend="reference"))
 
     def rms(t, w):
         return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.eps) * w

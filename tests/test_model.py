@@ -11,6 +11,7 @@ from conftest import micro_inputs, micro_model
 
 import kernels
 from mfsr_fast import PRESETS, MFSRTransformer
+from mfsr_fast.tangent import Dual
 
 
 def test_presets_build_and_run_on_cpu():
@@ -263,7 +264,7 @@ def test_conv_head_starts_as_the_linear_read_out_and_sees_across_patches():
     o = torch.randn(2, C + 3, 8, 6)
     torch.nn.init.zeros_(m.head_conv2.weight)
     torch.nn.init.zeros_(m.head_conv2.bias)
-    assert torch.equal(m._conv_head(o, None)[0], o[:, :C])
+    assert torch.equal(m._conv_head(Dual(o)).p, o[:, :C])
     fresh = MFSRTransformer.from_preset("tiny-r")
     assert fresh.cfg.conv_head > 0 and not fresh.head_conv2.weight.any()
     # Random head: one read-out pixel changed at a patch's last row/column moves output pixels in the next patch.
@@ -271,7 +272,7 @@ def test_conv_head_starts_as_the_linear_read_out_and_sees_across_patches():
     o2 = o.clone()
     o2[:, :, 1, 1] += 1.0  # patch (0, 0) of a 2 x 2 patch grid
     with torch.no_grad():
-        d = (m._conv_head(o2, None)[0] - m._conv_head(o, None)[0]).abs().sum(dim=(0, 1))
+        d = (m._conv_head(Dual(o2)).p - m._conv_head(Dual(o)).p).abs().sum(dim=(0, 1))
     assert d[2, 2] > 0 and d[1, 3] > 0 and d[3, 3] > 0  # neighbours across the patch edges
     assert d[4, 4] == 0 and d[1, 4] == 0 and d[4, 0] == 0  # two 3 x 3 convolutions reach 2 pixels
     with pytest.raises(ValueError, match="conv_head"):
