@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.common import INTERPRET, any_wrapped, cast_out, needs_autograd
+from kernels.reference import check_adaln_args, mod_rows
 
 # One row lives in registers; wider rows spill on sm_80/sm_90 (checked by tests/test_gpu_readiness.py).
 MAX_D = 4096
@@ -339,13 +340,12 @@ class AdaLNModulate(torch.autograd.Function):
         return ty, txres, None, None
 
 
-def _rows(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-    if m.dim() == 3 and m.shape[1] == 1:
-        m = m[:, 0]
-    if m.dim() != 2 or m.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(f"adaln_modulate: {name} must have shape (B, D) or (B, 1, D) = ({x.shape[0]}, {x.shape[2]}),"
-                         f" got {tuple(m.shape)}")
-    return m if m.stride(1) == 1 else m.contiguous()
+def _rows(m: torch.Tensor | None, x: torch.Tensor | None = None, name: str = "") -> torch.Tensor | None:
+    """A (B, D) modulation with unit stride along D, as the kernels index it; checked against x (B, L, D) when
+    given (``reference.mod_rows``: (B, 1, D) is taken too)."""
+    if m is not None and x is not None:
+        m = mod_rows(m, x, name)
+    return m if m is None or m.stride(1) == 1 else m.contiguous()
 
 
 # Dynamo drops the custom jvp of an autograd.Function traced inside torch.compile(torch.func.jvp(...)) and returns a
@@ -354,8 +354,7 @@ def _rows(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
 def adaln_modulate(x, shift, scale, gate=None, h=None, eps: float = 1e-6, _stats: bool = False):
     """Triton path of ``kernels.adaln_modulate``: y, or (x + gate * h, y) when ``h`` is given. ``_stats`` also
     returns what the tangent pass needs: (outputs, (x or x', mean, rstd))."""
-    if x.dim() != 3:
-        raise ValueError(f"adaln_modulate: x must be (B, L, D), got shape {tuple(x.shape)}")
+    shift, scale, gate = (_rows(m) for m in check_adaln_args(x, shift, scale, gate, h))
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"adaln_modulate: the Triton kernel takes fp32, bf16 or fp16, got {x.dtype}")
     if x.shape[2] > MAX_D:
@@ -363,13 +362,7 @@ def adaln_modulate(x, shift, scale, gate=None, h=None, eps: float = 1e-6, _stats
     if not x.is_cuda and not INTERPRET:
         raise ValueError("adaln_modulate: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                          "triton is imported, to run the kernel on the CPU)")
-    if (gate is None) != (h is None):
-        raise ValueError("adaln_modulate: gate and h come together (gated residual x + gate * h)")
-    shift, scale = _rows(shift, x, "shift"), _rows(scale, x, "scale")
     if h is not None:
-        if h.shape != x.shape:
-            raise ValueError(f"adaln_modulate: h must match x {tuple(x.shape)}, got {tuple(h.shape)}")
-        gate = _rows(gate, x, "gate")
         h = h.to(x.dtype).contiguous()
     x = x.contiguous()
     if needs_autograd(x, shift, scale, gate, h):

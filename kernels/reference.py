@@ -93,14 +93,28 @@ def attention_jvp(q, k, v, tq, tk, tv, scale: float | None = None):
     return o, to
 
 
-def _as_rows(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-    """Per-sample modulation (B, D) or (B, 1, D) -> (B, 1, D), checked against x (B, L, D)."""
-    if m.dim() == 2:
-        m = m[:, None, :]
-    if m.dim() != 3 or m.shape[1] != 1 or m.shape[0] != x.shape[0] or m.shape[2] != x.shape[2]:
+def mod_rows(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """A per-sample modulation (B, D) or (B, 1, D) -> (B, D), checked against x (B, L, D)."""
+    if m.dim() == 3 and m.shape[1] == 1:
+        m = m[:, 0]
+    if m.dim() != 2 or m.shape != (x.shape[0], x.shape[2]):
         raise ValueError(f"adaln_modulate: {name} must have shape (B, D) or (B, 1, D) = ({x.shape[0]}, "
                          f"{x.shape[2]}), got {tuple(m.shape)}")
     return m
+
+
+def check_adaln_args(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor | None,
+                     h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``adaln_modulate``'s argument checks, for the reference and the Triton path alike: x (B, L, D); shift, scale
+    and gate (B, D) or (B, 1, D), returned as (B, D); gate and h together, h shaped like x."""
+    if x.dim() != 3:
+        raise ValueError(f"adaln_modulate: x must be (B, L, D), got shape {tuple(x.shape)}")
+    if (gate is None) != (h is None):
+        raise ValueError("adaln_modulate: gate and h come together (gated residual x + gate * h)")
+    if h is not None and h.shape != x.shape:
+        raise ValueError(f"adaln_modulate: h must match x {tuple(x.shape)}, got {tuple(h.shape)}")
+    return (mod_rows(shift, x, "shift"), mod_rows(scale, x, "scale"),
+            None if gate is None else mod_rows(gate, x, "gate"))
 
 
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor | None = None,
@@ -110,16 +124,8 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ga
     x, h: (B, L, D); shift, scale, gate: (B, D) or (B, 1, D). LayerNorm statistics are computed in fp32 (fp64 for fp64
     input); the outputs have x's dtype.
     """
-    if x.dim() != 3:
-        raise ValueError(f"adaln_modulate: x must be (B, L, D), got shape {tuple(x.shape)}")
-    shift = _as_rows(shift, x, "shift")
-    scale = _as_rows(scale, x, "scale")
-    if (gate is None) != (h is None):
-        raise ValueError("adaln_modulate: gate and h come together (gated residual x + gate * h)")
+    shift, scale, gate = (None if m is None else m[:, None, :] for m in check_adaln_args(x, shift, scale, gate, h))
     if h is not None:
-        if h.shape != x.shape:
-            raise ValueError(f"adaln_modulate: h must match x {tuple(x.shape)}, got {tuple(h.shape)}")
-        gate = _as_rows(gate, x, "gate")
         x = x + gate.to(x.dtype) * h  # (B, L, D)
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xn = F.layer_norm(x.to(stat_dtype), (x.shape[-1],), eps=eps)  # (B, L, D)
@@ -173,13 +179,13 @@ def adaln_tangent(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gat
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         x = x.detach()
-        shift = _as_rows(shift.detach(), x, "shift")
-        scale = _as_rows(scale.detach(), x, "scale").to(stat)
-        rows = lambda m, name: None if m is None else _as_rows(m.detach(), x, name).to(stat)  # noqa: E731
+        shift = mod_rows(shift.detach(), x, "shift")[:, None, :]
+        scale = mod_rows(scale.detach(), x, "scale")[:, None, :].to(stat)
+        rows = lambda m, name: None if m is None else mod_rows(m.detach(), x, name)[:, None, :].to(stat)  # noqa: E731
         tshift, tscale, tgate = rows(tshift, "tshift"), rows(tscale, "tscale"), rows(tgate, "tgate")
         txr = tx.detach().to(stat) if tx is not None else None
         if h is not None:
-            gate = _as_rows(gate.detach(), x, "gate")
+            gate = mod_rows(gate.detach(), x, "gate")[:, None, :]
             x = x + gate.to(x.dtype) * h.detach()
             parts = [txr] if txr is not None else []
             if tgate is not None:

@@ -66,13 +66,20 @@ def resolve_dtype(dtype):
     raise ValueError(f"dtype must be None, float32, bfloat16 or float16 (a torch dtype or its name), got {dtype!r}")
 
 
-def codec_of(model: MFSRTransformer):
-    """The codec between images and ``model``'s space: the pixel codec, or the SD3 VAE loaded with the model."""
+def codec_of(model: MFSRTransformer, vae: str | None = None):
+    """The codec between images and ``model``'s space: the one attached to it (``attach_codec``; the SD3 VAE loaded
+    with a model folder), the pixel codec, or the SD3 VAE read from the folder ``vae`` (not attached)."""
     codec = getattr(model, "_mfsr_codec", None)
     if codec is not None:
         return codec
     if model.cfg.codec == "pixel4":
         return PixelCodec(MODEL_SCALE)
+    if vae:
+        codec = VAECodec.from_pretrained(vae)
+        if codec.latent_channels != model.cfg.in_channels:
+            raise ValueError(f"the VAE in {vae} has {codec.latent_channels} latent channels, the model "
+                             f"{model.cfg.in_channels}")
+        return codec
     raise ValueError(f"this model uses the {model.cfg.codec!r} codec and no VAE was loaded with it: load it from a "
                      "folder with a vae/ subfolder (load_model(PATH)), or attach_codec(model, VAECodec(...))")
 

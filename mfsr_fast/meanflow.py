@@ -3,7 +3,7 @@
 Convention: z_t = (1 - t) x + t e, t = 1 is noise, v = e - x. The network predicts the average velocity
 u(z_t, r, t) = 1 / (t - r) * int_r^t v(z_s, s) ds for r <= t.
 
-- ``sample_t_r``: logit-normal t and r, sorted so r <= t, a fraction forced to r = t.
+- ``sample_t_r``: logit-normal t and r, sorted so r <= t, a fraction forced to r = t (``pair_t_r``: the pairing).
 - ``meanflow_target``: u (differentiable) and u_tgt = v - (t - r) * du/dt (detached), with du/dt along the tangents
   (dz, dt, dr) = (v, 1, 0). Three modes: ``"explicit"`` calls ``fn(z, t, r, tangents=...)``, a model that computes
   its own tangent in the same pass (``MFSRTransformer.forward(..., tangents=...)``: no torch.func transform, so it
@@ -41,10 +41,21 @@ def sample_t_r(batch: int, *, mean: float = -0.4, std: float = 1.0, equal_fracti
         raise ValueError(f"std must be >= 0, got {std}")
     a = torch.sigmoid(torch.randn(batch, generator=generator, device=device) * std + mean)
     b = torch.sigmoid(torch.randn(batch, generator=generator, device=device) * std + mean)
-    t, r = torch.maximum(a, b), torch.minimum(a, b)
     equal = torch.rand(batch, generator=generator, device=device) < equal_fraction
-    r = torch.where(equal, t, r)
+    t, r = pair_t_r(a, b, equal)
     return t.to(dtype), r.to(dtype)
+
+
+def pair_t_r(a: torch.Tensor, b: torch.Tensor, equal: torch.Tensor, one_step: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, r) from two time draws a, b (B,): t = max, r = min (so r <= t), r = t where ``equal`` (the flow-matching
+    samples) and r = 0 where ``one_step`` (the one-step jump t -> 0). ``sample_t_r`` and distillation's per-sample
+    draws (training/distill.py) both pair their draws here."""
+    t = torch.maximum(a, b)
+    r = torch.where(equal, t, torch.minimum(a, b))
+    if one_step is not None:
+        r = torch.where(one_step, torch.zeros_like(r), r)
+    return t, r
 
 
 def meanflow_target(fn: UFn, z_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor, v: torch.Tensor, *,

@@ -33,7 +33,7 @@ import torch
 
 from mfsr_fast.convert import load_teacher
 from mfsr_fast.inference import lr_condition
-from mfsr_fast.meanflow import adaptive_loss, meanflow_target
+from mfsr_fast.meanflow import adaptive_loss, meanflow_target, pair_t_r
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
 from training import engine
@@ -128,12 +128,10 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
         a = engine.sample_t(gens, cfg)
         b = engine.logit_normal(gens, cfg.t_mean, cfg.t_std)
         equal = engine.per_sample_rand(gens) < cfg.equal_fraction
-        t = torch.maximum(a, b)
-        r = torch.where(equal, t, torch.minimum(a, b))
         # Half of the t = 1 draws train the one-step jump (r = 0); the rest keep r from the second draw, so the first
         # jump of a multi-step schedule (t = 1 to r > 0) is trained too.
         one_step = (a == 1) & ~equal & (engine.per_sample_rand(gens) < 0.5)
-        r = torch.where(one_step, torch.zeros_like(r), r)
+        t, r = pair_t_r(a, b, equal, one_step)
         t, r = t.to(x.device), r.to(x.device)
         tb = t.view(-1, 1, 1, 1)
         z = (1 - tb) * x + tb * e
@@ -179,10 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         if student.prompt_pooled is not None:
             student.prompt_pooled.requires_grad_(False)
     teacher.requires_grad_(False).eval()
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    tdt = {"auto": torch.bfloat16 if device.startswith("cuda") else torch.float32, "float32": torch.float32,
+    device = engine.training_device(cfg.device)
+    tdt = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
            "bfloat16": torch.bfloat16}[cfg.teacher_dtype]
     teacher.to(device=device, dtype=tdt)
     codec = engine.codec_for(student, cfg.vae)

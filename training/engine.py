@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from mfsr_fast.codec import PixelCodec, VAECodec
+from mfsr_fast.inference import codec_of, resolve_device
 from mfsr_fast.integrity import checkpoint_steps
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
@@ -144,6 +144,18 @@ class Dist:
         return self.rank == 0
 
 
+def training_device(want: str) -> torch.device:
+    """--device (auto, cpu, cuda, cuda:N) -> this process's device (``inference.resolve_device``, the one resolver);
+    under torchrun, the local rank's GPU."""
+    try:
+        device = resolve_device(want)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
 def setup(cfg: TrainConfig) -> Dist:
     if cfg.degrade_on not in ("workers", "device"):
         raise SystemExit(f"--degrade-on must be workers or device, got {cfg.degrade_on!r}")
@@ -151,23 +163,13 @@ def setup(cfg: TrainConfig) -> Dist:
         raise SystemExit(f"--max-minutes must be >= 0 (0: no time limit), got {cfg.max_minutes}")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device here")
+    device = training_device(cfg.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
-        if want == "cuda":
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-        else:
-            device = torch.device("cpu")
-        dist.init_process_group(backend="nccl" if want == "cuda" else "gloo")
-    else:
-        device = torch.device(want)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if cfg.batch_size % world:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
     return Dist(rank, world, device)
@@ -279,21 +281,17 @@ def sample_t(gens: list[torch.Generator], cfg: TrainConfig) -> torch.Tensor:
 
 
 def codec_for(model: MFSRTransformer, vae: str = ""):
-    """The pixel codec, or the SD3 VAE from ``vae`` (a diffusers AutoencoderKL folder) for "sd3-vae" models."""
-    if model.cfg.codec == "pixel4":
-        if vae:
-            raise SystemExit("--vae is for models in SD3 VAE latent space; this model uses the pixel codec")
-        return PixelCodec(4)
-    if not vae:
+    """``inference.codec_of`` (the one codec lookup) for the training commands: the pixel codec, or the SD3 VAE from
+    ``--vae`` (a diffusers AutoencoderKL folder) for "sd3-vae" models; mistakes as command-line errors."""
+    if model.cfg.codec == "pixel4" and vae:
+        raise SystemExit("--vae is for models in SD3 VAE latent space; this model uses the pixel codec")
+    if model.cfg.codec != "pixel4" and not vae:
         raise SystemExit(f"this model works in SD3 VAE latents (codec {model.cfg.codec!r}): pass --vae, the VAE "
                          "folder (e.g. stable-diffusion-3.5-medium/vae)")
     try:
-        codec = VAECodec.from_pretrained(vae)
+        return codec_of(model, vae=vae or None)
     except ValueError as e:
         raise SystemExit(f"--vae: {e}") from None
-    if codec.latent_channels != model.cfg.in_channels:
-        raise SystemExit(f"--vae has {codec.latent_channels} latent channels, the model {model.cfg.in_channels}")
-    return codec
 
 
 # EMA.
