@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import INTERPRET, any_wrapped, cast_out, needs_autograd
+from kernels.common import INTERPRET, any_wrapped, cast_out, needs_autograd, new_output
 from kernels.reference import check_adaln_args, mod_rows
 
 # One row lives in registers; wider rows spill on sm_80/sm_90 (checked by tests/test_gpu_readiness.py).
@@ -68,6 +68,18 @@ def _adaln_fwd_kernel(
 
 
 @triton.jit
+def _saved_row(xres_ptr, mean_ptr, rstd_ptr, i_b, row, L, D, o_d, m_d):
+    """Row ``row`` of sample i_b as the forward pass left it: its flat offset, its element mask, rstd and the
+    normalised x_hat = (x' - mean) * rstd, [BD] in fp32 (0 outside the row)."""
+    m = m_d & ((o_d * 0 + row) < L)
+    o_row = (i_b * L + row).to(tl.int64)
+    mean = tl.load(mean_ptr + o_row, mask=row < L, other=0.)
+    rstd = tl.load(rstd_ptr + o_row, mask=row < L, other=0.)
+    b_x = tl.load(xres_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
+    return o_row, m, rstd, tl.where(m, (b_x - mean) * rstd, 0.)
+
+
+@triton.jit
 def _adaln_bwd_kernel(
     dy_ptr, dxres_ptr, xres_ptr, h_ptr, scale_ptr, gate_ptr, mean_ptr, rstd_ptr,
     dx_ptr, dh_ptr, dshift_ptr, dscale_ptr, dgate_ptr,
@@ -84,15 +96,8 @@ def _adaln_bwd_kernel(
     acc_dscale = tl.zeros([BD], dtype=tl.float32)
     acc_dgate = tl.zeros([BD], dtype=tl.float32)
     for i in range(RPP):
-        row = i_l * RPP + i
-        m_row = row < L
-        m = m_d & ((o_d * 0 + row) < L)
-        o_row = (i_b * L + row).to(tl.int64)
-        mean = tl.load(mean_ptr + o_row, mask=m_row, other=0.)
-        rstd = tl.load(rstd_ptr + o_row, mask=m_row, other=0.)
-        b_x = tl.load(xres_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
+        o_row, m, rstd, b_xh = _saved_row(xres_ptr, mean_ptr, rstd_ptr, i_b, i_l * RPP + i, L, D, o_d, m_d)
         b_dy = tl.load(dy_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
-        b_xh = tl.where(m, (b_x - mean) * rstd, 0.)
         b_dxh = b_dy * (1.0 + b_scale)
         c_xh = tl.sum(b_dxh * b_xh, axis=0) / D
         c_1 = tl.sum(b_dxh, axis=0) / D
@@ -132,14 +137,7 @@ def _adaln_jvp_kernel(
         b_gate = tl.load(gate_ptr + i_b * s_gate + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
         b_tgate = tl.load(tgate_ptr + i_b * s_tgate + o_d, mask=m_d, other=0.).to(tl.float32)  # [BD]
     for i in range(RPP):
-        row = i_l * RPP + i
-        m_row = row < L
-        m = m_d & ((o_d * 0 + row) < L)
-        o_row = (i_b * L + row).to(tl.int64)
-        mean = tl.load(mean_ptr + o_row, mask=m_row, other=0.)
-        rstd = tl.load(rstd_ptr + o_row, mask=m_row, other=0.)
-        b_x = tl.load(xres_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
-        b_xh = tl.where(m, (b_x - mean) * rstd, 0.)
+        o_row, m, rstd, b_xh = _saved_row(xres_ptr, mean_ptr, rstd_ptr, i_b, i_l * RPP + i, L, D, o_d, m_d)
         if HAS_TX:
             b_tx = tl.load(tx_ptr + o_row * D + o_d, mask=m, other=0.).to(tl.float32)  # [BD]
         else:
@@ -173,15 +171,6 @@ def launch_config(D: int, backward: bool = False) -> tuple[int, int, int]:
     return BD, num_warps, rpp
 
 
-# Tests set this to fill every output with NaN before launch, so an element the kernel fails to write shows up.
-POISON = False
-
-
-def _empty_like(x: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
-    out = torch.empty(x.shape if shape is None else shape, device=x.device, dtype=dtype or x.dtype)
-    return out.fill_(float("nan")) if POISON else out
-
-
 def _check(x: torch.Tensor, *mods: torch.Tensor | None) -> None:
     assert x.dim() == 3 and x.is_contiguous(), "x must be a contiguous (B, L, D) tensor"
     assert x.dtype in (torch.float32, torch.bfloat16, torch.float16), f"unsupported dtype {x.dtype}"
@@ -198,10 +187,10 @@ def adaln_fwd(x, shift, scale, gate, h, eps):
     has_res = h is not None
     if has_res:
         assert h.shape == x.shape and h.is_contiguous() and h.dtype == x.dtype
-    y = _empty_like(x)
-    xres = _empty_like(x) if has_res else x.new_empty(0)
-    mean = _empty_like(x, (B, L), torch.float32)
-    rstd = _empty_like(x, (B, L), torch.float32)
+    y = new_output(x)
+    xres = new_output(x) if has_res else x.new_empty(0)
+    mean = new_output(x, (B, L), torch.float32)
+    rstd = new_output(x, (B, L), torch.float32)
     BD, num_warps, rpp = launch_config(D)
     grid = (-(-L // rpp), B)
     _adaln_fwd_kernel[grid](
@@ -219,9 +208,9 @@ def adaln_bwd(dy, dxres, xres, h, scale, gate, mean, rstd):
     has_res = h is not None
     BD, num_warps, rpp = launch_config(D, backward=True)
     n_l = -(-L // rpp)
-    dx = _empty_like(xres)
-    dh = _empty_like(xres) if has_res else xres.new_empty(0)
-    part = _empty_like(xres, (3 if has_res else 2, n_l, B, D), torch.float32)
+    dx = new_output(xres)
+    dh = new_output(xres) if has_res else xres.new_empty(0)
+    part = new_output(xres, (3 if has_res else 2, n_l, B, D), torch.float32)
     _adaln_bwd_kernel[(n_l, B)](
         dy, dxres if dxres is not None else dy, xres, h if has_res else xres, scale, gate if has_res else scale,
         mean, rstd, dx, dh if has_res else dx, part[0], part[1], part[2] if has_res else part[0],
@@ -237,8 +226,8 @@ def adaln_jvp(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd):
     _check(xres, scale, gate, tshift, tscale, tgate)
     B, L, D = xres.shape
     has_res = h is not None
-    ty = _empty_like(xres)
-    txres = _empty_like(xres) if has_res else xres.new_empty(0)
+    ty = new_output(xres)
+    txres = new_output(xres) if has_res else xres.new_empty(0)
     BD, num_warps, rpp = launch_config(D)
     _adaln_jvp_kernel[(-(-L // rpp), B)](
         xres, h if has_res else xres, tx if tx is not None else xres, th if th is not None else xres,

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import INTERPRET, any_wrapped, cast_out, needs_autograd
+from kernels.common import INTERPRET, LN2, LOG2E, any_wrapped, cast_out, needs_autograd, new_output, program_block
 
 HEAD_DIMS = (32, 64, 128)
 
@@ -72,16 +72,11 @@ def _attn_fwd_kernel(
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr, TF32X3: tl.constexpr,
     RTNE: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_n = tl.arange(0, BN)
-    o_d = tl.arange(0, D)
-    m_m = o_m < Lq
+    i_bh, i_b, i_h, o_m, m_m, o_n, o_d = program_block(H, Lq, BM, BN, D)
     b_q = _load_tile(q_ptr + i_b * sq_b + i_h * sq_h, o_m, m_m, sq_l, o_d, F32)  # [BM, D]
     k_base = k_ptr + i_b * sk_b + i_h * sk_h
     v_base = v_ptr + i_b * sv_b + i_h * sv_h
-    qk_scale = scale * 1.4426950408889634  # scores in log2 units: exp2 instead of exp
+    qk_scale = scale * LOG2E  # scores in log2 units: exp2 instead of exp
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, D], dtype=tl.float32)
@@ -103,7 +98,7 @@ def _attn_fwd_kernel(
     tl.store(o_base + o_m[:, None].to(tl.int64) * so_l + o_d[None, :], cast_out(b_o, o_ptr, RTNE),
              mask=m_m[:, None])
     # Natural-log LSE, (B, H, Lq) contiguous.
-    tl.store(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_m)
+    tl.store(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, (m_i + tl.log2(l_i)) * LN2, mask=m_m)
 
 
 @triton.jit
@@ -115,18 +110,13 @@ def _attn_jvp_kernel(
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, F32: tl.constexpr, TF32X3: tl.constexpr,
     RTNE: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_n = tl.arange(0, BN)
-    o_d = tl.arange(0, D)
-    m_m = o_m < Lq
+    i_bh, i_b, i_h, o_m, m_m, o_n, o_d = program_block(H, Lq, BM, BN, D)
     b_q = _load_tile(q_ptr + i_b * sq_b + i_h * sq_h, o_m, m_m, sq_l, o_d, F32)  # [BM, D]
     b_tq = _load_tile(tq_ptr + i_b * stq_b + i_h * stq_h, o_m, m_m, stq_l, o_d, F32)  # [BM, D]
-    b_lse = tl.load(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.) * 1.4426950408889634  # [BM]
+    b_lse = tl.load(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.) * LOG2E  # [BM]
     k_base, tk_base = k_ptr + i_b * sk_b + i_h * sk_h, tk_ptr + i_b * stk_b + i_h * stk_h
     v_base, tv_base = v_ptr + i_b * sv_b + i_h * sv_h, tv_ptr + i_b * stv_b + i_h * stv_h
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     acc = tl.zeros([BM, D], dtype=tl.float32)  # sum (P * tS) V + P tV: one accumulator for both matmuls
     r_i = tl.zeros([BM], dtype=tl.float32)  # sum rowsum(P * tS)
     for start in range(0, Lk, BN):
@@ -162,17 +152,12 @@ def _attn_fwd_tangent_kernel(
     """O, LSE and tO in one pass (6 matmuls a block): online softmax with unnormalised p = exp(s - m_running);
     acc_o = sum p V, acc_t = sum (p * tS) V + p tV, r = sum rowsum(p * tS), l = sum rowsum(p), all rescaled when the
     running max moves; then O = acc_o / l, tO = acc_t / l - (r / l) * O."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_n = tl.arange(0, BN)
-    o_d = tl.arange(0, D)
-    m_m = o_m < Lq
+    i_bh, i_b, i_h, o_m, m_m, o_n, o_d = program_block(H, Lq, BM, BN, D)
     b_q = _load_tile(q_ptr + i_b * sq_b + i_h * sq_h, o_m, m_m, sq_l, o_d, F32)  # [BM, D]
     b_tq = _load_tile(tq_ptr + i_b * stq_b + i_h * stq_h, o_m, m_m, stq_l, o_d, F32)  # [BM, D]
     k_base, tk_base = k_ptr + i_b * sk_b + i_h * sk_h, tk_ptr + i_b * stk_b + i_h * stk_h
     v_base, tv_base = v_ptr + i_b * sv_b + i_h * sv_h, tv_ptr + i_b * stv_b + i_h * stv_h
-    qk_scale = scale * 1.4426950408889634  # scores in log2 units
+    qk_scale = scale * LOG2E  # scores in log2 units
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     r_i = tl.zeros([BM], dtype=tl.float32)
@@ -203,7 +188,7 @@ def _attn_fwd_tangent_kernel(
     off = i_b * so_b + i_h * so_h + o_m[:, None].to(tl.int64) * so_l + o_d[None, :]
     tl.store(o_ptr + off, cast_out(b_o, o_ptr, RTNE), mask=m_m[:, None])
     tl.store(to_ptr + off, cast_out(b_to, to_ptr, RTNE), mask=m_m[:, None])
-    tl.store(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_m)
+    tl.store(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, (m_i + tl.log2(l_i)) * LN2, mask=m_m)
 
 
 @triton.jit
@@ -215,17 +200,12 @@ def _attn_bwd_dkdv_kernel(
     RTNE: tl.constexpr,
 ):
     """One block of keys: loop over all queries; dV = P^T dO, dK = scale * dS^T Q with dS = P * (dP - delta)."""
-    i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_n = i_n * BN + tl.arange(0, BN)
-    o_m0 = tl.arange(0, BM)
-    o_d = tl.arange(0, D)
-    m_n = o_n < Lk
+    i_bh, i_b, i_h, o_n, m_n, o_m0, o_d = program_block(H, Lk, BN, BM, D)
     b_k = _load_tile(k_ptr + i_b * sk_b + i_h * sk_h, o_n, m_n, sk_l, o_d, F32)  # [BN, D]
     b_v = _load_tile(v_ptr + i_b * sv_b + i_h * sv_h, o_n, m_n, sv_l, o_d, F32)  # [BN, D]
     q_base = q_ptr + i_b * sq_b + i_h * sq_h
     do_base = do_ptr + i_b * so_b + i_h * so_h
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     acc_dk = tl.zeros([BN, D], dtype=tl.float32)
     acc_dv = tl.zeros([BN, D], dtype=tl.float32)
     for start in range(0, Lq, BM):
@@ -233,7 +213,7 @@ def _attn_bwd_dkdv_kernel(
         m_m = o_m < Lq
         b_q = _load_tile(q_base, o_m, m_m, sq_l, o_d, F32)  # [BM, D]
         b_do = _load_tile(do_base, o_m, m_m, so_l, o_d, F32)  # [BM, D]
-        b_lse = tl.load(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.) * 1.4426950408889634
+        b_lse = tl.load(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.) * LOG2E
         b_delta = tl.load(delta_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.)  # [BM]
         b_s = _dot(b_q, tl.trans(b_k), TF32X3) * qk_scale  # [BM, BN]
         b_p = tl.where(m_m[:, None] & m_n[None, :], tl.exp2(b_s - b_lse[:, None]), 0.)
@@ -256,19 +236,14 @@ def _attn_bwd_dq_kernel(
     RTNE: tl.constexpr,
 ):
     """One block of queries: loop over all keys; dQ = scale * dS K."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_n0 = tl.arange(0, BN)
-    o_d = tl.arange(0, D)
-    m_m = o_m < Lq
+    i_bh, i_b, i_h, o_m, m_m, o_n0, o_d = program_block(H, Lq, BM, BN, D)
     b_q = _load_tile(q_ptr + i_b * sq_b + i_h * sq_h, o_m, m_m, sq_l, o_d, F32)  # [BM, D]
     b_do = _load_tile(do_ptr + i_b * so_b + i_h * so_h, o_m, m_m, so_l, o_d, F32)  # [BM, D]
-    b_lse = tl.load(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.) * 1.4426950408889634
+    b_lse = tl.load(lse_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.) * LOG2E
     b_delta = tl.load(delta_ptr + i_bh.to(tl.int64) * Lq + o_m, mask=m_m, other=0.)  # [BM]
     k_base = k_ptr + i_b * sk_b + i_h * sk_h
     v_base = v_ptr + i_b * sv_b + i_h * sv_h
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
     acc_dq = tl.zeros([BM, D], dtype=tl.float32)
     for start in range(0, Lk, BN):
         o_n = start + o_n0
@@ -352,15 +327,6 @@ def launch_config(D: int, kind: str, arch: int = 90, f32: bool = False) -> tuple
     return (_TILES_32 if f32 else _TILES_16)[arch][kind][D]
 
 
-# Tests set this to fill outputs with NaN before launch, so an element the kernel fails to write shows up.
-POISON = False
-
-
-def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    out = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
-    return out.fill_(float("nan")) if POISON else out
-
-
 def _s(t: torch.Tensor) -> tuple[int, int, int]:
     assert t.stride(3) == 1, "the last dim must have unit stride"
     return t.stride(0), t.stride(1), t.stride(2)
@@ -379,8 +345,8 @@ def _config(q: torch.Tensor, kind: str):
 def attn_fwd(q, k, v, scale: float):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    o = _new((B, H, Lq, D), q)
-    lse = _new((B, H, Lq), q, torch.float32)
+    o = new_output(q, (B, H, Lq, D))
+    lse = new_output(q, (B, H, Lq), torch.float32)
     BM, BN, warps, stages = _config(q, "fwd")
     _attn_fwd_kernel[(-(-Lq // BM), B * H)](
         q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o), H, Lq, Lk, scale,
@@ -392,7 +358,7 @@ def attn_fwd(q, k, v, scale: float):
 def attn_jvp(q, k, v, tq, tk, tv, o, lse, scale: float):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    to = _new((B, H, Lq, D), q)
+    to = new_output(q, (B, H, Lq, D))
     BM, BN, warps, stages = _config(q, "jvp")
     _attn_jvp_kernel[(-(-Lq // BM), B * H)](
         q, k, v, tq, tk, tv, o, lse, to, *_s(q), *_s(k), *_s(v), *_s(tq), *_s(tk), *_s(tv), *_s(o),
@@ -405,9 +371,9 @@ def attn_fwd_tangent(q, k, v, tq, tk, tv, scale: float):
     """O, LSE and tO in one fused pass (the explicit entry point's kernel)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    o = _new((B, H, Lq, D), q)
-    to = _new((B, H, Lq, D), q)
-    lse = _new((B, H, Lq), q, torch.float32)
+    o = new_output(q, (B, H, Lq, D))
+    to = new_output(q, (B, H, Lq, D))
+    lse = new_output(q, (B, H, Lq), torch.float32)
     BM, BN, warps, stages = _config(q, "fused")
     _attn_fwd_tangent_kernel[(-(-Lq // BM), B * H)](
         q, k, v, tq, tk, tv, o, lse, to, *_s(q), *_s(k), *_s(v), *_s(tq), *_s(tk), *_s(tv), *_s(o),
@@ -420,9 +386,9 @@ def attn_bwd(do, q, k, v, o, lse, scale: float):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     delta = (do.float() * o.float()).sum(-1).contiguous()  # (B, H, Lq): rowsum(dO * O) = rowsum(P * dP)
-    dq = _new((B, H, Lq, D), q)
-    dk = _new((B, H, Lk, D), q)
-    dv = _new((B, H, Lk, D), q)
+    dq = new_output(q, (B, H, Lq, D))
+    dk = new_output(q, (B, H, Lk, D))
+    dv = new_output(q, (B, H, Lk, D))
     BM, BN, warps, stages = _config(q, "dkdv")
     _attn_bwd_dkdv_kernel[(-(-Lk // BN), B * H)](
         q, k, v, do, lse, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), H, Lq, Lk, scale,

@@ -1,4 +1,5 @@
-"""Pieces shared by the Triton kernels: the interpreter flag and the rounding store cast."""
+"""Pieces shared by the Triton kernels: the interpreter flag, the log-base constants, each program's block of a
+(batch x head) problem, and the rounding store cast."""
 
 from __future__ import annotations
 
@@ -13,6 +14,32 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 # Read once, as Triton does when it decorates the kernels at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Softmax in base 2 (exp2 and log2 are the hardware's): scores are scaled by log2(e), a natural-log LSE is stored as
+# its base-2 value times ln(2).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# Tests set this to fill every output with NaN before launch, so an element a kernel fails to write shows up.
+POISON = False
+
+
+def new_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """An uninitialised output on ``like``'s device (its shape and dtype unless given); all NaN under POISON."""
+    out = torch.empty(like.shape if shape is None else shape, device=like.device, dtype=dtype or like.dtype)
+    return out.fill_(float("nan")) if POISON else out
+
+
+@triton.jit
+def program_block(H, L, BLOCK: tl.constexpr, OTHER: tl.constexpr, D: tl.constexpr):
+    """This program's share of a grid (cdiv(L, BLOCK), B * H): its (batch x head) index i_bh, the batch and head
+    indices (int64, for strides), the offsets of its block of BLOCK rows along L and their mask, the offsets of a
+    block of OTHER rows of the other sequence (the loop's), and those of the head dimension."""
+    i_blk, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_blk = i_blk * BLOCK + tl.arange(0, BLOCK)
+    return i_bh, i_b, i_h, o_blk, o_blk < L, tl.arange(0, OTHER), tl.arange(0, D)
 
 
 @triton.jit

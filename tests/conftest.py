@@ -22,6 +22,15 @@ ATOL = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 2.0 ** -9, to
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
+@pytest.fixture
+def poison(monkeypatch):
+    """Kernel outputs are filled with NaN before launch (``kernels.common.POISON``): an element a kernel fails to
+    write shows up as NaN instead of passing with whatever memory held."""
+    from kernels import common
+
+    monkeypatch.setattr(common, "POISON", True)
+
+
 def assert_close_to_ref(out: torch.Tensor, ref_same_dtype: torch.Tensor, ref64: torch.Tensor, name: str = "") -> None:
     """The tolerance rule: |out - ref64| <= RATIO * max|ref_same_dtype - ref64| + ATOL * max|ref64|, and no NaN."""
     assert not torch.isnan(out).any(), f"{name}: NaN in output (unwritten element?)"

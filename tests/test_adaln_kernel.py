@@ -24,9 +24,7 @@ CASES = [
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(adaln, "POISON", True)
+pytestmark = pytest.mark.usefixtures("poison")  # conftest: every kernel output starts as NaN
 
 
 def _inputs(B, L, D, seed=0):

@@ -15,9 +15,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(flash, "POISON", True)
+pytestmark = pytest.mark.usefixtures("poison")  # conftest: every kernel output starts as NaN
 
 
 def _qkv(B, H, Lq, Lk, D, seed):
