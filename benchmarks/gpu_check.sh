@@ -44,7 +44,7 @@ echo "parity exit codes: adaln $rc_a, attention $rc_b ($((SECONDS - start)) s so
 
 # 2. Tile sweep for the attention forward and tangent passes (GPU time, L = 8346).
 if [ "${TUNE:-1}" = 1 ]; then
-    timeout 130 "$PY" -m kernels.tune --only attention --passes fwd,jvp,fused --budget 90 --write "$OUT_DIR/attn_tiles.json" \
+    timeout 130 "$PY" -m kernels.tune --only attention --passes fwd,tangent,fused --budget 90 --write "$OUT_DIR/attn_tiles.json" \
         >"$OUT_DIR/tune.log" 2>&1
     echo "tune exit code $? ($((SECONDS - start)) s so far)"
     grep -A4 "best per pass" "$OUT_DIR/tune.log"

@@ -6,18 +6,17 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 
 import torch
 
 from kernels import reference
 
-# The submodule kernels/attention.py shares its name with the public function below. Import it first: Python binds
-# a submodule to its package attribute when it is first loaded, which would otherwise replace the function.
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-flash = importlib.import_module("kernels.attention") if _HAS_TRITON else None
-adaln = importlib.import_module("kernels.adaln") if _HAS_TRITON else None
+if _HAS_TRITON:
+    from kernels import adaln, flash  # the Triton kernels (flash attention, adaLN); the references need no Triton
+else:
+    adaln = flash = None
 
 __all__ = ["attention", "adaln_modulate", "attention_with_tangent", "adaln_modulate_with_tangent", "reference", "flash",
            "adaln", "triton_available"]

@@ -120,7 +120,7 @@ def _adaln_bwd_kernel(
 
 
 @triton.jit
-def _adaln_jvp_kernel(
+def _adaln_tangent_kernel(
     xres_ptr, h_ptr, tx_ptr, th_ptr, scale_ptr, gate_ptr, tshift_ptr, tscale_ptr, tgate_ptr, mean_ptr, rstd_ptr,
     ty_ptr, txres_ptr,
     L, D, s_scale, s_gate, s_tshift, s_tscale, s_tgate,
@@ -222,14 +222,14 @@ def adaln_bwd(dy, dxres, xres, h, scale, gate, mean, rstd):
     return dx, dh, part[0].sum(0), part[1].sum(0), dgate  # dshift, dscale, dgate: (B, D) fp32
 
 
-def adaln_jvp(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd):
+def adaln_tangent(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd):
     _check(xres, scale, gate, tshift, tscale, tgate)
     B, L, D = xres.shape
     has_res = h is not None
     ty = new_output(xres)
     txres = new_output(xres) if has_res else xres.new_empty(0)
     BD, num_warps, rpp = launch_config(D)
-    _adaln_jvp_kernel[(-(-L // rpp), B)](
+    _adaln_tangent_kernel[(-(-L // rpp), B)](
         xres, h if has_res else xres, tx if tx is not None else xres, th if th is not None else xres,
         scale, gate if has_res else scale, tshift, tscale, tgate if has_res else tshift, mean, rstd,
         ty, txres if has_res else ty,
@@ -270,15 +270,15 @@ def _(dy, dxres, xres, h, scale, gate, mean, rstd):
             torch.empty_like(red), torch.empty_like(red) if has_res else xres.new_empty(0))
 
 
-@torch.library.custom_op("mfsr::adaln_jvp", mutates_args=())
-def _adaln_jvp_op(xres: torch.Tensor, h: torch.Tensor | None, tx: torch.Tensor | None, th: torch.Tensor | None,
+@torch.library.custom_op("mfsr::adaln_tangent", mutates_args=())
+def _adaln_tangent_op(xres: torch.Tensor, h: torch.Tensor | None, tx: torch.Tensor | None, th: torch.Tensor | None,
                   scale: torch.Tensor, gate: torch.Tensor | None, tshift: torch.Tensor, tscale: torch.Tensor,
                   tgate: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    return adaln_jvp(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd)
+    return adaln_tangent(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd)
 
 
-@_adaln_jvp_op.register_fake
+@_adaln_tangent_op.register_fake
 def _(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rstd):
     return torch.empty_like(xres), torch.empty_like(xres) if h is not None else xres.new_empty(0)
 
@@ -322,8 +322,8 @@ class AdaLNModulate(torch.autograd.Function):
         xs, h, scale, gate, mean, rstd = ctx.saved_tensors
         tx = tx.contiguous() if tx is not None else None
         th = th.contiguous() if (th is not None and ctx.has_res) else None
-        jvp = torch.ops.mfsr.adaln_jvp if any_wrapped(xs, tx, th, tshift, tscale, tgate) else adaln_jvp
-        ty, txres = jvp(
+        tangent = torch.ops.mfsr.adaln_tangent if any_wrapped(xs, tx, th, tshift, tscale, tgate) else adaln_tangent
+        ty, txres = tangent(
             xs, h, tx, th, scale, gate, _mod_tangent(tshift, scale), _mod_tangent(tscale, scale),
             _mod_tangent(tgate, gate) if ctx.has_res else None, mean, rstd)
         return ty, txres, None, None
@@ -376,7 +376,7 @@ def adaln_modulate_with_tangent(x, shift, scale, gate=None, h=None, tx=None, tsh
     gate = _rows(gate, saved_x, "gate") if has_res else None
     rows = lambda m, like, name: _mod_tangent(None if m is None else _rows(m.detach(), saved_x, name), like)  # noqa
     with torch.no_grad():
-        ty, txres = adaln_jvp(
+        ty, txres = adaln_tangent(
             saved_x.detach(), h.detach().to(saved_x.dtype).contiguous() if has_res else None,
             tx.detach().to(saved_x.dtype).contiguous() if tx is not None else None,
             th.detach().to(saved_x.dtype).contiguous() if (has_res and th is not None) else None,
@@ -409,8 +409,8 @@ def _aot_one(arch, act, BD, has_res):
     bwd_c = dict(HAS_RES=has_res, HAS_DXRES=has_res, RPP=rpp, BD=BD, RTNE=False)
     yield _adaln_bwd_kernel, bwd, bwd_c, arch, num_warps
     _, num_warps, rpp = launch_config(BD)
-    jvp = dict(xres_ptr=a, h_ptr=a, tx_ptr=a, th_ptr=a, scale_ptr=f, gate_ptr=f, tshift_ptr=f, tscale_ptr=f,
+    tangent = dict(xres_ptr=a, h_ptr=a, tx_ptr=a, th_ptr=a, scale_ptr=f, gate_ptr=f, tshift_ptr=f, tscale_ptr=f,
                tgate_ptr=f, mean_ptr=f, rstd_ptr=f, ty_ptr=a, txres_ptr=a, L="i32", D="i32", s_scale="i32",
                s_gate="i32", s_tshift="i32", s_tscale="i32", s_tgate="i32")
-    jvp_c = dict(HAS_RES=has_res, HAS_TX=True, HAS_TH=has_res, RPP=rpp, BD=BD, RTNE=False)
-    yield _adaln_jvp_kernel, jvp, jvp_c, arch, num_warps
+    tangent_c = dict(HAS_RES=has_res, HAS_TX=True, HAS_TH=has_res, RPP=rpp, BD=BD, RTNE=False)
+    yield _adaln_tangent_kernel, tangent, tangent_c, arch, num_warps

@@ -78,21 +78,6 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     return o.to(q.dtype), lse
 
 
-def attention_jvp(q, k, v, tq, tk, tv, scale: float | None = None):
-    """Output and tangent of attention from the explicit formula (DESIGN section 5), in the inputs' dtype.
-
-    tS = (tQ K^T + Q tK^T) * scale; tO = (P * tS) V + P tV - rowsum(P * tS) * O.
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Lq, Lk)
-    p = torch.softmax(s, dim=-1)
-    o = torch.matmul(p, v)  # (B, H, Lq, D)
-    ts = (torch.matmul(tq, k.transpose(-1, -2)) + torch.matmul(q, tk.transpose(-1, -2))) * scale
-    pts = p * ts  # (B, H, Lq, Lk)
-    to = torch.matmul(pts, v) + torch.matmul(p, tv) - pts.sum(-1, keepdim=True) * o
-    return o, to
-
-
 def mod_rows(m: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
     """A per-sample modulation (B, D) or (B, 1, D) -> (B, D), checked against x (B, L, D)."""
     if m.dim() == 3 and m.shape[1] == 1:

@@ -1,9 +1,9 @@
 """Measure the Triton kernels' launch configurations on this GPU: ``python -m kernels.tune [--budget SECONDS]``.
 
-For each pass (adaLN fwd / bwd / jvp at D = 1536; attention fwd / jvp / dkdv / dq at D = 64, bf16) and each
+For each pass (adaLN fwd / bwd / tangent at D = 1536; attention fwd / tangent / dkdv / dq at D = 64, bf16) and each
 candidate configuration, the raw launcher is timed by CUDA-graph replay (``triton.testing.do_bench_cudagraph``:
 GPU time without Python or launch overhead) at the DiT4SR shapes of the benchmarks. One JSON row per measurement on
-stdout, then the best configuration per pass. The tables in kernels/adaln.py and kernels/attention.py are set from
+stdout, then the best configuration per pass. The tables in kernels/adaln.py and kernels/flash.py are set from
 these measurements (and must stay spill-free: tests/test_gpu_readiness.py). A time budget stops the sweep early
 and still prints what was measured.
 """
@@ -25,13 +25,13 @@ flash = kernels.flash
 
 ADALN = {
     "fwd": [(r, w) for r in (1, 2, 4) for w in (4, 8, 16)],
-    "jvp": [(r, w) for r in (1, 2, 4) for w in (4, 8, 16)],
+    "tangent": [(r, w) for r in (1, 2, 4) for w in (4, 8, 16)],
     "bwd": [(r, w) for r in (4, 8, 16, 32) for w in (4, 8, 16)],
 }
 ATTN = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (64, 64, 4, 3),
             (128, 32, 4, 4)],
-    "jvp": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
+    "tangent": [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
             (128, 32, 4, 3)],
     "fused": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 8, 2), (64, 32, 8, 2), (128, 32, 8, 3),
               (128, 128, 8, 2)],
@@ -55,7 +55,7 @@ def tune_adaln(B: int, L: int, D: int, deadline: float):
     n = B * L * D * 2
     calls = {
         "fwd": (lambda: adaln.adaln_fwd(x, shift, scale, gate, h, 1e-6), 4 * n),
-        "jvp": (lambda: adaln.adaln_jvp(xres, h, tx, th, scale, gate, ts, tc, tg, mean, rstd), 5 * n),
+        "tangent": (lambda: adaln.adaln_tangent(xres, h, tx, th, scale, gate, ts, tc, tg, mean, rstd), 5 * n),
         "bwd": (lambda: adaln.adaln_bwd(dy, dxr, xres, h, scale, gate, mean, rstd), 6 * n),
     }
     original = adaln.launch_config
@@ -85,7 +85,7 @@ def tune_attention(B: int, H: int, L: int, D: int, deadline: float, passes=tuple
     o, lse = flash.attn_fwd(q, k, v, scale)
     calls = {
         "fwd": (lambda: flash.attn_fwd(q, k, v, scale), 4),
-        "jvp": (lambda: flash.attn_jvp(q, k, v, tq, tk, tv, o, lse, scale), 10),
+        "tangent": (lambda: flash.attn_tangent(q, k, v, tq, tk, tv, o, lse, scale), 10),
         "fused": (lambda: flash.attn_fwd_tangent(q, k, v, tq, tk, tv, scale), 12),
         "dkdv": (lambda: flash.attn_bwd(do, q, k, v, o, lse, scale), 10),
         "dq": (lambda: flash.attn_bwd(do, q, k, v, o, lse, scale), 10),
@@ -107,7 +107,7 @@ def tune_attention(B: int, H: int, L: int, D: int, deadline: float, passes=tuple
                 except Exception as e:
                     yield dict(row, error=str(e)[:200])
                     continue
-                # jvp pass: 5 matmuls; fused: 6; dkdv/dq rows time the whole backward (both kernels, 5 matmuls).
+                # tangent pass: 5 matmuls; fused: 6; dkdv/dq rows time the whole backward (both kernels, 5 matmuls).
                 yield dict(row, ms=ms, tflops=mults * B * H * L * L * D / ms / 1e9)
         finally:
             table[kind][D] = default
@@ -145,7 +145,8 @@ def main(argv=None) -> int:
         if ok:
             best = min(ok, key=lambda r: r["ms"])
             print(f"  {op} {kind}: {json.dumps(best)}")
-            if op == "attention" and kind in ("fwd", "jvp", "fused"):  # dkdv and dq rows time the pair: not separable
+            # dkdv and dq rows time the pair: not separable
+            if op == "attention" and kind in ("fwd", "tangent", "fused"):
                 tiles[kind] = [best["BM"], best["BN"], best["warps"], best["stages"]]
     if args.write:
         arch = flash.arch_family(torch.device("cuda"))

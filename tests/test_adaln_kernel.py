@@ -98,7 +98,7 @@ def test_backward(B, L, D, act, res):
 @pytest.mark.parametrize("res", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("act", DTYPES)
 @pytest.mark.parametrize("B,L,D", CASES)
-def test_jvp(B, L, D, act, res):
+def test_tangent(B, L, D, act, res):
     ts = _inputs(B, L, D, seed=3)
     tans = _inputs(B, L, D, seed=4)
     got = torch.func.jvp(_fn("triton", res), tuple(_cast(ts, act, act)), tuple(_cast(tans, act, act)))
@@ -109,7 +109,7 @@ def test_jvp(B, L, D, act, res):
         assert_close_to_ref(got[1][i], ref[1][i], ref64[1][i], "tangent " + name)
 
 
-def test_jvp_with_partial_tangents_and_modulation_depending_on_time():
+def test_tangent_with_partial_tangents_and_modulation_depending_on_time():
     """MeanFlow's case: x has a tangent, the modulation depends on t (tangent), h has none."""
     ts = _inputs(2, 11, 72, seed=5)
     x, h, shift, scale, gate = ts
@@ -130,7 +130,7 @@ def test_jvp_with_partial_tangents_and_modulation_depending_on_time():
         assert_close_to_ref(got[1][i], ref[1][i], ref64[1][i], f"tangent {i}")
 
 
-def test_primal_of_jvp_backpropagates_to_parameters():
+def test_primal_of_the_tangent_pass_backpropagates_to_parameters():
     """One torch.func.jvp gives u with grad (parameters require grad) and a detached tangent, as MeanFlow needs."""
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 3 * 40).to(DEVICE)
@@ -192,7 +192,7 @@ def test_triton_backend_rejects_bad_input_clearly():
         kernels.adaln_modulate(big, big[:, 0], big[:, 0], backend="triton")
 
 
-def test_model_forward_and_jvp_with_triton_adaln_match_reference(monkeypatch):
+def test_model_forward_and_tangent_pass_with_triton_adaln_match_reference(monkeypatch):
     pytest.importorskip("diffusers")
     from conftest import micro_inputs, micro_model
     m = micro_model().to(DEVICE)

@@ -1,4 +1,4 @@
-"""Triton flash attention with a forward-mode tangent (kernels/attention.py) against the fp64 math reference:
+"""Triton flash attention with a forward-mode tangent (kernels/flash.py) against the fp64 math reference:
 O, log-sum-exp, dq, dk, dv and tO. Interpreter on the CPU, compiled on a GPU when present."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def _math(q, k, v):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", [32, 64])
 @pytest.mark.parametrize("L", [1, 63, 130, 257])
-def test_forward_jvp_backward(L, D, dtype):
+def test_forward_tangent_backward(L, D, dtype):
     B, H = 2, 2
     q, k, v = _qkv(B, H, L, L, D, seed=L + D)
     tq, tk, tv = _qkv(B, H, L, L, D, seed=1000 + L + D)
@@ -49,7 +49,7 @@ def test_forward_jvp_backward(L, D, dtype):
     # Tangent, against the explicit formula and against torch.func.jvp of the fp64 reference.
     _, to = torch.func.jvp(lambda a, b, c: kernels.attention(a, b, c, backend="triton"), tuple(low), tuple(tlow))
     _, to_ref = torch.func.jvp(_math, tuple(low), tuple(tlow))
-    _, to64 = reference.attention_jvp(q, k, v, tq, tk, tv)
+    to64 = reference.attention_tangent(q, k, v, tq, tk, tv)
     _, to64_ad = torch.func.jvp(_math, (q, k, v), (tq, tk, tv))
     torch.testing.assert_close(to64, to64_ad, rtol=1e-9, atol=1e-9)
     assert_close_to_ref(to, to_ref, to64, "tO")
@@ -92,7 +92,7 @@ def test_cross_lengths_scale_and_strided_inputs_without_copy():
                         reference.attention_math(q, k, v, scale=0.2), "O strided")
 
 
-def test_partial_tangents_and_parameter_gradients_through_jvp_primal():
+def test_partial_tangents_and_parameter_gradients_through_the_tangent_pass_primal():
     torch.manual_seed(0)
     B, H, L, D = 2, 2, 40, 32
     proj = torch.nn.Linear(D, 3 * D).to(DEVICE)
@@ -130,7 +130,7 @@ def test_torch_compile_keeps_the_custom_tangent():
     f = lambda a, b, c: kernels.attention(a, b, c, backend="triton") * 2  # noqa: E731
     compiled = torch.compile(lambda *a: torch.func.jvp(f, a[:3], a[3:]), backend="aot_eager")
     _, t_c = compiled(q, k, v, tq, tk, tv)
-    _, t_ref = reference.attention_jvp(q.double(), k.double(), v.double(), tq.double(), tk.double(), tv.double())
+    t_ref = reference.attention_tangent(q.double(), k.double(), v.double(), tq.double(), tk.double(), tv.double())
     torch.testing.assert_close(t_c.double(), 2 * t_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.compile(f, backend="aot_eager")(q, k, v), f(q, k, v))
 
@@ -144,7 +144,7 @@ def test_bad_input_is_a_clear_error():
         kernels.attention(y, y.double(), y, backend="triton")
 
 
-def test_tiny_model_jvp_triton_path_matches_reference_path():
+def test_tiny_model_tangent_pass_triton_path_matches_reference_path():
     pytest.importorskip("diffusers")
     from conftest import randomize_
 
@@ -185,7 +185,7 @@ def test_explicit_tangent_entry_point(dtype):
     B, H, L, D = 2, 2, 63, 32
     q, k, v = _qkv(B, H, L, L, D, seed=L)
     tq, tk, tv = _qkv(B, H, L, L, D, seed=500 + L)
-    o64, to64 = reference.attention_jvp(q, k, v, tq, tk, tv)
+    o64, to64 = torch.func.jvp(lambda *a: reference.attention(*a), (q, k, v), (tq, tk, tv))  # autodiff, fp64
     torch.testing.assert_close(reference.attention_tangent(q, k, v, tq, tk, tv, chunk=7), to64, rtol=1e-10,
                                atol=1e-10)
     low = [t.to(dtype) for t in (q, k, v)]

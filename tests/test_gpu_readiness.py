@@ -21,8 +21,8 @@ def test_kernels_compile_for_sm90_and_sm80_without_spills():
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     kernels_seen = {(r["kernel"], r["arch"]) for r in rows}
-    names = ("_adaln_fwd_kernel", "_adaln_bwd_kernel", "_adaln_jvp_kernel", "_attn_fwd_kernel", "_attn_jvp_kernel",
-             "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+    names = ("_adaln_fwd_kernel", "_adaln_bwd_kernel", "_adaln_tangent_kernel", "_attn_fwd_kernel",
+             "_attn_tangent_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
     for name in names:
         assert (name, 90) in kernels_seen and (name, 80) in kernels_seen
     assert {r["config"]["BD"] for r in rows if "BD" in r["config"]} >= {1, 128, 2048, 4096}

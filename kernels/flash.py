@@ -102,7 +102,7 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_jvp_kernel(
+def _attn_tangent_kernel(
     q_ptr, k_ptr, v_ptr, tq_ptr, tk_ptr, tv_ptr, o_ptr, lse_ptr, to_ptr,
     sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
     stq_b, stq_h, stq_l, stk_b, stk_h, stk_l, stv_b, stv_h, stv_l, so_b, so_h, so_l,
@@ -270,12 +270,12 @@ def _attn_bwd_dq_kernel(
 # largest spill-free tiles, not yet measured.
 _TILES_16 = {
     90: {"fwd": {32: (128, 64, 8, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-         "jvp": {32: (64, 64, 8, 2), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2)},
+         "tangent": {32: (64, 64, 8, 2), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2)},
          "fused": {32: (64, 64, 8, 2), 64: (128, 64, 8, 4)},
          "dkdv": {32: (64, 64, 8, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2)},
          "dq": {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}},
     80: {"fwd": {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 8, 2)},
-         "jvp": {32: (64, 64, 8, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2)},
+         "tangent": {32: (64, 64, 8, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2)},
          "fused": {32: (64, 64, 8, 2), 64: (64, 32, 8, 2)},
          "dkdv": {32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2)},
          "dq": {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}},
@@ -284,7 +284,7 @@ _TILES_16 = {
 # no head dim 128 on GPUs (its tangent pass spills with every tile tried; 'auto' sends it to the reference).
 _TILES_32 = {
     90: {"fwd": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2)},
-         "jvp": {32: (32, 16, 4, 2), 64: (16, 16, 4, 2)},
+         "tangent": {32: (32, 16, 4, 2), 64: (16, 16, 4, 2)},
          "fused": {32: (32, 16, 4, 2), 64: (16, 16, 4, 2)},  # spill-free (ptxas -v), not measured
          "dkdv": {32: (32, 16, 4, 2), 64: (32, 16, 4, 2)},
          "dq": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2)}},
@@ -308,7 +308,8 @@ def _read_tile_overrides() -> dict:
     try:
         with open(path) as f:
             spec = json.load(f)
-        return {(int(spec["arch"]), kind, int(spec["head_dim"])): tuple(int(x) for x in tile)
+        rename = {"jvp": "tangent"}  # the tangent pass's name in tile files written before it was renamed
+        return {(int(spec["arch"]), rename.get(kind, kind), int(spec["head_dim"])): tuple(int(x) for x in tile)
                 for kind, tile in spec["tiles"].items()}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise RuntimeError(f"MFSR_ATTN_TILES={path}: not a tile file written by python -m kernels.tune ({e})") from e
@@ -318,7 +319,7 @@ _OVERRIDES = _read_tile_overrides()
 
 
 def launch_config(D: int, kind: str, arch: int = 90, f32: bool = False) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for a pass ("fwd", "jvp", "fused", "dkdv", "dq"); one small tile under the
+    """(BM, BN, num_warps, num_stages) for a pass ("fwd", "tangent", "fused", "dkdv", "dq"); one small tile under the
     interpreter."""
     if INTERPRET:
         return 32, 32, 4, 1
@@ -355,12 +356,12 @@ def attn_fwd(q, k, v, scale: float):
     return o, lse
 
 
-def attn_jvp(q, k, v, tq, tk, tv, o, lse, scale: float):
+def attn_tangent(q, k, v, tq, tk, tv, o, lse, scale: float):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     to = new_output(q, (B, H, Lq, D))
-    BM, BN, warps, stages = _config(q, "jvp")
-    _attn_jvp_kernel[(-(-Lq // BM), B * H)](
+    BM, BN, warps, stages = _config(q, "tangent")
+    _attn_tangent_kernel[(-(-Lq // BM), B * H)](
         q, k, v, tq, tk, tv, o, lse, to, *_s(q), *_s(k), *_s(v), *_s(tq), *_s(tk), *_s(tv), *_s(o),
         H, Lq, Lk, scale, D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
     )
@@ -414,13 +415,13 @@ def _(q, k, v, scale):
     return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("mfsr::attn_jvp", mutates_args=())
-def _attn_jvp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor,
+@torch.library.custom_op("mfsr::attn_tangent", mutates_args=())
+def _attn_tangent_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor, tk: torch.Tensor,
                  tv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float) -> torch.Tensor:
-    return attn_jvp(q, k, v, tq, tk, tv, o, lse, scale)
+    return attn_tangent(q, k, v, tq, tk, tv, o, lse, scale)
 
 
-@_attn_jvp_op.register_fake
+@_attn_tangent_op.register_fake
 def _(q, k, v, tq, tk, tv, o, lse, scale):
     return q.new_empty(q.shape)
 
@@ -441,7 +442,8 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 class FlashAttention(torch.autograd.Function):
-    """(q, k, v) -> (O, LSE). Reverse mode for O, forward mode (``jvp``) for O; LSE is not differentiable."""
+    """(q, k, v) -> (O, LSE). Reverse mode for O, forward mode (the Function's ``jvp``) for O; LSE is not
+    differentiable."""
 
     @staticmethod
     def forward(q, k, v, scale):
@@ -469,8 +471,8 @@ class FlashAttention(torch.autograd.Function):
         tq = torch.zeros_like(q) if tq is None else _unit_last(tq)
         tk = torch.zeros_like(k) if tk is None else _unit_last(tk)
         tv = torch.zeros_like(v) if tv is None else _unit_last(tv)
-        jvp = torch.ops.mfsr.attn_jvp if any_wrapped(q, tq, tk, tv) else attn_jvp
-        return jvp(q, k, v, tq, tk, tv, o, lse, ctx.scale), None
+        tangent = torch.ops.mfsr.attn_tangent if any_wrapped(q, tq, tk, tv) else attn_tangent
+        return tangent(q, k, v, tq, tk, tv, o, lse, ctx.scale), None
 
 
 class FlashAttentionWithTangent(torch.autograd.Function):
@@ -562,7 +564,7 @@ def attention_with_tangent(q, k, v, tq=None, tk=None, tv=None, scale: float | No
         return o, to
     o, lse = attention_with_lse(q, k, v, scale)
     with torch.no_grad():
-        to = attn_jvp(q.detach(), k.detach(), v.detach(), tq, tk, tv, o.detach(), lse, scale)
+        to = attn_tangent(q.detach(), k.detach(), v.detach(), tq, tk, tv, o.detach(), lse, scale)
     return o, to
 
 
@@ -584,8 +586,8 @@ def _aot_one(arch, dt, D):
     tail = dict(H=i, Lq=i, Lk=i, scale="fp32")
     sigs = {
         "fwd": (_attn_fwd_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, o_ptr=p, lse_ptr=f, **strides("q", "k", "v", "o"))),
-        "jvp": (_attn_jvp_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, tq_ptr=p, tk_ptr=p, tv_ptr=p, o_ptr=p, lse_ptr=f,
-                                       to_ptr=p, **strides("q", "k", "v", "tq", "tk", "tv", "o"))),
+        "tangent": (_attn_tangent_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, tq_ptr=p, tk_ptr=p, tv_ptr=p, o_ptr=p,
+                                               lse_ptr=f, to_ptr=p, **strides("q", "k", "v", "tq", "tk", "tv", "o"))),
         "fused": (_attn_fwd_tangent_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, tq_ptr=p, tk_ptr=p, tv_ptr=p, o_ptr=p,
                                                  lse_ptr=f, to_ptr=p, **strides("q", "k", "v", "tq", "tk", "tv", "o"))),
         "dkdv": (_attn_bwd_dkdv_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, do_ptr=p, lse_ptr=f, delta_ptr=f, dk_ptr=p,
