@@ -83,3 +83,28 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
         with pytest.raises(SystemExit, match="unknown method"):
             evaluate.main(["--data", str(tmp_path), "--methods", f"bicubic,{bad}"])
     assert evaluate.parse_method("teacher:40:cfg1.5") == ("teacher", 40, 1.5)
+
+
+def test_evaluate_a_dit4sr_teacher_with_prompts_and_vae(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from test_dit4sr_checkpoints import dit4sr_kit
+
+    from mfsr_fast import evaluate
+
+    folder, vae, prompts = dit4sr_kit(tmp_path)
+    data = tmp_path / "pairs"
+    (data / "HR").mkdir(parents=True)
+    (data / "LR").mkdir()
+    hr = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    hr.save(data / "HR" / "a_HR.png")
+    hr.resize((16, 16), Image.BICUBIC).save(data / "LR" / "a_LR.png")
+    out = tmp_path / "table.md"
+    args = ["--data", str(data), "--teacher", str(folder), "--methods", "teacher:1,teacher:2:cfg8.0"]
+    assert evaluate.main([*args, "--prompts", prompts, "--vae", vae, "--output", str(out)]) == 0
+    table = out.read_text()
+    assert "| teacher:1 | 1 |" in table and "| teacher:2:cfg8.0 | 4 |" in table
+    with pytest.raises(SystemExit, match="pass --prompts"):
+        evaluate.main([*args, "--vae", vae])
+    with pytest.raises(SystemExit, match="pass --vae"):
+        evaluate.main([*args, "--prompts", prompts])

@@ -280,3 +280,45 @@ def test_conv_head_starts_as_the_linear_read_out_and_sees_across_patches():
     # Models saved before the field existed (the dit4sr path, older runs) load with the plain read-out.
     plain = micro_model()
     assert plain.cfg.conv_head == 0 and plain.head_conv1 is None and plain.head_conv2 is None
+
+
+@pytest.mark.parametrize("bug", [False, True], ids=["own-lr-keys", "released-dit4sr"])
+def test_lr_stream_attention_against_explicit_formula(bug):
+    """One joint attention with the LR stream, written out with SDPA: image queries/keys/values, LR ones through the
+    control projections after the shared ones (or, as the released DiT4SR code, LR keys = norm_k(norm_k(image
+    keys))), context ones, QK RMSNorm with non-unit weights, the LR residual, separate output projections."""
+    import torch.nn.functional as F
+
+    from mfsr_fast.model import Attention, MFSRConfig
+
+    torch.manual_seed(0)
+    cfg = MFSRConfig(num_heads=2, head_dim=8, context_dim=16, dit4sr_norm_k_bug=bug)
+    attn = Attention(cfg, context=True, context_out=True).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn_like(p) * 0.3 + (1.0 if p.dim() == 1 and p.numel() == 8 else 0.0))
+    B, N, Lc, D = 2, 6, 3, 16
+    x = torch.randn(B, 2 * N, D, dtype=torch.float64)
+    c = torch.randn(B, Lc, D, dtype=torch.float64)
+    out, out_c = (d.p for d in attn(Dual(x), N, Dual(c), backend="reference"))
+
+    def rms(t, w):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.eps) * w
+
+    def heads(t):
+        return t.unflatten(-1, (2, 8)).transpose(1, 2)
+
+    xi, xl = x[:, :N], x[:, N:]
+    q = heads(attn.to_q(xi))
+    k = rms(heads(attn.to_k(xi)), attn.norm_k.weight)
+    ql = heads(attn.to_q_control(attn.to_q(xl)))
+    kl = rms(k, attn.norm_k.weight) if bug else rms(heads(attn.to_k_control(attn.to_k(xl))), attn.norm_k.weight)
+    vl = heads(attn.to_v_control(attn.to_v(xl)))
+    qc, kc, vc = heads(attn.add_q_proj(c)), heads(attn.add_k_proj(c)), heads(attn.add_v_proj(c))
+    Q = torch.cat([rms(q, attn.norm_q.weight), rms(ql, attn.norm_q.weight), rms(qc, attn.norm_added_q.weight)], 2)
+    K = torch.cat([k, kl, rms(kc, attn.norm_added_k.weight)], 2)
+    V = torch.cat([heads(attn.to_v(xi)), vl, vc], 2)
+    o = F.scaled_dot_product_attention(Q, K, V).transpose(1, 2).flatten(2)
+    ref = torch.cat([attn.to_out(o[:, :N]), attn.to_out_control(o[:, N:2 * N] + xl)], 1)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out_c, attn.to_add_out(o[:, 2 * N:]))

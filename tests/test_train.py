@@ -254,7 +254,7 @@ def test_distill_dit4sr_teacher_with_vae_and_prompt_file(images, tmp_path):
     """The real recipe's path at toy size: a DiT4SR-format teacher folder, the SD3-style VAE, prompt embeddings from
     a file; the student keeps the prompts frozen, exports with its VAE and upscales from that one folder."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from test_checkpoints import dit4sr_kit
+    from test_dit4sr_checkpoints import dit4sr_kit
 
     from mfsr_fast.inference import upscale
     from mfsr_fast.prompts import load_prompts
