@@ -360,196 +360,19 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"{name}: {e}") from None
     torch.manual_seed(cfg.seed)
-    model = model.to(d.device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    fsdp = cfg.fsdp and d.world > 1
-    if cfg.fsdp and d.world == 1 and d.main:
-        print("--fsdp: one process, nothing to shard; training unsharded", flush=True)
-    ckdir = os.path.join(cfg.output_dir, "checkpoints")
-    start = 0
-    resume_from = _resume_point(ckdir, d.main) if cfg.resume else None
-    if resume_from is not None and fsdp:
-        # Weights load before sharding; the optimizer state after, through torch.distributed.checkpoint.
-        start = ckpt.load_checkpoint(resume_from, model=model, ema=ema, check=False)["step"]
-    if fsdp:
-        shard_(model, d)
-        shard_(ema, d)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    if resume_from is not None:
-        if fsdp:
-            _set_sharded_optimizer_state(model, opt, names, ckpt.load_optimizer_state(resume_from))
-        else:
-            start = ckpt.load_checkpoint(resume_from, model=model, optimizer=opt, ema=ema, check=False)["step"]
-        if d.main:
-            print(f"resumed from {resume_from} (step {start})", flush=True)
-    if d.main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        text = json.dumps(dataclasses.asdict(cfg), indent=2)
-        print(f"{name} config:\n{text}", flush=True)
-        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-            f.write(text)
-    if d.world > 1 and not fsdp:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            _Field(model), device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    else:  # one process, or FSDP2 (the sharded model is its own wrapper)
-        wrapped = _Field(model)
-
-    if d.main and data.pool is None and data.images.skipped:
-        print(f"skipped {len(data.images.skipped)} unreadable images", flush=True)
-    restorer = None
-    if model.needs_restorer and data.pool is None:  # R on each degraded LR crop, frozen, on the training device
-        from mfsr_fast.restorer import load_restorer
-
-        try:
-            restorer = load_restorer(model.cfg.restorer, device=d.device)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-    monitor = None
-    if cfg.sample_every > 0:  # every rank runs it (an FSDP model's forward is collective); the main one writes
-        from training.monitor import Monitor
-
-        monitor = Monitor(cfg, data, model, student=student, device=d.device, main=d.main, restorer=restorer)
-    sampler = range(start, cfg.max_steps)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=cfg.num_workers,
-                                         prefetch_factor=2 if cfg.num_workers > 0 else None,
-                                         persistent_workers=False, worker_init_fn=_ignore_signals,
-                                         pin_memory=on_device and d.device.type == "cuda")
-
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "a") if d.main else None
-    bar = None
-    if d.main:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=start, desc=name, dynamic_ncols=True, file=sys.stdout)
-    amp = cfg.amp and d.device.type == "cuda"
-    nonfinite = consecutive = 0
-    step = start
-    last_path = None
-    t0, done_since = time.perf_counter(), 0
-    sampled = None
-    deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else None
-
-    def save(at: int) -> str:
-        path = None
-        states = _gather_full_states(model, ema, opt, names) if fsdp else {}  # collective: every rank
-        if d.main:
-            try:
-                path = ckpt.save_checkpoint(ckdir, at, model=model, optimizer=opt, ema=ema,
-                                            config=dataclasses.asdict(cfg),
-                                            extra=dict(extra or {}, nonfinite_steps=nonfinite),
-                                            keep=cfg.keep_checkpoints, **states)
-            except ckpt.CheckpointWriteError as e:
-                raise Stop(str(e)) from None
-        if d.world > 1:
-            dist.barrier()
-        return path
-
+    run = _Run(cfg, d, model, name, extra)
+    run.attach_data(data, on_device, student)
     try:
-        for item in loader:
-            restored = None
-            if data.pool is not None:
-                hr, lr, restored, seeds = item
-                hr, lr, restored = hr.to(d.device), lr.to(d.device), restored.to(d.device)
-            elif on_device:
-                hr, seeds = item
-                hr, lr = degrade_samples(hr.to(d.device, non_blocking=True), seeds, data.degradation)
-            else:
-                hr, lr, seeds = item
-                hr, lr = hr.to(d.device), lr.to(d.device)
-            if restorer is not None:  # clone: a normal tensor, not the inference-mode one R returns
-                restored = restore_crops(restorer, lr).clone()
-            batch = (hr, lr, restored, seeds)
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(wrapped, model, batch, step, d)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
-                gnorm = gnorm.full_tensor()
-            finite = bool(torch.isfinite(loss.detach()).item() and torch.isfinite(gnorm).item())
-            if d.world > 1:  # every rank must take the same decision
-                flag = torch.tensor([float(finite)], device=d.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                finite = bool(flag.item())
-            if finite:
-                opt.step()
-                # EMA warm-up: early on the average follows the weights closely, so short runs do not keep a
-                # large share of the initial weights (0.999^600 would still be 55% of them).
-                ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-                consecutive = 0
-            else:
-                nonfinite += 1
-                consecutive += 1
-                opt.zero_grad(set_to_none=True)
-                if consecutive >= cfg.max_nonfinite:
-                    step += 1
-                    last_path = save(step)
-                    raise Stop(f"{consecutive} non-finite steps in a row (loss {loss.item()}); stopped at step "
-                               f"{step}. The checkpoint {last_path} holds the weights from before the blow-up: lower "
-                               "--lr or check the data, then continue with --resume")
-            step += 1
-            done_since += 1
-            if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                dt = time.perf_counter() - t0
-                rec = {"step": step, "loss": float(loss.item()), "grad_norm": float(gnorm),
-                       "lr": opt.param_groups[0]["lr"],
-                       "steps_per_s": done_since / dt, "images_per_s": done_since * cfg.batch_size / dt,
-                       "nonfinite_steps": nonfinite, "time": time.time()}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                if monitor is not None:
-                    monitor.log_loss(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rec['steps_per_s']:.2f}",
-                                img_s=f"{rec['images_per_s']:.1f}")
-                t0, done_since = time.perf_counter(), 0
-            if bar is not None:
-                bar.update(1)
-            if monitor is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
-                m0 = time.perf_counter()
-                monitor(step, ema, log)
-                sampled = step
-                t0 += time.perf_counter() - m0  # the logged step rates (and export's train_seconds) leave it out
-            if stop["signal"] is not None:
-                last_path = save(step)
-                raise Stop(f"stopped by signal {signal.Signals(stop['signal']).name} at step {step}; checkpoint "
-                           f"{last_path}; continue with --resume")
-            if deadline is not None and _out_of_time(deadline, d):
-                if d.main:
-                    print(f"\n--max-minutes {cfg.max_minutes:g} reached at step {step}", flush=True)
-                break
-            if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
-                last_path = save(step)
-        if step > start or last_path is None:
-            last_path = save(step)
-        if monitor is not None and sampled != step:  # stopped early (--max-minutes): the end's samples too
-            monitor(step, ema, log)
+        step = run.loop(loss_fn)
     except Stop as e:
         if d.main:
             print(f"\n{e}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-        if monitor is not None:
-            monitor.close()
-        if d.world > 1:
-            dist.destroy_process_group()
+        run.close()
     if d.main:
-        print(f"done: {step} steps, {nonfinite} skipped as non-finite; checkpoint {last_path}", flush=True)
-        if monitor is not None:
+        print(f"done: {step} steps, {run.nonfinite} skipped as non-finite; checkpoint {run.last_path}", flush=True)
+        if run.monitor is not None:
             from training.plot import plot_run
 
             try:
@@ -557,10 +380,223 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
             except ImportError:
                 print("no curves: python -m training.plot needs matplotlib (pip install 'mfsr-fast[train]')",
                       flush=True)
-    return last_path
+    return run.last_path
 
 
-# FSDP2 (torch.distributed.fsdp.fully_shard).
+class _Run:
+    """One training run: the model, its EMA and optimizer resumed (``__init__``), the data and what watches the run
+    (``attach_data``), one optimizer step (``step``), its log line (``log``), checkpoints (``save``) and the loop
+    that ties them together with signals, time limits and non-finite steps (``loop``)."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, model: MFSRTransformer, name: str, extra: dict | None):
+        self.cfg, self.d, self.name, self.extra = cfg, d, name, extra
+        self.model = model = model.to(d.device)
+        self.ema = ema = copy.deepcopy(model).requires_grad_(False)
+        self.fsdp = fsdp = cfg.fsdp and d.world > 1
+        if cfg.fsdp and d.world == 1 and d.main:
+            print("--fsdp: one process, nothing to shard; training unsharded", flush=True)
+        self.ckdir = os.path.join(cfg.output_dir, "checkpoints")
+        self.start = 0
+        resume_from = _resume_point(self.ckdir, d.main) if cfg.resume else None
+        if resume_from is not None and fsdp:
+            # Weights load before sharding; the optimizer state after, through torch.distributed.checkpoint.
+            self.start = ckpt.load_checkpoint(resume_from, model=model, ema=ema, check=False)["step"]
+        if fsdp:
+            shard_(model, d)
+            shard_(ema, d)
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        if resume_from is not None:
+            if fsdp:
+                _set_sharded_optimizer_state(model, self.opt, self.names, ckpt.load_optimizer_state(resume_from))
+            else:
+                self.start = ckpt.load_checkpoint(resume_from, model=model, optimizer=self.opt, ema=ema,
+                                                  check=False)["step"]
+            if d.main:
+                print(f"resumed from {resume_from} (step {self.start})", flush=True)
+        if d.main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            text = json.dumps(dataclasses.asdict(cfg), indent=2)
+            print(f"{name} config:\n{text}", flush=True)
+            with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+                f.write(text)
+        if d.world > 1 and not fsdp:
+            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+                _Field(model), device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        else:  # one process, or FSDP2 (the sharded model is its own wrapper)
+            self.wrapped = _Field(model)
+        self.nonfinite = 0
+        self.last_path = None
+        self.restorer = self.monitor = self.log_file = self.bar = None
+        self.old_handlers = {}
+
+    def attach_data(self, data: StepBatches, on_device: bool, student: bool) -> None:
+        """The batches (and R for crops degraded on the fly), the monitor, the loader, signal handlers, the log."""
+        cfg, d = self.cfg, self.d
+        self.data, self.on_device = data, on_device
+        if d.main and data.pool is None and data.images.skipped:
+            print(f"skipped {len(data.images.skipped)} unreadable images", flush=True)
+        if self.model.needs_restorer and data.pool is None:  # R on each degraded LR crop, frozen, on the device
+            from mfsr_fast.restorer import load_restorer
+
+            try:
+                self.restorer = load_restorer(self.model.cfg.restorer, device=d.device)
+            except ValueError as e:
+                raise SystemExit(str(e)) from None
+        if cfg.sample_every > 0:  # every rank runs it (an FSDP model's forward is collective); the main one writes
+            from training.monitor import Monitor
+
+            self.monitor = Monitor(cfg, data, self.model, student=student, device=d.device, main=d.main,
+                                   restorer=self.restorer)
+        self.loader = torch.utils.data.DataLoader(
+            data, batch_size=None, sampler=range(self.start, cfg.max_steps), num_workers=cfg.num_workers,
+            prefetch_factor=2 if cfg.num_workers > 0 else None, persistent_workers=False,
+            worker_init_fn=_ignore_signals, pin_memory=on_device and d.device.type == "cuda")
+        self.signal = None
+
+        def on_signal(signum, _frame):
+            self.signal = signum
+
+        self.old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.log_file = open(os.path.join(cfg.output_dir, "log.jsonl"), "a") if d.main else None
+        if d.main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.max_steps, initial=self.start, desc=self.name, dynamic_ncols=True,
+                            file=sys.stdout)
+
+    def batch(self, item) -> tuple:
+        """A loader item -> (hr, lr, R(LR) or None, seeds) on the training device."""
+        d, data = self.d, self.data
+        restored = None
+        if data.pool is not None:
+            hr, lr, restored, seeds = item
+            hr, lr, restored = hr.to(d.device), lr.to(d.device), restored.to(d.device)
+        elif self.on_device:
+            hr, seeds = item
+            hr, lr = degrade_samples(hr.to(d.device, non_blocking=True), seeds, data.degradation)
+        else:
+            hr, lr, seeds = item
+            hr, lr = hr.to(d.device), lr.to(d.device)
+        if self.restorer is not None:  # clone: a normal tensor, not the inference-mode one R returns
+            restored = restore_crops(self.restorer, lr).clone()
+        return hr, lr, restored, seeds
+
+    def step(self, loss_fn: Callable, batch: tuple, step: int):
+        """One optimizer step at the warmed-up learning rate -> (loss, gradient norm, finite on every rank);
+        a non-finite step changes nothing."""
+        cfg, d, opt = self.cfg, self.d, self.opt
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and d.device.type == "cuda"):
+            loss = loss_fn(self.wrapped, self.model, batch, step, d)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
+            gnorm = gnorm.full_tensor()
+        finite = bool(torch.isfinite(loss.detach()).item() and torch.isfinite(gnorm).item())
+        if d.world > 1:  # every rank must take the same decision
+            flag = torch.tensor([float(finite)], device=d.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if finite:
+            opt.step()
+            # EMA warm-up: early on the average follows the weights closely, so short runs do not keep a large share
+            # of the initial weights (0.999^600 would still be 55% of them).
+            ema_update(self.ema, self.model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        else:
+            opt.zero_grad(set_to_none=True)
+        return loss, gnorm, finite
+
+    def log(self, step: int, loss, gnorm, steps: int, seconds: float) -> None:
+        """One log.jsonl line (main process), also to the monitor and the progress bar."""
+        cfg = self.cfg
+        rec = {"step": step, "loss": float(loss.item()), "grad_norm": float(gnorm),
+               "lr": self.opt.param_groups[0]["lr"],
+               "steps_per_s": steps / seconds, "images_per_s": steps * cfg.batch_size / seconds,
+               "nonfinite_steps": self.nonfinite, "time": time.time()}
+        self.log_file.write(json.dumps(rec) + "\n")
+        self.log_file.flush()
+        if self.monitor is not None:
+            self.monitor.log_loss(rec)
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rec['steps_per_s']:.2f}",
+                             img_s=f"{rec['images_per_s']:.1f}")
+
+    def save(self, at: int) -> str:
+        """A checkpoint of step ``at`` (collective under FSDP: every rank gathers; the main one writes)."""
+        d, path = self.d, None
+        states = _gather_full_states(self.model, self.ema, self.opt, self.names) if self.fsdp else {}
+        if d.main:
+            try:
+                path = ckpt.save_checkpoint(self.ckdir, at, model=self.model, optimizer=self.opt, ema=self.ema,
+                                            config=dataclasses.asdict(self.cfg),
+                                            extra=dict(self.extra or {}, nonfinite_steps=self.nonfinite),
+                                            keep=self.cfg.keep_checkpoints, **states)
+            except ckpt.CheckpointWriteError as e:
+                raise Stop(str(e)) from None
+        if d.world > 1:
+            dist.barrier()
+        return path
+
+    def loop(self, loss_fn: Callable) -> int:
+        """Steps from ``start`` to ``max_steps`` (or a signal, ``--max-minutes``, too many non-finite steps in a
+        row), with logs, samples and checkpoints on their schedules; returns the last step."""
+        cfg, d = self.cfg, self.d
+        step = self.start
+        consecutive = 0
+        t0, done_since = time.perf_counter(), 0
+        sampled = None
+        deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else None
+        for item in self.loader:
+            loss, gnorm, finite = self.step(loss_fn, self.batch(item), step)
+            if finite:
+                consecutive = 0
+            else:
+                self.nonfinite += 1
+                consecutive += 1
+                if consecutive >= cfg.max_nonfinite:
+                    step += 1
+                    self.last_path = self.save(step)
+                    raise Stop(f"{consecutive} non-finite steps in a row (loss {loss.item()}); stopped at step "
+                               f"{step}. The checkpoint {self.last_path} holds the weights from before the blow-up: "
+                               "lower --lr or check the data, then continue with --resume")
+            step += 1
+            done_since += 1
+            if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                self.log(step, loss, gnorm, done_since, time.perf_counter() - t0)
+                t0, done_since = time.perf_counter(), 0
+            if self.bar is not None:
+                self.bar.update(1)
+            if self.monitor is not None and (step % cfg.sample_every == 0 or step == cfg.max_steps):
+                m0 = time.perf_counter()
+                self.monitor(step, self.ema, self.log_file)
+                sampled = step
+                t0 += time.perf_counter() - m0  # the logged step rates (and export's train_seconds) leave it out
+            if self.signal is not None:
+                self.last_path = self.save(step)
+                raise Stop(f"stopped by signal {signal.Signals(self.signal).name} at step {step}; checkpoint "
+                           f"{self.last_path}; continue with --resume")
+            if deadline is not None and _out_of_time(deadline, d):
+                if d.main:
+                    print(f"\n--max-minutes {cfg.max_minutes:g} reached at step {step}", flush=True)
+                break
+            if step % cfg.ckpt_every == 0 and step < cfg.max_steps:
+                self.last_path = self.save(step)
+        if step > self.start or self.last_path is None:
+            self.last_path = self.save(step)
+        if self.monitor is not None and sampled != step:  # stopped early (--max-minutes): the end's samples too
+            self.monitor(step, self.ema, self.log_file)
+        return step
+
+    def close(self) -> None:
+        for s, h in self.old_handlers.items():
+            signal.signal(s, h)
+        for thing in (self.bar, self.log_file, self.monitor):
+            if thing is not None:
+                thing.close()
+        if self.d.world > 1:
+            dist.destroy_process_group()
 
 
 def shard_(model: MFSRTransformer, d: Dist) -> None:
