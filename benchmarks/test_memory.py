@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = textwrap.dedent("""
     import json, resource, sys, torch
     import torch.nn.functional as F
-    from mfsr_fast import cli, inference
+    from mfsr_fast import cli, inference, tiling
     from mfsr_fast.model import MFSRTransformer
 
     def rss():
@@ -33,7 +33,7 @@ CHILD = textwrap.dedent("""
     def stub(model, lr, noise, steps, teacher_guidance=None, restored=None):
         return F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
 
-    inference._sr_tile = stub
+    tiling._sr_tile = stub  # what the tiles' rows generator calls
     torch.manual_seed(0)
     model = MFSRTransformer.from_preset("tiny", num_layers=1, num_heads=2, head_dim=16, dual_attention_layers=(0,))
     model.save_pretrained(sys.argv[3])

@@ -17,11 +17,19 @@ the whole output: every piece below works on a band of rows and hands finished r
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from mfsr_fast.codec import VAECodec
+from mfsr_fast.guidance import sample_teacher
+from mfsr_fast.loading import MODEL_SCALE, codec_of, restorer_of
+from mfsr_fast.meanflow import sample, time_grid
+from mfsr_fast.model import MFSRTransformer
 
 NOISE_BLOCK = 64  # latent cells per side of one independently seeded noise block
 WAVELET_REACH = 64  # rows the wavelet colour fix's blur reaches (5 levels of a 5-tap kernel: 2 * (1 + ... + 16) = 62)
@@ -322,3 +330,160 @@ class RowSink:
 
     def done(self) -> bool:
         return self.written == self.out.shape[0]
+
+
+# Running a model over tiles: its conditioning (the LR stream's input), one tile's sampling (MeanFlow steps, or the
+# teacher's Euler steps with guidance), tile sizes from free memory, and the rows generator upscale_rgb and
+# upscale_array consume.
+
+
+def _bicubic(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+
+
+def lr_condition(model: MFSRTransformer, codec, lr: torch.Tensor, restored: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The LR stream's input for LR images (B, 3, h, w) in [0, 1], encoded by ``codec``: the bicubic upsampling x4,
+    R(LR) (``restored``, (B, 3, 4h, 4w) in [0, 1]) or both concatenated, as the model's ``lr_source`` says."""
+    source = model.cfg.lr_source
+    if source == "bicubic":
+        return codec.encode(_bicubic(lr, (MODEL_SCALE * lr.shape[-2], MODEL_SCALE * lr.shape[-1])))
+    if restored is None or restored.shape[-2:] != (MODEL_SCALE * lr.shape[-2], MODEL_SCALE * lr.shape[-1]):
+        raise ValueError(f"lr_source {source!r} needs R(LR) at x{MODEL_SCALE} the LR size")
+    c = codec.encode(restored)
+    if source == "restorer":
+        return c
+    return torch.cat([c, codec.encode(_bicubic(lr, restored.shape[-2:]))], dim=1)
+
+
+@torch.inference_mode()
+def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, steps: int,
+             teacher_guidance: float | None = None, restored: torch.Tensor | None = None) -> torch.Tensor:
+    """lr (B, 3, h, w) in [0, 1], h and w multiples of ``_lr_multiple``; noise (B, C, 4h / f, 4w / f) in the codec's
+    space; ``restored`` R(lr) (B, 3, 4h, 4w) for restorer-conditioned models: -> (B, 3, 4h, 4w). A student takes
+    MeanFlow jumps; with ``teacher_guidance`` the model is sampled as a teacher (Euler steps of the guided velocity).
+    The flow runs in the model's space (``to_flow``: a scaled residual over R(LR) for residual models)."""
+    codec = codec_of(model)
+    B = lr.shape[0]
+    dtype = next(model.parameters()).dtype
+    c = lr_condition(model, codec, lr, restored).to(dtype)
+    if teacher_guidance is not None:
+        y = sample_teacher(model, c, noise.to(dtype), steps=steps, guidance=teacher_guidance)
+    else:
+        ctx, pooled = model.prompt("positive", B)
+        calls = itertools.count()
+
+        def fn(z, t, r):
+            # Every other step sees the token grid moved by half a patch: patch-edge errors of one step then fall
+            # inside the next step's patches instead of adding up on one grid (benchmarks/RESULTS.md, "multi-step
+            # patch grid"). The first step is unmoved, so one step is unchanged.
+            shift = (next(calls) % 2) * (model.cfg.patch_size // 2)
+            return shifted_call(lambda zz, cc: model.field(zz, cc, t.expand(B), r.expand(B), ctx, pooled), z, c,
+                                shift, model.cfg.patch_size)
+
+        y = sample(fn, noise.to(dtype), timesteps=time_grid(steps, refine_t=model.cfg.refine_t, device=noise.device))
+    return codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
+
+
+def shifted_call(f, z: torch.Tensor, c: torch.Tensor, shift: int, patch: int) -> torch.Tensor:
+    """``f(z, c)`` with the patch grid moved by ``shift`` latent cells (0 <= shift < patch) down and right: both
+    inputs padded by reflection (``shift`` before, ``patch - shift`` after, so the size stays whole patches), the
+    output cropped back. ``shift = 0`` is ``f(z, c)`` itself."""
+    if shift == 0:
+        return f(z, c)
+    if not 0 < shift < patch:
+        raise ValueError(f"shift must be in [0, {patch}), got {shift}")
+    pad = (shift, patch - shift, shift, patch - shift)
+    out = f(F.pad(z, pad, mode="reflect"), F.pad(c, pad, mode="reflect"))
+    return out[:, :, shift:shift + z.shape[-2], shift:shift + z.shape[-1]]
+
+
+def _lr_multiple(model: MFSRTransformer) -> int:
+    """LR sizes must be multiples of this so that the latent is whole patches: patch x codec factor / 4."""
+    return max(1, model.cfg.patch_size * codec_of(model).factor // MODEL_SCALE)
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = 2 * 2**30
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        free = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return free
+
+
+def _tile_memory(model: MFSRTransformer, tile: int) -> int:
+    """Estimated working memory (bytes) of one LR tile of side ``tile``: model activations and the decoder's."""
+    cfg = model.cfg
+    codec = codec_of(model)
+    lat = MODEL_SCALE / codec.factor  # latent cells per LR pixel
+    tokens = 2 * (int(tile * lat) // cfg.patch_size) ** 2  # HR and LR streams
+    est = tokens * cfg.num_heads * cfg.head_dim * 4 * 40 + (MODEL_SCALE * tile) ** 2 * 3 * 4 * 8
+    if isinstance(codec, VAECodec):  # the VAE decoder's full-resolution activations (128 channels, fp32)
+        est += (MODEL_SCALE * tile) ** 2 * 128 * 4 * 6
+    return est
+
+
+def auto_tile(model: MFSRTransformer, device: torch.device) -> int:
+    """LR tile side: the model's native size (``sample_size``, the latent side its positions are scaled for; the
+    ``tiny`` recipes train on half that side, and 16 px tiles measured no better for the default: RESULTS.md), or
+    less when its estimated working memory would not fit in a quarter of the free memory. Measured on the tiny
+    default (128 px DRealSR LR, CPU): tiles of 32 gave 33.26 dB / NIQE 6.81 in 9 s, the whole image 33.06 dB /
+    6.33 in 14 s."""
+    free = _free_memory(device)
+    native = max(32, int(model.cfg.sample_size / (MODEL_SCALE / codec_of(model).factor)))
+    for tile in (512, 384, 256, 192, 128, 96, 64, 32):
+        if tile <= native and _tile_memory(model, tile) < free / 4:
+            return tile
+    return 32
+
+
+def auto_tile_batch(model: MFSRTransformer, device: torch.device, tile: int) -> int:
+    """Tiles per model call: on a GPU as many as a quarter of the free memory holds (up to 64), since one call per
+    small tile leaves the GPU waiting on the host; 1 on the CPU, where batching gains little and costs memory."""
+    if device.type != "cuda":
+        return 1
+    return int(max(1, min(64, _free_memory(device) / 4 // max(1, _tile_memory(model, tile)))))
+
+
+def _prepare(model: MFSRTransformer, rgb: torch.Tensor, restored: torch.Tensor | None):
+    """Pad ``rgb`` to whole latent patches by reflection (replicate where a side is too short to reflect) and give
+    the R(LR) row source of a restorer-conditioned model (None for the others): R of the unpadded image (or the
+    given ``restored``), padded at x4 the same way."""
+    B, _, H, W = rgb.shape
+    s = MODEL_SCALE
+    if restored is not None and restored.shape != (B, 3, s * H, s * W):
+        raise ValueError(f"restored must be (B, 3, 4H, 4W) = {(B, 3, s * H, s * W)}, got {tuple(restored.shape)}")
+    m = _lr_multiple(model)
+    Hp, Wp = -(-H // m) * m, -(-W // m) * m
+    mode = "reflect" if Hp - H < H and Wp - W < W else "replicate"
+    rows = None
+    if model.needs_restorer:
+        full = restored.to(device=rgb.device, dtype=torch.float32) if restored is not None else None
+        rows = RestoredRows(restorer_of(model), rgb, s, full=full, padded=(Hp, Wp), mode=mode)
+    if (Hp, Wp) != (H, W):
+        rgb = F.pad(rgb, (0, Wp - W, 0, Hp - H), mode=mode)
+    return rgb, rows
+
+
+def _rows(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int, seed: int, tile: int | None, overlap: int | None,
+          progress, teacher_guidance: float | None, tile_batch: int | None, restored: torch.Tensor | None):
+    """The rows generator of the padded image's x4 output: see ``tiling.tile_rows``."""
+    device = rgb.device
+    codec = codec_of(model)
+    rgb, rrows = _prepare(model, rgb, restored)
+    tile = tile or auto_tile(model, device)
+    group = tile_batch or auto_tile_batch(model, device, tile)
+
+    def run(lr, noise, r):
+        return _sr_tile(model, lr, noise, steps, teacher_guidance, r)
+
+    return tile_rows(run, rgb, scale=MODEL_SCALE, cells_per_px=MODEL_SCALE / codec.factor,
+                     channels=codec.latent_channels, seed=seed, tile=tile, overlap=overlap,
+                     multiple=_lr_multiple(model), group=group, restored=rrows, progress=progress)

@@ -62,16 +62,16 @@ def test_restored_image_is_used_and_checked(restorer_dir):
 
 def test_multi_step_sampling_follows_the_models_refine_grid(restorer_dir, monkeypatch):
     """upscale runs the student on the grid its config stores (refine_t), the teacher on the uniform Euler grid."""
-    from mfsr_fast import inference
+    from mfsr_fast import inference, tiling
 
     seen = []
-    real = inference.sample
+    real = tiling.sample
 
     def spy(fn, noise, *, steps=1, timesteps=None, callback=None):
         seen.append([round(float(t), 6) for t in timesteps])
         return real(fn, noise, steps=steps, timesteps=timesteps, callback=callback)
 
-    monkeypatch.setattr(inference, "sample", spy)
+    monkeypatch.setattr(tiling, "sample", spy)  # what each tile's sampling calls
     x = torch.rand(1, 3, 8, 8)
     inference.upscale_rgb(_model(refine_t=0.06), x, steps=4)
     inference.upscale_rgb(_model(), x, steps=2)
@@ -179,7 +179,7 @@ def test_pool_build_resume_and_batches(restorer_dir, tmp_path):
 
 
 def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(restorer_dir, tmp_path, monkeypatch):
-    from mfsr_fast import inference
+    from mfsr_fast import loading
     from mfsr_fast import restorer as rs
     from mfsr_fast.inference import load_model, upscale
     from training import distill, export, teacher
@@ -210,20 +210,20 @@ def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(res
     img = np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8)
     a = upscale(img, model=str(tmp_path / "named"))
     monkeypatch.delenv("MFSR_RESTORER_DIR")
-    inference._load.cache_clear()
+    loading._load.cache_clear()
     rs._CACHE.clear()
     b = upscale(img, model=str(tmp_path / "exp"))
     assert a.shape == b.shape == (48, 64, 3)
     np.testing.assert_array_equal(a, b)  # the same student and the same restorer weights
     # The folder without its restorer, where none is installed: a clear error that says what to run.
-    inference._load.cache_clear()
+    loading._load.cache_clear()
     rs._CACHE.clear()
     monkeypatch.setattr(rs, "WEIGHTS_ROOT", str(tmp_path / "nothing-installed"))
     try:
         with pytest.raises(ValueError, match="python -m mfsr_fast.restorer fetch"):
             load_model(str(tmp_path / "named"))
     finally:
-        inference._load.cache_clear()
+        loading._load.cache_clear()
 
 
 def test_evaluate_realesrgan_method_shares_one_restored_image(restorer_dir, tmp_path, capsys):

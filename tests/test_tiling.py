@@ -137,24 +137,24 @@ def test_shifted_call_moves_the_patch_grid_and_nothing_else():
         seen.append(zz.shape[-2:])
         return zz * 2 + cc[:, :3]
 
-    assert torch.equal(inference.shifted_call(f, z, c, 0, 2), f(z, c))
-    moved = inference.shifted_call(f, z, c, 1, 2)
+    assert torch.equal(tiling.shifted_call(f, z, c, 0, 2), f(z, c))
+    moved = tiling.shifted_call(f, z, c, 1, 2)
     assert seen[-1] == (10, 12)  # whole patches: one more patch row and column, the grid moved by one cell
     assert torch.equal(moved, f(z, c))  # a position-wise f: the move is invisible
     with pytest.raises(ValueError, match="shift"):
-        inference.shifted_call(f, z, c, 2, 2)
+        tiling.shifted_call(f, z, c, 2, 2)
 
 
 def test_one_step_ignores_the_shift_and_more_steps_use_it(model, monkeypatch):
     x = torch.rand(1, 3, 16, 16)
     calls = []
-    orig = inference.shifted_call
+    orig = tiling.shifted_call
 
     def spy(f, z, c, shift, patch):
         calls.append(shift)
         return orig(f, z, c, shift, patch)
 
-    monkeypatch.setattr(inference, "shifted_call", spy)
+    monkeypatch.setattr(tiling, "shifted_call", spy)
     inference.upscale_rgb(model, x, steps=1)
     assert calls == [0]
     calls.clear()
