@@ -14,12 +14,12 @@ from kernels import reference
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 if _HAS_TRITON:
-    from kernels import adaln, flash  # the Triton kernels (flash attention, adaLN); the references need no Triton
+    from kernels import adaln, flash, tiles  # the Triton kernels and their launch configurations
 else:
-    adaln = flash = None
+    adaln = flash = tiles = None
 
 __all__ = ["attention", "adaln_modulate", "attention_with_tangent", "adaln_modulate_with_tangent", "reference", "flash",
-           "adaln", "triton_available"]
+           "adaln", "tiles", "triton_available"]
 
 _BACKENDS = ("auto", "triton", "reference")
 
@@ -49,7 +49,7 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def _use_triton_attention(backend: str, q: torch.Tensor) -> bool:
     use = _use_triton(backend, q)
     if use and backend == "auto" and (q.shape[-1] not in flash.HEAD_DIMS or q.dtype == torch.float64
-                                      or (q.dtype == torch.float32 and q.shape[-1] not in flash.GPU_FP32_HEAD_DIMS)):
+                                      or (q.dtype == torch.float32 and q.shape[-1] not in tiles.GPU_FP32_HEAD_DIMS)):
         use = False  # what the kernel does not take stays on the reference under 'auto'
     return use
 

@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import INTERPRET, any_wrapped, cast_out, needs_autograd, new_output
+from kernels import tiles
+from kernels.common import INTERPRET, any_wrapped, cast_out, needs_autograd, new_output, signature
 from kernels.reference import check_adaln_args, mod_rows
 
 # One row lives in registers; wider rows spill on sm_80/sm_90 (checked by tests/test_gpu_readiness.py).
@@ -156,21 +157,6 @@ def _adaln_tangent_kernel(
         tl.store(ty_ptr + o_row * D + o_d, cast_out(b_ty, ty_ptr, RTNE), mask=m)
 
 
-def launch_config(D: int, backward: bool = False) -> tuple[int, int, int]:
-    """(BD, num_warps, rows per program) for a row width D: next_pow2(D), warps by block size.
-
-    Measured on an H100 at D = 1536, bf16, B = 2, L = 8346 (``python -m kernels.tune``, CUDA-graph GPU time): one
-    row per program with 4 warps for the forward (2870 GB/s, 96% of the 3000 GB/s copy) and the tangent (2469 GB/s);
-    8 rows per program with 4 warps for the backward, whose per-program partial sums favour longer programs
-    (1571 GB/s). Wider 16-warp programs and longer row loops were slower in every pass."""
-    BD = 1 << (D - 1).bit_length()
-    num_warps = max(1, min(8, BD // 512))
-    rpp = 8 if backward else 1
-    if INTERPRET:
-        rpp = 4  # the interpreter runs the row loop in Python
-    return BD, num_warps, rpp
-
-
 def _check(x: torch.Tensor, *mods: torch.Tensor | None) -> None:
     assert x.dim() == 3 and x.is_contiguous(), "x must be a contiguous (B, L, D) tensor"
     assert x.dtype in (torch.float32, torch.bfloat16, torch.float16), f"unsupported dtype {x.dtype}"
@@ -191,12 +177,12 @@ def adaln_fwd(x, shift, scale, gate, h, eps):
     xres = new_output(x) if has_res else x.new_empty(0)
     mean = new_output(x, (B, L), torch.float32)
     rstd = new_output(x, (B, L), torch.float32)
-    BD, num_warps, rpp = launch_config(D)
+    BD, num_warps, rpp = tiles.adaln(D)
     grid = (-(-L // rpp), B)
     _adaln_fwd_kernel[grid](
-        x, h if has_res else x, shift, scale, gate if has_res else shift,
-        y, xres if has_res else y, mean, rstd,
-        L, D, shift.stride(0), scale.stride(0), gate.stride(0) if has_res else 0, eps,
+        x_ptr=x, h_ptr=h if has_res else x, shift_ptr=shift, scale_ptr=scale, gate_ptr=gate if has_res else shift,
+        y_ptr=y, xres_ptr=xres if has_res else y, mean_ptr=mean, rstd_ptr=rstd,
+        L=L, D=D, s_shift=shift.stride(0), s_scale=scale.stride(0), s_gate=gate.stride(0) if has_res else 0, eps=eps,
         HAS_RES=has_res, RPP=rpp, BD=BD, RTNE=INTERPRET, num_warps=num_warps,
     )
     return y, xres, mean, rstd
@@ -206,15 +192,17 @@ def adaln_bwd(dy, dxres, xres, h, scale, gate, mean, rstd):
     _check(xres, scale, gate)
     B, L, D = xres.shape
     has_res = h is not None
-    BD, num_warps, rpp = launch_config(D, backward=True)
+    BD, num_warps, rpp = tiles.adaln(D, backward=True)
     n_l = -(-L // rpp)
     dx = new_output(xres)
     dh = new_output(xres) if has_res else xres.new_empty(0)
     part = new_output(xres, (3 if has_res else 2, n_l, B, D), torch.float32)
     _adaln_bwd_kernel[(n_l, B)](
-        dy, dxres if dxres is not None else dy, xres, h if has_res else xres, scale, gate if has_res else scale,
-        mean, rstd, dx, dh if has_res else dx, part[0], part[1], part[2] if has_res else part[0],
-        L, D, B, scale.stride(0), gate.stride(0) if has_res else 0,
+        dy_ptr=dy, dxres_ptr=dxres if dxres is not None else dy, xres_ptr=xres, h_ptr=h if has_res else xres,
+        scale_ptr=scale, gate_ptr=gate if has_res else scale, mean_ptr=mean, rstd_ptr=rstd,
+        dx_ptr=dx, dh_ptr=dh if has_res else dx, dshift_ptr=part[0], dscale_ptr=part[1],
+        dgate_ptr=part[2] if has_res else part[0],
+        L=L, D=D, B=B, s_scale=scale.stride(0), s_gate=gate.stride(0) if has_res else 0,
         HAS_RES=has_res, HAS_DXRES=dxres is not None, RPP=rpp, BD=BD, RTNE=INTERPRET, num_warps=num_warps,
     )
     # Separate reductions: custom-op outputs must not alias each other.
@@ -228,13 +216,14 @@ def adaln_tangent(xres, h, tx, th, scale, gate, tshift, tscale, tgate, mean, rst
     has_res = h is not None
     ty = new_output(xres)
     txres = new_output(xres) if has_res else xres.new_empty(0)
-    BD, num_warps, rpp = launch_config(D)
+    BD, num_warps, rpp = tiles.adaln(D)
     _adaln_tangent_kernel[(-(-L // rpp), B)](
-        xres, h if has_res else xres, tx if tx is not None else xres, th if th is not None else xres,
-        scale, gate if has_res else scale, tshift, tscale, tgate if has_res else tshift, mean, rstd,
-        ty, txres if has_res else ty,
-        L, D, scale.stride(0), gate.stride(0) if has_res else 0, tshift.stride(0), tscale.stride(0),
-        tgate.stride(0) if has_res else 0,
+        xres_ptr=xres, h_ptr=h if has_res else xres, tx_ptr=tx if tx is not None else xres,
+        th_ptr=th if th is not None else xres, scale_ptr=scale, gate_ptr=gate if has_res else scale,
+        tshift_ptr=tshift, tscale_ptr=tscale, tgate_ptr=tgate if has_res else tshift, mean_ptr=mean, rstd_ptr=rstd,
+        ty_ptr=ty, txres_ptr=txres if has_res else ty,
+        L=L, D=D, s_scale=scale.stride(0), s_gate=gate.stride(0) if has_res else 0, s_tshift=tshift.stride(0),
+        s_tscale=tscale.stride(0), s_tgate=tgate.stride(0) if has_res else 0,
         HAS_RES=has_res, HAS_TX=tx is not None, HAS_TH=th is not None, RPP=rpp, BD=BD, RTNE=INTERPRET,
         num_warps=num_warps,
     )
@@ -396,21 +385,18 @@ def aot_configs(dtypes=("bf16",), archs=(90, 80), block_sizes=None):
                     yield from _aot_one(arch, act, BD, has_res)
 
 
+# Modulation vectors, statistics and their gradients / tangents are fp32; activations take the input's dtype.
+_FP32_PTRS = ("shift_ptr", "scale_ptr", "gate_ptr", "mean_ptr", "rstd_ptr", "dshift_ptr", "dscale_ptr", "dgate_ptr",
+              "tshift_ptr", "tscale_ptr", "tgate_ptr")
+
+
 def _aot_one(arch, act, BD, has_res):
-    a, f = f"*{act}", "*fp32"
-    _, num_warps, rpp = launch_config(BD)
-    fwd = dict(x_ptr=a, h_ptr=a, shift_ptr=f, scale_ptr=f, gate_ptr=f, y_ptr=a, xres_ptr=a, mean_ptr=f, rstd_ptr=f,
-               L="i32", D="i32", s_shift="i32", s_scale="i32", s_gate="i32", eps="fp32")
-    yield _adaln_fwd_kernel, fwd, dict(HAS_RES=has_res, RPP=rpp, BD=BD, RTNE=False), arch, num_warps
-    _, num_warps, rpp = launch_config(BD, backward=True)
-    bwd = dict(dy_ptr=a, dxres_ptr=a, xres_ptr=a, h_ptr=a, scale_ptr=f, gate_ptr=f, mean_ptr=f, rstd_ptr=f,
-               dx_ptr=a, dh_ptr=a, dshift_ptr=f, dscale_ptr=f, dgate_ptr=f, L="i32", D="i32", B="i32",
-               s_scale="i32", s_gate="i32")
-    bwd_c = dict(HAS_RES=has_res, HAS_DXRES=has_res, RPP=rpp, BD=BD, RTNE=False)
-    yield _adaln_bwd_kernel, bwd, bwd_c, arch, num_warps
-    _, num_warps, rpp = launch_config(BD)
-    tangent = dict(xres_ptr=a, h_ptr=a, tx_ptr=a, th_ptr=a, scale_ptr=f, gate_ptr=f, tshift_ptr=f, tscale_ptr=f,
-               tgate_ptr=f, mean_ptr=f, rstd_ptr=f, ty_ptr=a, txres_ptr=a, L="i32", D="i32", s_scale="i32",
-               s_gate="i32", s_tshift="i32", s_tscale="i32", s_tgate="i32")
-    tangent_c = dict(HAS_RES=has_res, HAS_TX=True, HAS_TH=has_res, RPP=rpp, BD=BD, RTNE=False)
-    yield _adaln_tangent_kernel, tangent, tangent_c, arch, num_warps
+    _, num_warps, rpp = tiles.adaln(BD)
+    yield (_adaln_fwd_kernel, signature(_adaln_fwd_kernel, act, _FP32_PTRS),
+           dict(HAS_RES=has_res, RPP=rpp, BD=BD, RTNE=False), arch, num_warps)
+    _, num_warps, rpp = tiles.adaln(BD, backward=True)
+    yield (_adaln_bwd_kernel, signature(_adaln_bwd_kernel, act, _FP32_PTRS),
+           dict(HAS_RES=has_res, HAS_DXRES=has_res, RPP=rpp, BD=BD, RTNE=False), arch, num_warps)
+    _, num_warps, rpp = tiles.adaln(BD)
+    yield (_adaln_tangent_kernel, signature(_adaln_tangent_kernel, act, _FP32_PTRS),
+           dict(HAS_RES=has_res, HAS_TX=True, HAS_TH=has_res, RPP=rpp, BD=BD, RTNE=False), arch, num_warps)

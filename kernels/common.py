@@ -54,6 +54,15 @@ def cast_out(b_x, ptr, RTNE: tl.constexpr):
     return b_x.to(ptr.dtype.element_ty)
 
 
+def signature(kernel, act: str, fp32_ptrs=(), floats=("scale", "eps")) -> dict[str, str]:
+    """A Triton kernel's ahead-of-time signature, read from its own parameter list (no hand-kept copy): ``*_ptr``
+    parameters point to the activation dtype ``act`` ("bf16", "fp16", "fp32") unless named in ``fp32_ptrs``,
+    ``floats`` are fp32 scalars, every other runtime parameter is i32; constexprs are the caller's."""
+    return {p.name: ((f"*{act}" if p.name not in fp32_ptrs else "*fp32") if p.name.endswith("_ptr")
+                     else "fp32" if p.name in floats else "i32")
+            for p in kernel.params if not p.is_constexpr}
+
+
 def needs_autograd(*tensors) -> bool:
     """Whether a call must go through the autograd.Function: gradients are being recorded for an input, forward-mode
     AD is active, or an input is wrapped by a torch.func transform. Otherwise (inference) the launcher is called

@@ -28,14 +28,22 @@ Caution:
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.common import INTERPRET, LN2, LOG2E, any_wrapped, cast_out, needs_autograd, new_output, program_block
+from kernels import tiles
+from kernels.common import (
+    INTERPRET,
+    LN2,
+    LOG2E,
+    any_wrapped,
+    cast_out,
+    needs_autograd,
+    new_output,
+    program_block,
+    signature,
+)
 
 HEAD_DIMS = (32, 64, 128)
 
@@ -260,77 +268,10 @@ def _attn_bwd_dq_kernel(
              mask=m_m[:, None])
 
 
-# (BM, BN, num_warps, num_stages) by (pass, head dim) for 16-bit inputs, per architecture family: tiles that compile
-# without register spills (tests/test_gpu_readiness.py, ptxas -v). sm_90 covers Hopper and newer. Head dim 64 on
-# sm_90 is measured (H100, bf16, B 2, H 24, L 8346, ``python -m kernels.tune``, CUDA-graph GPU time): fwd 128x64 with
-# 4 warps 2.26 ms (378 TFLOP/s) vs 2.33 with 8; tangent pass 128x64, 3 stages 4.04 ms (529 TFLOP/s counting its 5
-# matmuls) vs 5.54 with 2 stages; backward with dkdv 32x64, 4 warps 10.1 ms vs 14.9 with 64x64, 8 warps (64x64 with 4
-# warps and 3 stages measured 8.19 ms but spills under Triton 3.9); fused forward + tangent 128x64, 8 warps, 4 stages
-# 5.43 ms GPU time (473 TFLOP/s counting its 6 matmuls; sweep of 2026-11-26, session 4). The other entries are the
-# largest spill-free tiles, not yet measured.
-_TILES_16 = {
-    90: {"fwd": {32: (128, 64, 8, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-         "tangent": {32: (64, 64, 8, 2), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2)},
-         "fused": {32: (64, 64, 8, 2), 64: (128, 64, 8, 4)},
-         "dkdv": {32: (64, 64, 8, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2)},
-         "dq": {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}},
-    80: {"fwd": {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 64, 8, 2)},
-         "tangent": {32: (64, 64, 8, 2), 64: (64, 32, 8, 2), 128: (32, 32, 8, 2)},
-         "fused": {32: (64, 64, 8, 2), 64: (64, 32, 8, 2)},
-         "dkdv": {32: (64, 64, 8, 2), 64: (64, 64, 8, 2), 128: (32, 64, 8, 2)},
-         "dq": {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}},
-}
-# fp32 inputs use 3xTF32 dots (fp32-level accuracy) whose split operands need far more registers: small tiles, and
-# no head dim 128 on GPUs (its tangent pass spills with every tile tried; 'auto' sends it to the reference).
-_TILES_32 = {
-    90: {"fwd": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2)},
-         "tangent": {32: (32, 16, 4, 2), 64: (16, 16, 4, 2)},
-         "fused": {32: (32, 16, 4, 2), 64: (16, 16, 4, 2)},  # spill-free (ptxas -v), not measured
-         "dkdv": {32: (32, 16, 4, 2), 64: (32, 16, 4, 2)},
-         "dq": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2)}},
-}
-_TILES_32[80] = _TILES_32[90]
-GPU_FP32_HEAD_DIMS = (32, 64)
-
-
-def arch_family(device: torch.device) -> int:
-    """90 for Hopper and newer, 80 otherwise (Ampere, Ada)."""
-    major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
-
-
-def _read_tile_overrides() -> dict:
-    """Measured tiles from ``python -m kernels.tune --write FILE``, named by MFSR_ATTN_TILES=FILE: {(arch, kind, D):
-    tile} for 16-bit inputs. They replace the table's entries on that architecture family (not checked for spills)."""
-    path = os.environ.get("MFSR_ATTN_TILES")
-    if not path:
-        return {}
-    try:
-        with open(path) as f:
-            spec = json.load(f)
-        rename = {"jvp": "tangent"}  # the tangent pass's name in tile files written before it was renamed
-        return {(int(spec["arch"]), rename.get(kind, kind), int(spec["head_dim"])): tuple(int(x) for x in tile)
-                for kind, tile in spec["tiles"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise RuntimeError(f"MFSR_ATTN_TILES={path}: not a tile file written by python -m kernels.tune ({e})") from e
-
-
-_OVERRIDES = _read_tile_overrides()
-
-
-def launch_config(D: int, kind: str, arch: int = 90, f32: bool = False) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for a pass ("fwd", "tangent", "fused", "dkdv", "dq"); one small tile under the
-    interpreter."""
-    if INTERPRET:
-        return 32, 32, 4, 1
-    if not f32 and (arch, kind, D) in _OVERRIDES:
-        return _OVERRIDES[(arch, kind, D)]
-    return (_TILES_32 if f32 else _TILES_16)[arch][kind][D]
-
-
-def _s(t: torch.Tensor) -> tuple[int, int, int]:
+def _s(name: str, t: torch.Tensor) -> dict[str, int]:
+    """The kernels' stride arguments of a (B, H, L, D) tensor: s<name>_b, s<name>_h, s<name>_l (D has unit stride)."""
     assert t.stride(3) == 1, "the last dim must have unit stride"
-    return t.stride(0), t.stride(1), t.stride(2)
+    return {f"s{name}_b": t.stride(0), f"s{name}_h": t.stride(1), f"s{name}_l": t.stride(2)}
 
 
 def _flags(q: torch.Tensor) -> dict:
@@ -339,8 +280,8 @@ def _flags(q: torch.Tensor) -> dict:
 
 
 def _config(q: torch.Tensor, kind: str):
-    arch = arch_family(q.device) if q.is_cuda else 90
-    return launch_config(q.shape[-1], kind, arch, q.dtype == torch.float32)
+    arch = tiles.arch_family(q.device) if q.is_cuda else 90
+    return tiles.attention(q.shape[-1], kind, arch, q.dtype == torch.float32)
 
 
 def attn_fwd(q, k, v, scale: float):
@@ -350,8 +291,8 @@ def attn_fwd(q, k, v, scale: float):
     lse = new_output(q, (B, H, Lq), torch.float32)
     BM, BN, warps, stages = _config(q, "fwd")
     _attn_fwd_kernel[(-(-Lq // BM), B * H)](
-        q, k, v, o, lse, *_s(q), *_s(k), *_s(v), *_s(o), H, Lq, Lk, scale,
-        D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
+        q_ptr=q, k_ptr=k, v_ptr=v, o_ptr=o, lse_ptr=lse, **_s("q", q), **_s("k", k), **_s("v", v), **_s("o", o),
+        H=H, Lq=Lq, Lk=Lk, scale=scale, D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
     )
     return o, lse
 
@@ -362,8 +303,9 @@ def attn_tangent(q, k, v, tq, tk, tv, o, lse, scale: float):
     to = new_output(q, (B, H, Lq, D))
     BM, BN, warps, stages = _config(q, "tangent")
     _attn_tangent_kernel[(-(-Lq // BM), B * H)](
-        q, k, v, tq, tk, tv, o, lse, to, *_s(q), *_s(k), *_s(v), *_s(tq), *_s(tk), *_s(tv), *_s(o),
-        H, Lq, Lk, scale, D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
+        q_ptr=q, k_ptr=k, v_ptr=v, tq_ptr=tq, tk_ptr=tk, tv_ptr=tv, o_ptr=o, lse_ptr=lse, to_ptr=to,
+        **_s("q", q), **_s("k", k), **_s("v", v), **_s("tq", tq), **_s("tk", tk), **_s("tv", tv), **_s("o", o),
+        H=H, Lq=Lq, Lk=Lk, scale=scale, D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
     )
     return to
 
@@ -377,8 +319,9 @@ def attn_fwd_tangent(q, k, v, tq, tk, tv, scale: float):
     lse = new_output(q, (B, H, Lq), torch.float32)
     BM, BN, warps, stages = _config(q, "fused")
     _attn_fwd_tangent_kernel[(-(-Lq // BM), B * H)](
-        q, k, v, tq, tk, tv, o, lse, to, *_s(q), *_s(k), *_s(v), *_s(tq), *_s(tk), *_s(tv), *_s(o),
-        H, Lq, Lk, scale, D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
+        q_ptr=q, k_ptr=k, v_ptr=v, tq_ptr=tq, tk_ptr=tk, tv_ptr=tv, o_ptr=o, lse_ptr=lse, to_ptr=to,
+        **_s("q", q), **_s("k", k), **_s("v", v), **_s("tq", tq), **_s("tk", tk), **_s("tv", tv), **_s("o", o),
+        H=H, Lq=Lq, Lk=Lk, scale=scale, D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
     )
     return o, lse, to
 
@@ -392,12 +335,14 @@ def attn_bwd(do, q, k, v, o, lse, scale: float):
     dv = new_output(q, (B, H, Lk, D))
     BM, BN, warps, stages = _config(q, "dkdv")
     _attn_bwd_dkdv_kernel[(-(-Lk // BN), B * H)](
-        q, k, v, do, lse, delta, dk, dv, *_s(q), *_s(k), *_s(v), *_s(do), *_s(dk), H, Lq, Lk, scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse_ptr=lse, delta_ptr=delta, dk_ptr=dk, dv_ptr=dv,
+        **_s("q", q), **_s("k", k), **_s("v", v), **_s("o", do), **_s("g", dk), H=H, Lq=Lq, Lk=Lk, scale=scale,
         D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
     )
     BM, BN, warps, stages = _config(q, "dq")
     _attn_bwd_dq_kernel[(-(-Lq // BM), B * H)](
-        q, k, v, do, lse, delta, dq, *_s(q), *_s(k), *_s(v), *_s(do), *_s(dq), H, Lq, Lk, scale,
+        q_ptr=q, k_ptr=k, v_ptr=v, do_ptr=do, lse_ptr=lse, delta_ptr=delta, dq_ptr=dq,
+        **_s("q", q), **_s("k", k), **_s("v", v), **_s("o", do), **_s("g", dq), H=H, Lq=Lq, Lk=Lk, scale=scale,
         D=D, BM=BM, BN=BN, **_flags(q), num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
@@ -510,8 +455,8 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not q.is_cuda and not INTERPRET:
         raise ValueError("attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before triton "
                          "is imported, to run the kernel on the CPU)")
-    if q.is_cuda and q.dtype == torch.float32 and D not in GPU_FP32_HEAD_DIMS:
-        raise ValueError(f"attention: fp32 on the GPU takes head dims {GPU_FP32_HEAD_DIMS} (head dim {D} spills "
+    if q.is_cuda and q.dtype == torch.float32 and D not in tiles.GPU_FP32_HEAD_DIMS:
+        raise ValueError(f"attention: fp32 on the GPU takes head dims {tiles.GPU_FP32_HEAD_DIMS} (head dim {D} spills "
                          "registers); use bf16/fp16 or backend='reference'")
 
 
@@ -574,29 +519,17 @@ def aot_configs(dtypes=("bf16", "fp32"), archs=(90, 80)):
     Compile them in a process without TRITON_INTERPRET (``python -m kernels.aot``)."""
     for arch in archs:
         for dt in dtypes:
-            for D in (GPU_FP32_HEAD_DIMS if dt == "fp32" else HEAD_DIMS):
+            for D in (tiles.GPU_FP32_HEAD_DIMS if dt == "fp32" else HEAD_DIMS):
                 yield from _aot_one(arch, dt, D)
 
 
 def _aot_one(arch, dt, D):
-    p, f, i = f"*{dt}", "*fp32", "i32"
     f32 = dt == "fp32"
-    flags = dict(F32=f32, TF32X3=f32, RTNE=False)
-    strides = lambda *names: {f"s{n}_{x}": i for n in names for x in "bhl"}  # noqa: E731
-    tail = dict(H=i, Lq=i, Lk=i, scale="fp32")
-    sigs = {
-        "fwd": (_attn_fwd_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, o_ptr=p, lse_ptr=f, **strides("q", "k", "v", "o"))),
-        "tangent": (_attn_tangent_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, tq_ptr=p, tk_ptr=p, tv_ptr=p, o_ptr=p,
-                                               lse_ptr=f, to_ptr=p, **strides("q", "k", "v", "tq", "tk", "tv", "o"))),
-        "fused": (_attn_fwd_tangent_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, tq_ptr=p, tk_ptr=p, tv_ptr=p, o_ptr=p,
-                                                 lse_ptr=f, to_ptr=p, **strides("q", "k", "v", "tq", "tk", "tv", "o"))),
-        "dkdv": (_attn_bwd_dkdv_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, do_ptr=p, lse_ptr=f, delta_ptr=f, dk_ptr=p,
-                                             dv_ptr=p, **strides("q", "k", "v", "o", "g"))),
-        "dq": (_attn_bwd_dq_kernel, dict(q_ptr=p, k_ptr=p, v_ptr=p, do_ptr=p, lse_ptr=f, delta_ptr=f, dq_ptr=p,
-                                         **strides("q", "k", "v", "o", "g"))),
-    }
-    for kind, (fn, sig) in sigs.items():
+    kernels_ = dict(fwd=_attn_fwd_kernel, tangent=_attn_tangent_kernel, fused=_attn_fwd_tangent_kernel,
+                    dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
+    for kind, fn in kernels_.items():
         if kind == "fused" and D not in FUSED_HEAD_DIMS:
             continue
-        BM, BN, warps, stages = (_TILES_32 if f32 else _TILES_16)[arch][kind][D]
-        yield fn, {**sig, **tail}, dict(D=D, BM=BM, BN=BN, **flags), arch, dict(num_warps=warps, num_stages=stages)
+        BM, BN, warps, stages = (tiles.ATTENTION_32 if f32 else tiles.ATTENTION_16)[arch][kind][D]
+        yield (fn, signature(fn, dt, fp32_ptrs=("lse_ptr", "delta_ptr")),
+               dict(D=D, BM=BM, BN=BN, F32=f32, TF32X3=f32, RTNE=False), arch, dict(num_warps=warps, num_stages=stages))

@@ -19,7 +19,7 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 import kernels
-from kernels import adaln
+from kernels import adaln, tiles
 
 flash = kernels.flash
 
@@ -58,14 +58,14 @@ def tune_adaln(B: int, L: int, D: int, deadline: float):
         "tangent": (lambda: adaln.adaln_tangent(xres, h, tx, th, scale, gate, ts, tc, tg, mean, rstd), 5 * n),
         "bwd": (lambda: adaln.adaln_bwd(dy, dxr, xres, h, scale, gate, mean, rstd), 6 * n),
     }
-    original = adaln.launch_config
+    original = tiles.adaln
     try:
         for kind, cands in ADALN.items():
             for rpp, warps in cands:
                 if time.monotonic() > deadline:
                     return
                 BD = triton.next_power_of_2(D)
-                adaln.launch_config = lambda D_, backward=False, c=(BD, warps, rpp): c
+                tiles.adaln = lambda D_, backward=False, c=(BD, warps, rpp): c
                 fn, nbytes = calls[kind]
                 try:
                     ms = _ms(fn)
@@ -74,7 +74,7 @@ def tune_adaln(B: int, L: int, D: int, deadline: float):
                     continue
                 yield dict(op="adaln", kind=kind, L=L, rpp=rpp, warps=warps, ms=ms, gbps=nbytes / ms / 1e6)
     finally:
-        adaln.launch_config = original
+        tiles.adaln = original
 
 
 def tune_attention(B: int, H: int, L: int, D: int, deadline: float, passes=tuple(ATTN)):
@@ -90,8 +90,8 @@ def tune_attention(B: int, H: int, L: int, D: int, deadline: float, passes=tuple
         "dkdv": (lambda: flash.attn_bwd(do, q, k, v, o, lse, scale), 10),
         "dq": (lambda: flash.attn_bwd(do, q, k, v, o, lse, scale), 10),
     }
-    table = flash._TILES_16[90]
-    flash._OVERRIDES = {}  # the sweep sets the table itself
+    table = tiles.ATTENTION_16[90]
+    tiles.OVERRIDES = {}  # the sweep sets the table itself
     for kind in passes:
         cands = ATTN[kind]
         default = table[kind][D]
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             if op == "attention" and kind in ("fwd", "tangent", "fused"):
                 tiles[kind] = [best["BM"], best["BN"], best["warps"], best["stages"]]
     if args.write:
-        arch = flash.arch_family(torch.device("cuda"))
+        arch = tiles.arch_family(torch.device("cuda"))
         with open(args.write, "w") as f:
             json.dump({"arch": arch, "dtype": "16-bit", "head_dim": 64, "tiles": tiles}, f)
         print(f"wrote {args.write}: use it with MFSR_ATTN_TILES={args.write}")
