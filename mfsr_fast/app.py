@@ -21,6 +21,8 @@ import numpy as np
 from mfsr_fast.imageio import ImageError
 
 PREVIEW_SIDE = 2048  # longest side of the before/after pictures shown on the page (downloads are full size)
+MAX_UPLOAD_MB = 50.0  # defaults of --max-upload-mb and --max-megapixels (per input)
+MAX_MEGAPIXELS = 8.0
 KEEP_SECONDS = 3600  # results (and Gradio's copies of uploads) older than this are deleted
 COLOR_FIX = ("none", "wavelet", "adain")
 
@@ -77,7 +79,7 @@ def _previews(src: str, out_path: str, folder: str) -> tuple[str, str]:
 class Upscaler:
     """The page's work, kept free of Gradio so that it can be tested without a browser."""
 
-    def __init__(self, model="default", device=None, dtype=None, max_megapixels: float = 8.0,
+    def __init__(self, model="default", device=None, dtype=None, max_megapixels: float = MAX_MEGAPIXELS,
                  work_dir: str | None = None):
         from mfsr_fast.inference import load_model
 
@@ -113,13 +115,10 @@ class Upscaler:
         """Upscale each of ``files`` (paths); returns (results, failures as (name, reason), seconds).
         ``progress(fraction, text)`` is called as tiles finish."""
         from mfsr_fast.cli import _out_path, upscale_file
+        from mfsr_fast.inference import _check_steps_scale
 
-        steps, seed = int(steps), int(seed)
-        scale = float(scale)
-        if not 1 <= steps <= 64:
-            raise ImageError(f"steps must be in 1..64, got {steps}")
-        if not 0 < scale <= 16:
-            raise ImageError(f"scale must be in (0, 16], got {scale:g}")
+        steps, scale = _check_steps_scale(int(steps), float(scale))  # the library's own check (ValueError)
+        seed = int(seed)
         if color_fix not in COLOR_FIX:
             raise ImageError(f"colour fix must be one of {', '.join(COLOR_FIX)}, got {color_fix!r}")
         self._clean()
@@ -162,7 +161,7 @@ def _status(results, failed, seconds) -> str:
     return "\n\n".join(lines)
 
 
-def build(up: Upscaler, max_upload_mb: float = 50):
+def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
     """The Gradio page over ``up``."""
     gr = _gradio()
     with gr.Blocks(title="mfsr-fast: x4 super-resolution", analytics_enabled=False,
@@ -191,7 +190,7 @@ def build(up: Upscaler, max_upload_mb: float = 50):
             try:
                 res, failed, seconds = up.run(paths, steps, scale, seed if seed is not None else 0, fix,
                                               progress=lambda f, text: progress(f, desc=text))
-            except ImageError as e:
+            except ValueError as e:  # settings the page's own controls should not allow (ImageError included)
                 raise gr.Error(str(e)) from None
             for name, why in failed:
                 gr.Warning(f"{name}: {why}")
@@ -213,7 +212,8 @@ def build(up: Upscaler, max_upload_mb: float = 50):
 
 
 def serve(model="default", device=None, dtype=None, host: str = "127.0.0.1", port: int = 7860,
-          max_upload_mb: float = 50, max_megapixels: float = 8.0, open_browser: bool = False) -> None:
+          max_upload_mb: float = MAX_UPLOAD_MB, max_megapixels: float = MAX_MEGAPIXELS,
+          open_browser: bool = False) -> None:
     """Load the model, then serve the page until interrupted."""
     gr = _gradio()
     up = Upscaler(model, device, dtype, max_megapixels=max_megapixels)

@@ -138,13 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ext", default=None, help="output format: png, jpg, webp, tif (default: the input's)")
     ap.add_argument("--color-fix", choices=("wavelet", "adain"), default=None, help="match colours to the LR")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs (inputs are never replaced)")
+    from mfsr_fast.app import MAX_MEGAPIXELS, MAX_UPLOAD_MB  # constants only: Gradio loads with --serve
+
     web = ap.add_argument_group("web page (the 'web' extra: pip install 'mfsr-fast[web]')")
     web.add_argument("--serve", action="store_true", help="serve a local web page for upscaling instead")
     web.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
     web.add_argument("--port", type=int, default=7860, help="(default %(default)s)")
-    web.add_argument("--max-upload-mb", type=float, default=50, help="largest upload in MB (default %(default)s)")
-    web.add_argument("--max-megapixels", type=float, default=8,
-                     help="largest input the page accepts, in megapixels (default %(default)s)")
+    web.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                     help="largest upload in MB (default %(default)g)")
+    web.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS,
+                     help="largest input the page accepts, in megapixels (default %(default)g)")
     ap.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     return ap
 
