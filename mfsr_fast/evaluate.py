@@ -3,8 +3,11 @@
 DIR holds ``HR/`` and ``LR/`` (pairs matched by name, ignoring 'HR' / 'LR' tokens). Methods (``--methods``):
 ``bicubic``; ``realesrgan`` (Real-ESRGAN x4plus alone, ``mfsr_fast.restorer``); ``student:N`` (the MeanFlow student,
 N steps, NFE N); ``teacher:N`` (N Euler steps, NFE N) and ``teacher:N:cfgW`` (N steps with guidance w against the
-negative prompt, NFE 2N). For each: NFE, seconds per image, PSNR and SSIM (RGB and Y, ``--border`` pixels cropped,
-4 by default as for x4 in the literature) and NIQE (Y, whole image, lower is better), as a Markdown table.
+negative prompt, NFE 2N), optionally ``:refineT`` (the first step from t = 1 straight to T, then N - 1 equal steps)
+and ``:aboveT`` (guidance only at the steps with t > T, the others one pass each), e.g.
+``teacher:40:cfg1.5:refine0.5:above0.5`` (``guidance.TeacherSampling``). For each: NFE, seconds per image, PSNR
+and SSIM (RGB and Y, ``--border`` pixels cropped, 4 by default as for x4 in the literature) and NIQE (Y, whole
+image, lower is better), as a Markdown table.
 Restorer-conditioned models share one R(LR) per image within a run: it is computed once (timed) and its time is
 added to each such method's seconds per image, so every row's time is what that method costs on its own. With
 ``--lpips`` / ``--dists`` and ``--perceptual-weights DIR`` (local VGG16, LPIPS and DISTS weight files, see
@@ -25,6 +28,7 @@ import torch
 from PIL import Image
 
 from mfsr_fast import metrics
+from mfsr_fast.guidance import TeacherSampling
 
 
 def pairs(root: str) -> list[tuple[str, str]]:
@@ -51,21 +55,34 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
-def parse_method(method: str) -> tuple[str, int, float]:
-    """'bicubic' | 'realesrgan' | 'student:N' | 'teacher:N' | 'teacher:N:cfgW' -> (kind, steps, guidance);
-    SystemExit otherwise."""
+_TEACHER_OPTIONS = {"cfg": "guidance", "refine": "refine_t", "above": "above"}
+METHODS_HELP = ("bicubic, realesrgan, student:N, teacher:N[:cfgW][:refineT][:aboveT], e.g. teacher:40:cfg1.5 or "
+                "teacher:40:cfg1.5:refine0.5:above0.5")
+
+
+def parse_method(method: str) -> tuple[str, int, TeacherSampling | None]:
+    """'bicubic' | 'realesrgan' | 'student:N' | 'teacher:N[:cfgW][:refineT][:aboveT]' -> (kind, steps, how the
+    teacher is sampled, None for the others); SystemExit otherwise. ``cfgW``: guidance w (against the negative
+    prompt); ``refineT``: first Euler step from 1 straight to T; ``aboveT``: guidance only at steps with t > T."""
     kind, *rest = method.split(":")
     try:
         if kind in ("bicubic", "realesrgan") and not rest:
-            return kind, 0 if kind == "bicubic" else 1, 1.0
+            return kind, 0 if kind == "bicubic" else 1, None
         if kind == "student" and len(rest) <= 1:
-            return kind, int(rest[0]) if rest else 1, 1.0
-        if kind == "teacher" and len(rest) <= 2 and (len(rest) < 2 or rest[1].startswith("cfg")):
-            return kind, int(rest[0]) if rest else 1, float(rest[1][3:]) if len(rest) == 2 else 1.0
+            return kind, int(rest[0]) if rest else 1, None
+        if kind == "teacher":
+            steps, opts = (int(rest[0]) if rest else 1), {}
+            for part in rest[1:]:
+                name = next((k for k in _TEACHER_OPTIONS if part.startswith(k)), None)
+                if name is None or _TEACHER_OPTIONS[name] in opts:
+                    raise ValueError(part)
+                opts[_TEACHER_OPTIONS[name]] = float(part[len(name):])
+            above = opts.pop("above", 0.0)
+            if steps >= 1:
+                return kind, steps, TeacherSampling(**opts, interval=(above, 1.0))
     except ValueError:
         pass
-    raise SystemExit(f"unknown method {method!r} (bicubic, realesrgan, student:N, teacher:N, teacher:N:cfgW, e.g. "
-                     "teacher:40:cfg1.5)")
+    raise SystemExit(f"unknown method {method!r} ({METHODS_HELP})")
 
 
 class RestoredCache:
@@ -115,7 +132,7 @@ def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: in
     def finish(out):
         return _to_uint8(_bicubic(out, (h, w)) if out.shape[-2:] != (h, w) else out)
 
-    kind, steps, w_cfg = parse_method(method)
+    kind, steps, how = parse_method(method)
     if kind == "realesrgan":
         out, sec, fresh = cache.get(key, x)
         return finish(out), 1, 0.0 if fresh else sec
@@ -131,9 +148,9 @@ def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: in
     if kind == "student":
         out = upscale_rgb(student, x.to(dev), steps=steps, seed=seed, tile=tile, restored=restored)
         return finish(out), nfe, sec
-    out = upscale_rgb(teacher, x.to(dev), steps=steps, seed=seed, tile=tile, teacher_guidance=w_cfg,
+    out = upscale_rgb(teacher, x.to(dev), steps=steps, seed=seed, tile=tile, teacher_guidance=how,
                       restored=restored)
-    return finish(out), nfe + (0 if w_cfg == 1 else steps), sec
+    return finish(out), nfe - steps + how.nfe(steps), sec
 
 
 def load_teacher(path: str, device=None, prompts: str | None = None, vae: str | None = None):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mfsr_fast.guidance import TeacherSampling, as_sampling
 from mfsr_fast.imageio import ImageError, ImageMeta, array_to_pil, pil_to_array, read_image
 from mfsr_fast.loading import (  # noqa: F401  (re-exported: the names callers import from here)
     DEFAULT_MODEL,
@@ -105,16 +106,19 @@ def color_fix(out: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor
 
 def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, seed: int = 0, tile: int | None = None,
                 overlap: int | None = None, progress: Callable[[int, int], None] | None = None,
-                teacher_guidance: float | None = None, tile_batch: int | None = None,
+                teacher_guidance: float | TeacherSampling | None = None, tile_batch: int | None = None,
                 restored: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] on the model's device -> (B, 3, 4H, 4W), tiled when larger than ``tile`` LR pixels.
-    ``teacher_guidance=w`` samples the model as a flow-matching teacher (Euler, CFG w; 1: no guidance).
+    ``teacher_guidance=w`` samples the model as a flow-matching teacher (Euler, CFG w at every step of a uniform
+    grid; 1: no guidance); a ``guidance.TeacherSampling`` sets the grid and the guidance interval too.
     ``tile_batch``: tiles per model call (default ``auto_tile_batch``); the result does not depend on it beyond
     rounding, nor on the tile size through the noise (drawn per block from the seed and the position:
     ``tiling.noise_window``). A restorer-conditioned model runs its restorer band by band, each band as the whole
     image would (``Restorer.rows``); ``restored`` passes R(rgb) (B, 3, 4H, 4W) computed already. This returns the
     whole float output; ``upscale_array`` streams rows into the output array instead."""
     B, _, H, W = rgb.shape
+    if teacher_guidance is not None:
+        teacher_guidance = as_sampling(teacher_guidance)  # a wrong type fails here, before any tile runs
     tile = tile or auto_tile(model, rgb.device)
     group = tile_batch or auto_tile_batch(model, rgb.device, tile)
     while True:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mfsr_fast.codec import VAECodec
-from mfsr_fast.guidance import sample_teacher
+from mfsr_fast.guidance import TeacherSampling, as_sampling, sample_teacher
 from mfsr_fast.loading import MODEL_SCALE, codec_of, restorer_of
 from mfsr_fast.meanflow import sample, time_grid
 from mfsr_fast.model import MFSRTransformer
@@ -358,17 +358,19 @@ def lr_condition(model: MFSRTransformer, codec, lr: torch.Tensor, restored: torc
 
 @torch.inference_mode()
 def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, steps: int,
-             teacher_guidance: float | None = None, restored: torch.Tensor | None = None) -> torch.Tensor:
+             teacher_guidance: float | TeacherSampling | None = None, restored: torch.Tensor | None = None
+             ) -> torch.Tensor:
     """lr (B, 3, h, w) in [0, 1], h and w multiples of ``_lr_multiple``; noise (B, C, 4h / f, 4w / f) in the codec's
     space; ``restored`` R(lr) (B, 3, 4h, 4w) for restorer-conditioned models: -> (B, 3, 4h, 4w). A student takes
-    MeanFlow jumps; with ``teacher_guidance`` the model is sampled as a teacher (Euler steps of the guided velocity).
+    MeanFlow jumps; with ``teacher_guidance`` (a weight w or a ``TeacherSampling``) the model is sampled as a teacher
+    (Euler steps of the guided velocity).
     The flow runs in the model's space (``to_flow``: a scaled residual over R(LR) for residual models)."""
     codec = codec_of(model)
     B = lr.shape[0]
     dtype = next(model.parameters()).dtype
     c = lr_condition(model, codec, lr, restored).to(dtype)
     if teacher_guidance is not None:
-        y = sample_teacher(model, c, noise.to(dtype), steps=steps, guidance=teacher_guidance)
+        y = sample_teacher(model, c, noise.to(dtype), steps=steps, guidance=as_sampling(teacher_guidance))
     else:
         ctx, pooled = model.prompt("positive", B)
         calls = itertools.count()
@@ -473,7 +475,8 @@ def _prepare(model: MFSRTransformer, rgb: torch.Tensor, restored: torch.Tensor |
 
 
 def _rows(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int, seed: int, tile: int | None, overlap: int | None,
-          progress, teacher_guidance: float | None, tile_batch: int | None, restored: torch.Tensor | None):
+          progress, teacher_guidance: float | TeacherSampling | None, tile_batch: int | None,
+          restored: torch.Tensor | None):
     """The rows generator of the padded image's x4 output: see ``tiling.tile_rows``."""
     device = rgb.device
     codec = codec_of(model)

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mfsr_fast import metrics
+from mfsr_fast.guidance import TeacherSampling
 
 
 def _img(seed=0, h=200, w=210):
@@ -82,7 +83,14 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
     for bad in ("teacher:40:1.5", "student:x", "bicubic:2", "magic"):
         with pytest.raises(SystemExit, match="unknown method"):
             evaluate.main(["--data", str(tmp_path), "--methods", f"bicubic,{bad}"])
-    assert evaluate.parse_method("teacher:40:cfg1.5") == ("teacher", 40, 1.5)
+    for bad in ("teacher:40:cfg1.5:cfg2", "teacher:0", "teacher:4:refine1.5", "teacher:4:above2", "teacher:4:fast"):
+        with pytest.raises(SystemExit, match="unknown method"):
+            evaluate.parse_method(bad)
+    plain = evaluate.parse_method("teacher:40:cfg1.5")
+    assert plain[:2] == ("teacher", 40) and plain[2] == TeacherSampling(guidance=1.5) and plain[2].nfe(40) == 80
+    kind, steps, how = evaluate.parse_method("teacher:40:cfg1.5:refine0.5:above0.5")
+    assert (kind, steps, how) == ("teacher", 40, TeacherSampling(guidance=1.5, refine_t=0.5, interval=(0.5, 1.0)))
+    assert how.nfe(40) == 41  # only the step from t = 1 lies above 0.5 on that grid: two passes there, one elsewhere
 
 
 def test_evaluate_a_dit4sr_teacher_with_prompts_and_vae(tmp_path):

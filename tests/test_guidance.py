@@ -1,0 +1,105 @@
+"""The teacher's sampler: guided velocity, the time grid with a first jump, the guidance interval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import micro_model
+
+from mfsr_fast.guidance import TeacherSampling, as_sampling, guided_velocity, sample_teacher
+from mfsr_fast.model import PROMPT_NAMES
+
+
+def _teacher():
+    return micro_model(torch.float64, learned_prompts=4, prediction="x").eval()
+
+
+def _inputs(model, B=2, H=8, W=8, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(B, model.lr_channels, H, W, generator=g, dtype=torch.float64)
+    e = torch.randn(B, model.cfg.in_channels, H, W, generator=g, dtype=torch.float64)
+    return c, e
+
+
+def _field(model, z, c, t, prompt):
+    ctx, pooled = model.prompt(prompt, z.shape[0])
+    return model.field(z, c, t, t, ctx, pooled)
+
+
+def test_guided_velocity_is_the_cfg_combination_of_two_prompts():
+    model = _teacher()
+    c, z = _inputs(model)
+    t = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    pos, neg, null = (_field(model, z, c, t, p) for p in PROMPT_NAMES)
+    torch.testing.assert_close(guided_velocity(model, z, c, t, 1.0), pos, rtol=0, atol=0)
+    torch.testing.assert_close(guided_velocity(model, z, c, t, 2.5), neg + 2.5 * (pos - neg), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(guided_velocity(model, z, c, t, 2.5, "null"), null + 2.5 * (pos - null), rtol=1e-12,
+                               atol=1e-12)
+
+
+def test_sampler_follows_its_grid_and_guides_only_inside_the_interval(monkeypatch):
+    """Against a loop written out here: the grid 1 -> refine_t -> equal steps -> 0, w where lo < t <= hi and the
+    positive velocity alone elsewhere (one pass: the batch the model sees says which)."""
+    model = _teacher()
+    c, e = _inputs(model)
+    how = TeacherSampling(guidance=3.0, refine_t=0.6, interval=(0.3, 1.0))
+    steps = 5
+    grid = [1.0, 0.6, 0.45, 0.3, 0.15, 0.0]
+    torch.testing.assert_close(how.grid(steps), torch.tensor(grid))
+    z = e
+    g32 = how.grid(steps)  # the float32 grid the sampler steps on
+    for i in range(steps):
+        t, a = g32[i].expand(2), float(g32[i])
+        pos, neg = _field(model, z, c, t, "positive"), _field(model, z, c, t, "negative")
+        v = neg + 3.0 * (pos - neg) if a > 0.3 + 1e-6 else pos
+        z = z - (g32[i] - g32[i + 1]) * v
+    seen = []
+    real = type(model).field
+
+    def spy(self, zz, *args, **kw):
+        seen.append(zz.shape[0])
+        return real(self, zz, *args, **kw)
+
+    monkeypatch.setattr(type(model), "field", spy)
+    out = sample_teacher(model, c, e, steps=steps, guidance=how)
+    torch.testing.assert_close(out, z, rtol=1e-10, atol=1e-10)
+    # t = 1, 0.6, 0.45 are guided (batch 2B), t = 0.3 (the interval is open below) and 0.15 are not.
+    assert seen == [4, 4, 4, 2, 2] and how.nfe(steps) == sum(s // 2 for s in seen) == 8
+
+
+def test_a_plain_weight_is_the_uniform_grid_guided_everywhere():
+    model = _teacher()
+    c, e = _inputs(model)
+    a = sample_teacher(model, c, e, steps=3, guidance=2.0)
+    b = sample_teacher(model, c, e, steps=3, guidance=TeacherSampling(guidance=2.0))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    z, g32 = e, torch.linspace(1.0, 0.0, 4)
+    for i in range(3):
+        z = z - (g32[i] - g32[i + 1]) * guided_velocity(model, z, c, g32[i].expand(2), 2.0)
+    torch.testing.assert_close(a, z, rtol=0, atol=0)
+    assert TeacherSampling(guidance=2.0).nfe(3) == 6 and TeacherSampling().nfe(3) == 3
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(guidance=-1.0), "guidance must be"), (dict(guidance=float("nan")), "guidance must be"),
+    (dict(against="blurry"), "against must be"), (dict(refine_t=1.0), r"refine_t must be in \[0, 1\)"),
+    (dict(interval=(0.5, 0.5)), "guidance interval"), (dict(interval=(-0.1, 1.0)), "guidance interval"),
+])
+def test_bad_sampling_settings_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TeacherSampling(**bad)
+
+
+def test_upscale_takes_a_weight_or_a_sampling_and_refuses_anything_else():
+    from mfsr_fast.inference import upscale_rgb
+
+    assert as_sampling(1.5) == TeacherSampling(guidance=1.5)
+    how = TeacherSampling(guidance=1.5, refine_t=0.5, interval=(0.5, 1.0))
+    assert as_sampling(how) is how
+    model = micro_model(learned_prompts=4, prediction="x", in_channels=48, codec="pixel4", lr_source="bicubic").eval()
+    x = torch.rand(1, 3, 8, 8)
+    out = upscale_rgb(model, x, steps=3, teacher_guidance=how)
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    assert not torch.equal(out, upscale_rgb(model, x, steps=3, teacher_guidance=1.5))
+    with pytest.raises(TypeError, match="teacher_guidance must be a number or a TeacherSampling"):
+        upscale_rgb(model, x, steps=3, teacher_guidance="1.5")
