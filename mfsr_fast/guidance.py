@@ -54,14 +54,6 @@ class TeacherSampling:
         """Network passes for ``steps`` Euler steps: two at a guided step, one elsewhere."""
         return sum(2 if self.weight(float(t)) != 1.0 else 1 for t in self.grid(steps)[:-1])
 
-    def describe(self) -> str:
-        parts = [f"CFG {self.guidance:g} against {self.against}" if self.guidance != 1.0 else "no guidance"]
-        if self.guidance != 1.0 and self.interval != (0.0, 1.0):
-            parts.append(f"guided where {self.interval[0]:g} < t <= {self.interval[1]:g}")
-        if self.refine_t:
-            parts.append(f"first step 1 -> {self.refine_t:g}")
-        return ", ".join(parts)
-
 
 def as_sampling(spec: float | TeacherSampling) -> TeacherSampling:
     """A guidance weight w (guidance at every step of a uniform grid, the plain form) or a ``TeacherSampling``."""

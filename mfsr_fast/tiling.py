@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from mfsr_fast.codec import VAECodec
-from mfsr_fast.guidance import TeacherSampling, as_sampling, sample_teacher
+from mfsr_fast.guidance import TeacherSampling, sample_teacher
 from mfsr_fast.loading import MODEL_SCALE, codec_of, restorer_of
 from mfsr_fast.meanflow import sample, time_grid
 from mfsr_fast.model import MFSRTransformer
@@ -370,7 +370,7 @@ def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, step
     dtype = next(model.parameters()).dtype
     c = lr_condition(model, codec, lr, restored).to(dtype)
     if teacher_guidance is not None:
-        y = sample_teacher(model, c, noise.to(dtype), steps=steps, guidance=as_sampling(teacher_guidance))
+        y = sample_teacher(model, c, noise.to(dtype), steps=steps, guidance=teacher_guidance)
     else:
         ctx, pooled = model.prompt("positive", B)
         calls = itertools.count()
