@@ -47,6 +47,12 @@ class TeacherSampling:
         lo, hi = self.interval
         return float(self.guidance) if lo + 1e-6 < t <= hi + 1e-6 else 1.0
 
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """``weight`` for each sample of a batch of times (the distillation target's per-sample w)."""
+        lo, hi = self.interval
+        inside = (t > lo + 1e-6) & (t <= hi + 1e-6)
+        return torch.where(inside, torch.full_like(t, float(self.guidance)), torch.ones_like(t))
+
     def grid(self, steps: int, device=None) -> torch.Tensor:
         return time_grid(steps, refine_t=self.refine_t, device=device)
 
@@ -65,17 +71,27 @@ def as_sampling(spec: float | TeacherSampling) -> TeacherSampling:
 
 
 @torch.no_grad()
-def guided_velocity(model: MFSRTransformer, z: torch.Tensor, c: torch.Tensor, t: torch.Tensor, w: float,
-                    against: str = "negative") -> torch.Tensor:
-    """v_against + w (v_positive - v_against): one batched pass over both prompts (w = 1: no guidance)."""
+def guided_velocity(model: MFSRTransformer, z: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
+                    w: float | torch.Tensor, against: str = "negative") -> torch.Tensor:
+    """v_against + w (v_positive - v_against): one batched pass over both prompts (w = 1: no guidance, one pass).
+    ``w`` is one weight or one per sample (shape (B,), as ``TeacherSampling.weights`` gives)."""
     B = z.shape[0]
-    if w == 1.0:
+    if isinstance(w, torch.Tensor):
+        if w.shape != (B,):
+            raise ValueError(f"per-sample guidance weights need shape ({B},), got {tuple(w.shape)}")
+        if bool((w == 1.0).all()):
+            w = 1.0
+        else:
+            w = w.to(device=z.device, dtype=z.dtype).view(B, *([1] * (z.dim() - 1)))
+    if not isinstance(w, torch.Tensor) and w == 1.0:
         ctx, pooled = model.prompt("positive", B)
         return model.field(z, c, t, t, ctx, pooled)
     idx = torch.tensor([PROMPT_NAMES.index(against)] * B + [PROMPT_NAMES.index("positive")] * B, device=z.device)
     ctx, pooled = model.prompt(idx)
     tt = t.repeat(2)
     v_neg, v_pos = model.field(z.repeat(2, 1, 1, 1), c.repeat(2, 1, 1, 1), tt, tt, ctx, pooled).chunk(2)
+    if isinstance(w, torch.Tensor):  # unguided samples: v_positive itself, not v_neg + (v_pos - v_neg)
+        return torch.where(w == 1.0, v_pos, v_neg + w * (v_pos - v_neg))
     return v_neg + w * (v_pos - v_neg)
 
 

@@ -103,3 +103,56 @@ def test_upscale_takes_a_weight_or_a_sampling_and_refuses_anything_else():
     assert not torch.equal(out, upscale_rgb(model, x, steps=3, teacher_guidance=1.5))
     with pytest.raises(TypeError, match="teacher_guidance must be a number or a TeacherSampling"):
         upscale_rgb(model, x, steps=3, teacher_guidance="1.5")
+
+
+def test_per_sample_weights_guide_inside_the_interval_only(monkeypatch):
+    """The distillation target's form: one w per sample from ``TeacherSampling.weights`` (the rule of ``weight``,
+    ends included); samples outside the interval get the positive velocity, an all-ones batch one pass."""
+    how = TeacherSampling(guidance=2.5, interval=(0.5, 1.0))
+    grid = how.grid(8)
+    assert how.weights(grid).tolist() == [how.weight(float(t)) for t in grid]
+    assert how.weights(torch.tensor([1.0, 0.5, 0.5000001, 0.75, 0.0])).tolist() == [2.5, 1.0, 1.0, 2.5, 1.0]
+    model = _teacher()
+    c, z = _inputs(model)
+    t = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    w = how.weights(t)
+    pos, neg = (_field(model, z, c, t, p) for p in ("positive", "negative"))
+    v = guided_velocity(model, z, c, t, w)
+    torch.testing.assert_close(v[0], (neg + 2.5 * (pos - neg))[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v[1], pos[1], rtol=1e-12, atol=1e-12)  # a batch of 2B, rounded as such
+    seen = []
+    real = type(model).field
+
+    def spy(self, zz, *args, **kw):
+        seen.append(zz.shape[0])
+        return real(self, zz, *args, **kw)
+
+    monkeypatch.setattr(type(model), "field", spy)
+    torch.testing.assert_close(guided_velocity(model, z, c, t, torch.ones(2)), pos, rtol=0, atol=0)
+    assert seen == [2]
+    with pytest.raises(ValueError, match=r"per-sample guidance weights need shape \(2,\)"):
+        guided_velocity(model, z, c, t, torch.ones(3))
+
+
+def test_distillation_target_is_guided_above_its_threshold_only(monkeypatch):
+    """training.distill with guidance_above: the teacher velocity each sample's target uses is guided exactly where
+    its t is above the threshold (the field the teacher's sampler teacher:N:cfgW:refineT:aboveT integrates)."""
+    import training.distill as distill
+    from training import engine
+
+    teacher = micro_model(learned_prompts=4, prediction="x", in_channels=48, codec="pixel4", lr_source="bicubic").eval()
+    student = micro_model(learned_prompts=4, prediction="x", in_channels=48, codec="pixel4", lr_source="bicubic")
+    cfg = distill.DistillConfig(guidance=1.5, guidance_above=0.5, t_mean=0.0, t_one_fraction=0.3)
+    calls = []
+    real = distill.guided_velocity
+    monkeypatch.setattr(distill, "guided_velocity", lambda m, z, c, t, w, against: calls.append((t, w)) or
+                        real(m, z, c, t, w, against))
+    loss_fn = distill.make_loss(cfg, teacher, engine.codec_for(student))
+    B = 12
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.rand(B, 3, 32, 32, generator=g), torch.rand(B, 3, 8, 8, generator=g), None, list(range(B)))
+    loss = loss_fn(student, student, batch, 0, None)
+    assert torch.isfinite(loss)
+    (t, w), = calls
+    assert ((t > 0.5) & (t < 1)).any() and (t == 1).any() and (t <= 0.5).any()  # the draw covers every case
+    torch.testing.assert_close(w, torch.where(t > 0.5, 1.5, 1.0), rtol=0, atol=0)

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 import torch
 
 from mfsr_fast.convert import load_teacher
+from mfsr_fast.guidance import TeacherSampling, guided_velocity
 from mfsr_fast.inference import lr_condition
 from mfsr_fast.meanflow import adaptive_loss, meanflow_target, pair_t_r
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
 from training import engine
-from training.teacher import guided_velocity
 
 
 @dataclass
@@ -51,6 +51,9 @@ class DistillConfig(engine.TrainConfig):
     lr_conv_scale: float = 0.0  # DiT4SR/SD3.5 teachers: weight of the LR conv (0: DESIGN's 1.2)
     guidance: float = 2.0  # w of the teacher's guided velocity (1: no guidance)
     against: str = "negative"  # the guidance's other prompt: negative or null
+    # Guidance only where t > guidance_above (a guidance interval, Kynkaanniemi et al. 2024); the target is the
+    # positive velocity alone below it. 0: everywhere. Matches the teacher sampled as teacher:N:cfgW:refineT:aboveT.
+    guidance_above: float = 0.0
     equal_fraction: float = 0.5  # share of samples with r = t (plain velocity matching)
     data_mix: float = 0.0  # weight of the data velocity e - x mixed into the target
     jvp_mode: str = "auto"  # auto (= explicit) | explicit | jvp | split (torch.func.jvp; jvp not under DDP)
@@ -119,6 +122,8 @@ def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "", norm_k_b
 
 
 def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
+    how = TeacherSampling(cfg.guidance, cfg.against, interval=(cfg.guidance_above, 1.0))
+
     def loss_fn(field, model: MFSRTransformer, batch, step: int, d) -> torch.Tensor:
         hr, lr, restored, seeds = batch
         gens = engine.per_sample_generators(seeds)
@@ -136,7 +141,7 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
         tb = t.view(-1, 1, 1, 1)
         z = (1 - tb) * x + tb * e
         tdt = teacher.pos_embed.weight.dtype
-        v_t = guided_velocity(teacher, z.to(tdt), c.to(tdt), t, cfg.guidance, cfg.against).float()
+        v_t = guided_velocity(teacher, z.to(tdt), c.to(tdt), t, how.weights(t), cfg.against).float()
         if cfg.data_mix > 0:
             v_t = (1 - cfg.data_mix) * v_t + cfg.data_mix * (e - x)
         mode = "explicit" if cfg.jvp_mode == "auto" else cfg.jvp_mode
@@ -160,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--jvp-mode must be auto, explicit, jvp or split, got {cfg.jvp_mode!r}")
     if cfg.against not in ("negative", "null"):
         raise SystemExit(f"--against must be negative or null, got {cfg.against!r}")
+    if not 0.0 <= cfg.guidance_above < 1.0:
+        raise SystemExit(f"--guidance-above must be in [0, 1), got {cfg.guidance_above}")
     if cfg.jvp_mode == "jvp" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("--jvp-mode jvp cannot run under DDP (torch.func.jvp cannot take the wrapper): use split")
     if not 0.0 <= cfg.refine_t < 1.0:
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     codec = engine.codec_for(student, cfg.vae)
     engine.train(cfg, student, make_loss(cfg, teacher, codec), name="distill",
                  extra={"teacher": os.path.abspath(cfg.teacher), "guidance": cfg.guidance,
+                        "guidance_above": cfg.guidance_above,
                         "vae": os.path.abspath(cfg.vae) if cfg.vae else ""}, student=True)
     return 0
 
