@@ -345,6 +345,15 @@ def test_diagnose_teacher_table(teacher_run, tmp_path):
     assert res["pairs"] == 3
     assert res["euler"]["1"] == pytest.approx(res["x_hat"]["1.0"], abs=1e-6)  # one Euler step is the t = 1 estimate
     assert res["x_hat"]["0.001"] > 35 > res["x_hat"]["1.0"]  # z_0.001 is almost the HR image itself
-    for bad in (["--t-values", "0"], ["--steps", "x"], ["--crop", "200"]):
+    # The teacher's sampler as evaluate names it: the first step (t = 1) guided, so one step is no longer x_hat(1).
+    assert diagnose.main(["--teacher", teacher_dir, "--data", str(tmp_path / "pairs"), "--crop", "16", "--t-values",
+                          "1", "--steps", "1,3", "--sampling", "cfg3:refine0.5:above0.5", "--json", str(out),
+                          "--device", "cpu"]) == 0
+    guided = json.load(open(out))
+    assert guided["sampling"] == {"guidance": 3.0, "against": "negative", "refine_t": 0.5, "interval": [0.5, 1.0]}
+    assert guided["x_hat"]["1.0"] == pytest.approx(res["x_hat"]["1.0"], abs=1e-9)
+    assert abs(guided["euler"]["1"] - guided["x_hat"]["1.0"]) > 1e-5  # a barely trained teacher: prompts close
+    for bad in (["--t-values", "0"], ["--steps", "x"], ["--crop", "200"], ["--sampling", "cfg"],
+                ["--sampling", "refine1.5"]):
         with pytest.raises(SystemExit):
             diagnose.main(["--teacher", teacher_dir, "--data", str(tmp_path / "pairs"), *bad])

@@ -4,7 +4,9 @@ Two rows of PSNR on centre crops of HR/LR pairs (the evaluation folders' layout)
 - the teacher's clean-image estimate x_hat = z_t - t v(z_t, t) when z_t = (1 - t) x + t e is built from the *true*
   HR image x, at each t of ``--t-values``. An optimal estimator can only improve as t falls (it sees the LR image and
   a less noisy z_t), so a teacher whose estimate at mid t is worse than at t = 1 drifts under Euler sampling;
-- the images Euler sampling of the teacher's velocity gives with each step count of ``--steps``, from the same noise.
+- the images Euler sampling of the teacher's velocity gives with each step count of ``--steps``, from the same noise,
+  sampled as ``--sampling`` says (evaluate's teacher options: ``cfg1.5:refine0.5:above0.5`` is guidance 1.5 on the
+  first step of the students' grid only; default: the uniform grid, no guidance).
 
 A flow-matching teacher worth distilling in MFSR's way (one student step ~ many guided teacher steps) must gain from
 steps; this table says whether it does before any distillation time is spent.
@@ -13,6 +15,7 @@ steps; this table says whether it does before any distillation time is spent.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -52,9 +55,11 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 
 @torch.inference_mode()
-def diagnose(teacher, hr: torch.Tensor, lr: torch.Tensor, t_values, steps, *, seed: int = 0, batch: int = 8) -> dict:
-    """{"x_hat": {t: PSNR}, "euler": {steps: PSNR}, "bicubic": PSNR} for the teacher on (hr, lr)."""
-    from mfsr_fast.guidance import sample_teacher
+def diagnose(teacher, hr: torch.Tensor, lr: torch.Tensor, t_values, steps, *, seed: int = 0, batch: int = 8,
+             sampling=None) -> dict:
+    """{"x_hat": {t: PSNR}, "euler": {steps: PSNR}, "bicubic": PSNR} for the teacher on (hr, lr); the Euler samples
+    as ``sampling`` (a ``guidance.TeacherSampling``; None: uniform grid, unguided) says."""
+    from mfsr_fast.guidance import TeacherSampling, sample_teacher
     from mfsr_fast.inference import codec_of, lr_condition, restorer_of
     from training.pool import restore_crops
 
@@ -64,6 +69,7 @@ def diagnose(teacher, hr: torch.Tensor, lr: torch.Tensor, t_values, steps, *, se
     scale = hr.shape[-1] // lr.shape[-1]
     up = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
     out = {"bicubic": float(np.mean(_psnr(up, hr))), "x_hat": {}, "euler": {}}
+    sampling = sampling or TeacherSampling()
     restorer = restorer_of(teacher)
     restored = restore_crops(restorer, lr.to(dev)).cpu() if restorer is not None else None
     if restored is not None:
@@ -83,7 +89,7 @@ def diagnose(teacher, hr: torch.Tensor, lr: torch.Tensor, t_values, steps, *, se
             est = codec.decode(teacher.from_flow(z - t * v, c.float())).clamp(0, 1)
             out["x_hat"].setdefault(t, []).extend(_psnr(est, hr[i:i + batch]))
         for n in steps:
-            z = sample_teacher(teacher, c, e.to(dtype), steps=n).float()
+            z = sample_teacher(teacher, c, e.to(dtype), steps=n, guidance=sampling).float()
             est = codec.decode(teacher.from_flow(z, c.float())).clamp(0, 1)
             out["euler"].setdefault(n, []).extend(_psnr(est, hr[i:i + batch]))
     out["x_hat"] = {t: float(np.mean(v)) for t, v in out["x_hat"].items()}
@@ -103,7 +109,7 @@ def table(name: str, res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mfsr_fast.evaluate import load_teacher
+    from mfsr_fast.evaluate import load_teacher, parse_method
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", required=True, help="teacher run / checkpoint / model folder")
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=32, help="LR crop side (the default model's tile)")
     ap.add_argument("--t-values", default="1,0.8,0.6,0.4,0.2,0.1,0.05")
     ap.add_argument("--steps", default="1,2,4,8,40")
+    ap.add_argument("--sampling", default="", help="how the Euler rows sample, as evaluate's teacher options: "
+                    "[cfgW][:refineT][:aboveT], e.g. cfg1.5:refine0.5:above0.5 (default: uniform grid, no guidance)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="also write the numbers to this file")
@@ -125,15 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--t-values takes numbers in (0, 1], --steps positive integers, comma-separated")
     if args.limit < 1 or args.crop < 8:
         raise SystemExit("--limit must be >= 1 and --crop >= 8")
+    try:
+        sampling = parse_method(f"teacher:1:{args.sampling}" if args.sampling else "teacher:1")[2]
+    except SystemExit:
+        raise SystemExit(f"--sampling {args.sampling!r}: expected [cfgW][:refineT][:aboveT], e.g. "
+                         "cfg1.5:refine0.5:above0.5") from None
     teacher = load_teacher(args.teacher, args.device)
     hr, lr = centre_crops(args.data, args.limit, args.crop)
-    res = diagnose(teacher, hr, lr, t_values, steps, seed=args.seed)
-    print(f"{hr.shape[0]} centre crops of {args.data}, LR {args.crop} px, seed {args.seed}")
+    res = diagnose(teacher, hr, lr, t_values, steps, seed=args.seed, sampling=sampling)
+    print(f"{hr.shape[0]} centre crops of {args.data}, LR {args.crop} px, seed {args.seed}, Euler rows sampled as "
+          f"{sampling}")
     print(table(args.teacher, res))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"teacher": args.teacher, "data": args.data, "pairs": hr.shape[0], "crop": args.crop, **res}, f,
-                      indent=2)
+            json.dump({"teacher": args.teacher, "data": args.data, "pairs": hr.shape[0], "crop": args.crop,
+                       "sampling": dataclasses.asdict(sampling), **res}, f, indent=2)
     return 0
 
 
