@@ -60,6 +60,19 @@ METHODS_HELP = ("bicubic, realesrgan, student:N, teacher:N[:cfgW][:refineT][:abo
                 "teacher:40:cfg1.5:refine0.5:above0.5")
 
 
+def parse_sampling(parts: list[str]) -> TeacherSampling:
+    """The teacher options ['cfgW', 'refineT', 'aboveT'] (any of them, each once) -> a ``TeacherSampling``;
+    ValueError otherwise."""
+    opts = {}
+    for part in parts:
+        name = next((k for k in _TEACHER_OPTIONS if part.startswith(k)), None)
+        if name is None or _TEACHER_OPTIONS[name] in opts:
+            raise ValueError(part)
+        opts[_TEACHER_OPTIONS[name]] = float(part[len(name):])
+    above = opts.pop("above", 0.0)
+    return TeacherSampling(**opts, interval=(above, 1.0))
+
+
 def parse_method(method: str) -> tuple[str, int, TeacherSampling | None]:
     """'bicubic' | 'realesrgan' | 'student:N' | 'teacher:N[:cfgW][:refineT][:aboveT]' -> (kind, steps, how the
     teacher is sampled, None for the others); SystemExit otherwise. ``cfgW``: guidance w (against the negative
@@ -71,15 +84,9 @@ def parse_method(method: str) -> tuple[str, int, TeacherSampling | None]:
         if kind == "student" and len(rest) <= 1:
             return kind, int(rest[0]) if rest else 1, None
         if kind == "teacher":
-            steps, opts = (int(rest[0]) if rest else 1), {}
-            for part in rest[1:]:
-                name = next((k for k in _TEACHER_OPTIONS if part.startswith(k)), None)
-                if name is None or _TEACHER_OPTIONS[name] in opts:
-                    raise ValueError(part)
-                opts[_TEACHER_OPTIONS[name]] = float(part[len(name):])
-            above = opts.pop("above", 0.0)
+            steps = int(rest[0]) if rest else 1
             if steps >= 1:
-                return kind, steps, TeacherSampling(**opts, interval=(above, 1.0))
+                return kind, steps, parse_sampling(rest[1:])
     except ValueError:
         pass
     raise SystemExit(f"unknown method {method!r} ({METHODS_HELP})")

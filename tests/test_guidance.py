@@ -26,6 +26,19 @@ def _field(model, z, c, t, prompt):
     return model.field(z, c, t, t, ctx, pooled)
 
 
+def _count_passes(monkeypatch, model) -> list[int]:
+    """The batch size of each pass the model makes from now on (2B: a guided pass, B: an unguided one)."""
+    seen = []
+    real = type(model).field
+
+    def spy(self, zz, *args, **kw):
+        seen.append(zz.shape[0])
+        return real(self, zz, *args, **kw)
+
+    monkeypatch.setattr(type(model), "field", spy)
+    return seen
+
+
 def test_guided_velocity_is_the_cfg_combination_of_two_prompts():
     model = _teacher()
     c, z = _inputs(model)
@@ -53,14 +66,7 @@ def test_sampler_follows_its_grid_and_guides_only_inside_the_interval(monkeypatc
         pos, neg = _field(model, z, c, t, "positive"), _field(model, z, c, t, "negative")
         v = neg + 3.0 * (pos - neg) if a > 0.3 + 1e-6 else pos
         z = z - (g32[i] - g32[i + 1]) * v
-    seen = []
-    real = type(model).field
-
-    def spy(self, zz, *args, **kw):
-        seen.append(zz.shape[0])
-        return real(self, zz, *args, **kw)
-
-    monkeypatch.setattr(type(model), "field", spy)
+    seen = _count_passes(monkeypatch, model)
     out = sample_teacher(model, c, e, steps=steps, guidance=how)
     torch.testing.assert_close(out, z, rtol=1e-10, atol=1e-10)
     # t = 1, 0.6, 0.45 are guided (batch 2B), t = 0.3 (the interval is open below) and 0.15 are not.
@@ -120,14 +126,7 @@ def test_per_sample_weights_guide_inside_the_interval_only(monkeypatch):
     v = guided_velocity(model, z, c, t, w)
     torch.testing.assert_close(v[0], (neg + 2.5 * (pos - neg))[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(v[1], pos[1], rtol=1e-12, atol=1e-12)  # a batch of 2B, rounded as such
-    seen = []
-    real = type(model).field
-
-    def spy(self, zz, *args, **kw):
-        seen.append(zz.shape[0])
-        return real(self, zz, *args, **kw)
-
-    monkeypatch.setattr(type(model), "field", spy)
+    seen = _count_passes(monkeypatch, model)
     torch.testing.assert_close(guided_velocity(model, z, c, t, torch.ones(2)), pos, rtol=0, atol=0)
     assert seen == [2]
     with pytest.raises(ValueError, match=r"per-sample guidance weights need shape \(2,\)"):

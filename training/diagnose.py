@@ -109,7 +109,7 @@ def table(name: str, res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mfsr_fast.evaluate import load_teacher, parse_method
+    from mfsr_fast.evaluate import load_teacher, parse_sampling
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", required=True, help="teacher run / checkpoint / model folder")
@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit < 1 or args.crop < 8:
         raise SystemExit("--limit must be >= 1 and --crop >= 8")
     try:
-        sampling = parse_method(f"teacher:1:{args.sampling}" if args.sampling else "teacher:1")[2]
-    except SystemExit:
+        sampling = parse_sampling(args.sampling.split(":") if args.sampling else [])
+    except ValueError:
         raise SystemExit(f"--sampling {args.sampling!r}: expected [cfgW][:refineT][:aboveT], e.g. "
                          "cfg1.5:refine0.5:above0.5") from None
     teacher = load_teacher(args.teacher, args.device)
