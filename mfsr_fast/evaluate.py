@@ -7,7 +7,9 @@ negative prompt, NFE 2N), optionally ``:refineT`` (the first step from t = 1 str
 and ``:aboveT`` (guidance only at the steps with t > T, the others one pass each), e.g.
 ``teacher:40:cfg1.5:refine0.5:above0.5`` (``guidance.TeacherSampling``). For each: NFE, seconds per image, PSNR
 and SSIM (RGB and Y, ``--border`` pixels cropped, 4 by default as for x4 in the literature) and NIQE (Y, whole
-image, lower is better), as a Markdown table.
+image, lower is better), as a Markdown table. ``--save-images DIR`` keeps every output to look at (the numbers alone
+can hide grain or blur), ``--per-image CSV`` each image's numbers (for paired comparisons); ``--skip`` and
+``--limit`` pick a run of pairs.
 Restorer-conditioned models share one R(LR) per image within a run: it is computed once (timed) and its time is
 added to each such method's seconds per image, so every row's time is what that method costs on its own. With
 ``--lpips`` / ``--dists`` and ``--perceptual-weights DIR`` (local VGG16, LPIPS and DISTS weight files, see
@@ -18,6 +20,7 @@ come from.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import re
 import sys
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default=None, help="prompt-embedding file for a teacher that stores none (DiT4SR)")
     ap.add_argument("--vae", default=None, help="VAE folder for a teacher in SD3 VAE latents")
     ap.add_argument("--niqe-params", default=None, help="NIQE pristine parameters (.npz); without it, no NIQE")
-    ap.add_argument("--limit", type=int, default=0, help="first N pairs only (0: all)")
+    ap.add_argument("--limit", type=int, default=0, help="first N pairs only (0: all), after --skip")
+    ap.add_argument("--skip", type=int, default=0, help="leave out the first N pairs (sorted by HR name)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tile", type=int, default=None, help="LR tile side (default: as upscale(), the model's size)")
@@ -206,7 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--perceptual-weights", default=None, metavar="DIR",
                     help="folder with vgg16-397923af.pth, vgg.pth (LPIPS v0.1) and weights.pt (DISTS)")
     ap.add_argument("--output", default=None, help="also write the table to this Markdown file")
+    ap.add_argument("--save-images", default=None, metavar="DIR",
+                    help="write every output as DIR/METHOD/NAME.png (METHOD with ':' as '_'), to look at")
+    ap.add_argument("--per-image", default=None, metavar="CSV",
+                    help="write each image's numbers (one row per image and method) to this CSV file")
     args = ap.parse_args(argv)
+    if args.limit < 0 or args.skip < 0:
+        raise SystemExit("--limit and --skip must be >= 0")
+    for flag, path in (("--save-images", args.save_images), ("--per-image", args.per_image),
+                       ("--output", args.output)):
+        # Checked before any model loads or image is upscaled, so a typo costs nothing.
+        folder = path if flag == "--save-images" else os.path.dirname(os.path.abspath(path)) if path else None
+        if folder is not None:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                raise SystemExit(f"{flag} {path}: cannot create {folder}: {e.strerror}") from None
     perceptual, show = None, []
     if args.lpips or args.dists or args.perceptual_weights:
         from mfsr_fast.inference import resolve_device
@@ -233,9 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NIQE skipped. {metrics.NIQE_HELP}", file=sys.stderr)
     from mfsr_fast.inference import load_model
 
-    items = pairs(args.data)
+    items = pairs(args.data)[args.skip:]
     if args.limit:
         items = items[: args.limit]
+    if not items:
+        raise SystemExit(f"{args.data}: no pairs left after --skip {args.skip}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:  # a typo fails before any model loads
         parse_method(m)
@@ -252,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             for m in methods}
     nfes = dict.fromkeys(methods, 0)
     b = args.border
+    per_image = []  # (image, method, {measure: value}) for --per-image
     # Image by image, every method on it (so one R(LR) serves all the methods that need it).
     from tqdm import tqdm
 
     for hr_path, lr_path in tqdm(items, desc="evaluate", unit="image", file=sys.stderr, leave=False):
         hr, lr = _rgb(hr_path), _rgb(lr_path)
+        name = os.path.splitext(os.path.basename(hr_path))[0]
         for method in methods:
             acc = accs[method]
             t0 = time.perf_counter()
@@ -272,6 +295,11 @@ def main(argv: list[str] | None = None) -> int:
             if perceptual is not None:
                 for k, v in perceptual(sr, hr).items():
                     acc[k].append(v)
+            per_image.append((name, method, {k: v[-1] for k, v in acc.items() if v}))
+            if args.save_images:
+                folder = os.path.join(args.save_images, method.replace(":", "_"))
+                os.makedirs(folder, exist_ok=True)
+                Image.fromarray(sr).save(os.path.join(folder, name + ".png"))
     rows = []
     for method in methods:
         mean = {k: float(np.mean(v)) if v else float("nan") for k, v in accs[method].items()}
@@ -291,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             f.write(table + "\n")
+    if args.per_image:
+        measures = ["sec", "psnr", "ssim", "psnr_y", "ssim_y"] + (["niqe"] if params is not None else []) + show
+        with open(args.per_image, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "method", "nfe", "seconds", *measures[1:]])
+            for name, method, vals in per_image:
+                w.writerow([name, method, nfes[method], *(f"{vals[k]:.6g}" for k in measures)])
     return 0
 
 

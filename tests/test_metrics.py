@@ -79,6 +79,25 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
     assert 20 < psnr < 60
     with pytest.raises(SystemExit, match="HR/ and LR/"):
         evaluate.main(["--data", str(tmp_path / "HR")])
+    # The second pair alone, its output kept as a picture and its numbers per image.
+    shots, csv_path = tmp_path / "shots", tmp_path / "rows" / "per_image.csv"
+    assert evaluate.main(["--data", str(tmp_path), "--methods", "bicubic", "--skip", "1", "--save-images",
+                          str(shots), "--per-image", str(csv_path), "--output", str(out)]) == 0
+    assert "1 images" in out.read_text()
+    saved = np.asarray(Image.open(shots / "bicubic" / "img_1_HR.png"))
+    expect = np.asarray(Image.open(tmp_path / "LR" / "img_1_LR.png").resize((96, 96), Image.BICUBIC))
+    np.testing.assert_array_equal(saved, expect)
+    rows = csv_path.read_text().strip().splitlines()
+    assert rows[0] == "image,method,nfe,seconds,psnr,ssim,psnr_y,ssim_y" and len(rows) == 2
+    name, method, nfe, _, psnr1, *_ = rows[1].split(",")
+    assert (name, method, nfe) == ("img_1_HR", "bicubic", "0")
+    assert float(psnr1) == pytest.approx(float(out.read_text().strip().splitlines()[-1].split("|")[4]), abs=0.006)
+    with pytest.raises(SystemExit, match="no pairs left"):
+        evaluate.main(["--data", str(tmp_path), "--methods", "bicubic", "--skip", "2"])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="--save-images .*cannot create"):
+        evaluate.main(["--data", str(tmp_path), "--methods", "bicubic",
+                       "--save-images", str(tmp_path / "a_file" / "x")])
     # Method names are checked before any model loads; a guidance without its "cfg" prefix is refused, not ignored.
     for bad in ("teacher:40:1.5", "student:x", "bicubic:2", "magic"):
         with pytest.raises(SystemExit, match="unknown method"):
