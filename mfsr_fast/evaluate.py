@@ -8,8 +8,8 @@ and ``:aboveT`` (guidance only at the steps with t > T, the others one pass each
 ``teacher:40:cfg1.5:refine0.5:above0.5`` (``guidance.TeacherSampling``). For each: NFE, seconds per image, PSNR
 and SSIM (RGB and Y, ``--border`` pixels cropped, 4 by default as for x4 in the literature) and NIQE (Y, whole
 image, lower is better), as a Markdown table. ``--save-images DIR`` keeps every output to look at (the numbers alone
-can hide grain or blur), ``--per-image CSV`` each image's numbers (for paired comparisons); ``--skip`` and
-``--limit`` pick a run of pairs.
+can hide grain or blur), ``--per-image CSV`` each image's numbers (for paired comparisons; written as they are
+measured); ``--skip`` and ``--limit`` pick a run of pairs.
 Restorer-conditioned models share one R(LR) per image within a run: it is computed once (timed) and its time is
 added to each such method's seconds per image, so every row's time is what that method costs on its own. With
 ``--lpips`` / ``--dists`` and ``--perceptual-weights DIR`` (local VGG16, LPIPS and DISTS weight files, see
@@ -273,7 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             for m in methods}
     nfes = dict.fromkeys(methods, 0)
     b = args.border
-    per_image = []  # (image, method, {measure: value}) for --per-image
+    # --per-image: one row per image and method, flushed as it is measured, so that a long run stopped early
+    # keeps what it measured.
+    measures = ["sec", "psnr", "ssim", "psnr_y", "ssim_y"] + (["niqe"] if params is not None else []) + show
+    rows_out = open(args.per_image, "w", newline="") if args.per_image else None
+    writer = csv.writer(rows_out) if rows_out else None
+    if writer:
+        writer.writerow(["image", "method", "nfe", "seconds", *measures[1:]])
     # Image by image, every method on it (so one R(LR) serves all the methods that need it).
     from tqdm import tqdm
 
@@ -295,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
             if perceptual is not None:
                 for k, v in perceptual(sr, hr).items():
                     acc[k].append(v)
-            per_image.append((name, method, {k: v[-1] for k, v in acc.items() if v}))
+            if writer:
+                writer.writerow([name, method, nfes[method], *(f"{acc[k][-1]:.6g}" for k in measures)])
+                rows_out.flush()
             if args.save_images:
                 folder = os.path.join(args.save_images, method.replace(":", "_"))
                 os.makedirs(folder, exist_ok=True)
@@ -319,13 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         with open(args.output, "w") as f:
             f.write(table + "\n")
-    if args.per_image:
-        measures = ["sec", "psnr", "ssim", "psnr_y", "ssim_y"] + (["niqe"] if params is not None else []) + show
-        with open(args.per_image, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["image", "method", "nfe", "seconds", *measures[1:]])
-            for name, method, vals in per_image:
-                w.writerow([name, method, nfes[method], *(f"{vals[k]:.6g}" for k in measures)])
+    if rows_out:
+        rows_out.close()
     return 0
 
 
