@@ -220,12 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     for flag, path in (("--save-images", args.save_images), ("--per-image", args.per_image),
                        ("--output", args.output)):
         # Checked before any model loads or image is upscaled, so a typo costs nothing.
-        folder = path if flag == "--save-images" else os.path.dirname(os.path.abspath(path)) if path else None
-        if folder is not None:
-            try:
-                os.makedirs(folder, exist_ok=True)
-            except OSError as e:
-                raise SystemExit(f"{flag} {path}: cannot create {folder}: {e.strerror}") from None
+        if path is None:
+            continue
+        folder = path if flag == "--save-images" else os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"{flag} {path}: cannot create {folder}: {e.strerror}") from None
     perceptual, show = None, []
     if args.lpips or args.dists or args.perceptual_weights:
         from mfsr_fast.inference import resolve_device
@@ -280,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     writer = csv.writer(rows_out) if rows_out else None
     if writer:
         writer.writerow(["image", "method", "nfe", "seconds", *measures[1:]])
+    shots = {m: os.path.join(args.save_images, m.replace(":", "_")) for m in methods} if args.save_images else {}
+    for folder in shots.values():
+        os.makedirs(folder, exist_ok=True)
     # Image by image, every method on it (so one R(LR) serves all the methods that need it).
     from tqdm import tqdm
 
@@ -304,10 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             if writer:
                 writer.writerow([name, method, nfes[method], *(f"{acc[k][-1]:.6g}" for k in measures)])
                 rows_out.flush()
-            if args.save_images:
-                folder = os.path.join(args.save_images, method.replace(":", "_"))
-                os.makedirs(folder, exist_ok=True)
-                Image.fromarray(sr).save(os.path.join(folder, name + ".png"))
+            if method in shots:
+                Image.fromarray(sr).save(os.path.join(shots[method], name + ".png"))
     rows = []
     for method in methods:
         mean = {k: float(np.mean(v)) if v else float("nan") for k, v in accs[method].items()}
