@@ -251,3 +251,66 @@ def test_evaluate_realesrgan_method_shares_one_restored_image(restorer_dir, tmp_
     _, nfe, charge1 = evaluate.run_method("realesrgan", lr, (32, 40), None, None, 0, cache=cache, key="a")
     _, _, charge2 = evaluate.run_method("realesrgan", lr, (32, 40), None, None, 0, cache=cache, key="a")
     assert nfe == 1 and charge1 == 0.0 and charge2 == cache.seconds > 0
+
+
+def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir, tmp_path):
+    """training.trajectories stores, per pool sample, a noise and the teacher's sample from it, with the conditioning
+    the teacher saw; distill --trajectories regresses the student's one step onto them. A teacher with a constant
+    h = t - r embedding (u(z, r, t) = v(z, t)) and one-step, unguided trajectories makes the regression exact, so
+    its loss term is ~0 for the stored pairs and large for mismatched ones."""
+    import copy
+
+    from mfsr_fast.inference import lr_condition
+    from training import distill, engine
+    from training.pool import build as build_pool
+    from training.trajectories import Trajectories, build, noise_for
+
+    data = _tiny_images(tmp_path / "imgs")
+    build_pool(str(tmp_path / "pool"), data=data, count=3, crop=32, degradation="dit4sr", seed=0, shard=2)
+    teacher = randomize_(_model())
+    with torch.no_grad():
+        teacher.h_embed.linear_2.weight.zero_()
+        teacher.h_embed.linear_2.bias.zero_()
+    teacher.save_pretrained(tmp_path / "t")
+    out = tmp_path / "traj"
+    kw = dict(pool=str(tmp_path / "pool"), teacher=str(tmp_path / "t"), count=3, steps=1, sampling="", shard=2,
+              batch=2)
+    build(str(out), **kw)
+    traj = Trajectories(str(out))
+    assert len(traj) == 3 and traj.meta["guidance"] == 1.0
+    e, x, lr, restored = traj.take(torch.arange(3))
+    assert torch.equal(e[2], noise_for(0, 2, tuple(e.shape[1:])).float())
+    assert not torch.equal(e[0], e[1])
+    codec = engine.codec_for(teacher)
+    c = lr_condition(teacher, codec, lr, restored)
+    with torch.no_grad():
+        v = teacher.field(e, c, torch.ones(3), prompt="positive")
+    torch.testing.assert_close(x, e - v, rtol=2e-3, atol=2e-3)  # one Euler step, stored in fp16
+    # Resumes with the same settings (nothing rebuilt), refuses others, and a missing shard is a clear error.
+    first = open(out / "shard_00001.safetensors", "rb").read()
+    build(str(out), **kw)
+    assert open(out / "shard_00001.safetensors", "rb").read() == first
+    with pytest.raises(SystemExit, match="other settings"):
+        build(str(out), **{**kw, "steps": 2})
+    with pytest.raises(SystemExit, match="bad part"):
+        build(str(tmp_path / "bad"), **{**kw, "sampling": "cfg1.5:sideways"})
+    with pytest.raises(SystemExit, match="holds 3 samples"):
+        build(str(tmp_path / "bad"), **{**kw, "count": 4})
+
+    cfg = distill.DistillConfig(pool=str(tmp_path / "pool"), crop=32, batch_size=2, loss_p=0.0, guidance=1.0,
+                                teacher=str(tmp_path / "t"), trajectories=str(out), trajectory_batch=3)
+    student = copy.deepcopy(teacher)
+    batch = engine.StepBatches(cfg, 0, 1)[0]
+
+    def loss(traj_):
+        fn = distill.make_loss(cfg, teacher, codec, traj_)
+        with torch.no_grad():
+            return float(fn(student.field, student, batch, 0, engine.Dist()))
+
+    plain = loss(None)
+    assert abs(loss(distill.load_trajectories(cfg, student)) - plain) < 1e-2  # p = 0: the summed squared error
+    traj.tensors["sample"] = traj.tensors["sample"].roll(1, 0)  # each noise paired with another sample's target
+    assert loss(traj) - plain > 1.0
+    os.remove(out / "shard_00000.safetensors")
+    with pytest.raises(SystemExit, match="shards missing"):
+        distill.load_trajectories(cfg, student)

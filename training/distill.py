@@ -63,6 +63,12 @@ class DistillConfig(engine.TrainConfig):
     # > 0: the multi-step sampling grid (MFSRConfig.refine_t) stored in the student's config from the start, so the
     # run's samples (--sample-every), checkpoints and exports use it; 0: the teacher's (export --refine-t overrides).
     refine_t: float = 0.0
+    # A folder of the teacher's many-step samples (python -m training.trajectories): each step adds a regression of
+    # the student's one step from a stored noise onto the teacher's sample from it, weighted trajectory_weight,
+    # over trajectory_batch pairs drawn from the folder (per rank).
+    trajectories: str = ""
+    trajectory_weight: float = 1.0
+    trajectory_batch: int = 4
 
 
 PRESETS = {
@@ -121,7 +127,31 @@ def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "", norm_k_b
     return teacher
 
 
-def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
+def load_trajectories(cfg: DistillConfig, student: MFSRTransformer):
+    """``--trajectories`` checked against the run (the flow's channels, the crop); None when not given."""
+    if not cfg.trajectories:
+        return None
+    if cfg.trajectory_batch < 1 or not cfg.trajectory_weight > 0:
+        raise SystemExit("--trajectory-batch must be >= 1 and --trajectory-weight > 0 with --trajectories")
+    from training.trajectories import Trajectories
+
+    try:
+        traj = Trajectories(cfg.trajectories)
+    except ValueError as e:
+        raise SystemExit(f"--trajectories: {e}") from None
+    if not student.needs_restorer:
+        raise SystemExit("--trajectories: the samples are conditioned on R(LR); this model's LR stream is not")
+    channels, side = traj.tensors["noise"].shape[1], traj.tensors["restored"].shape[-1]
+    if channels != student.cfg.in_channels or side != cfg.crop:
+        raise SystemExit(f"--trajectories {cfg.trajectories}: {channels}-channel samples of {side} px crops; this "
+                         f"run trains a {student.cfg.in_channels}-channel model on {cfg.crop} px crops")
+    if os.path.abspath(traj.meta["teacher"]) != os.path.abspath(cfg.teacher):
+        print(f"--trajectories: its samples come from the teacher {traj.meta['teacher']}, not --teacher "
+              f"{cfg.teacher}", file=sys.stderr, flush=True)
+    return traj
+
+
+def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec, traj=None):
     how = TeacherSampling(cfg.guidance, cfg.against, interval=(cfg.guidance_above, 1.0))
 
     def loss_fn(field, model: MFSRTransformer, batch, step: int, d) -> torch.Tensor:
@@ -144,6 +174,16 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
         v_t = guided_velocity(teacher, z.to(tdt), c.to(tdt), t, how.weights(t), cfg.against).float()
         if cfg.data_mix > 0:
             v_t = (1 - cfg.data_mix) * v_t + cfg.data_mix * (e - x)
+        B = x.shape[0]
+        if traj is not None:  # the stored pairs ride in the same (DDP-synchronised) pass, as one-step jumps
+            g = torch.Generator().manual_seed(engine.sample_seed(cfg.seed ^ 0x7E57_A11, step, d.rank))
+            e2, x2, lr2, restored2 = (v.to(x.device) for v in traj.take(
+                torch.randint(len(traj), (cfg.trajectory_batch,), generator=g)))
+            c = torch.cat([c, lr_condition(model, codec, lr2, restored2)])
+            z = torch.cat([z, e2])
+            v_t = torch.cat([v_t, e2 - x2])  # the one step's velocity to the teacher's sample
+            t = torch.cat([t, torch.ones(len(e2), device=t.device)])
+            r = torch.cat([r, torch.zeros(len(e2), device=r.device)])
         mode = "explicit" if cfg.jvp_mode == "auto" else cfg.jvp_mode
 
         # The prompt is looked up inside forward, where FSDP has gathered the weights.
@@ -155,7 +195,10 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec):
 
         with torch.autocast("cuda", enabled=not cfg.jvp_fp32 and torch.is_autocast_enabled()):
             u, u_tgt = meanflow_target(fn, z, t, r, v_t, mode=mode, jvp_fn=inner)
-        return adaptive_loss(u, u_tgt, p=cfg.loss_p, c=cfg.loss_c)
+        loss = adaptive_loss(u[:B], u_tgt[:B], p=cfg.loss_p, c=cfg.loss_c)
+        if traj is not None:  # u(e, 0, 1) = e - x_T: the target is the stored velocity, not the MeanFlow one
+            loss = loss + cfg.trajectory_weight * adaptive_loss(u[B:], v_t[B:], p=cfg.loss_p, c=cfg.loss_c)
+        return loss
     return loss_fn
 
 
@@ -189,9 +232,11 @@ def main(argv: list[str] | None = None) -> int:
            "bfloat16": torch.bfloat16}[cfg.teacher_dtype]
     teacher.to(device=device, dtype=tdt)
     codec = engine.codec_for(student, cfg.vae)
-    engine.train(cfg, student, make_loss(cfg, teacher, codec), name="distill",
+    traj = load_trajectories(cfg, student)
+    engine.train(cfg, student, make_loss(cfg, teacher, codec, traj), name="distill",
                  extra={"teacher": os.path.abspath(cfg.teacher), "guidance": cfg.guidance,
                         "guidance_above": cfg.guidance_above,
+                        "trajectories": traj.meta if traj is not None else None,
                         "vae": os.path.abspath(cfg.vae) if cfg.vae else ""}, student=True)
     return 0
 
