@@ -7,8 +7,10 @@ the JVP tangent (DESIGN section 3):
     v_T   = v(z_t, t | LR, against) + w (v(z_t, t | LR, positive) - v(z_t, t | LR, against))
     u_tgt = v_T - (t - r) (v_T . d_z u + d_t u)       (stop-gradient; one forward-mode JVP)
 
-Optionally mixed with the data velocity e - x (``data_mix``). The student keeps the teacher's learned prompts and is
-conditioned on ``positive`` alone, so inference needs no text encoder and no guidance pass.
+Optionally mixed with the data velocity e - x (``data_mix``). ``--trajectories DIR`` (training.trajectories) adds
+pairs (e, x_T) of a noise and the teacher's many-step sample from it, trained as one-step jumps (t = 1, r = 0) with
+the target u = e - x_T in place of the MeanFlow one, in the same pass as the batch. The student keeps the teacher's
+learned prompts and is conditioned on ``positive`` alone, so inference needs no text encoder and no guidance pass.
 
 ``--teacher`` takes a training run folder (its newest checkpoint), a checkpoint folder (its EMA weights unless
 ``--no-teacher-ema``), a ``save_pretrained`` folder of an MFSRTransformer, or a DiT4SR-format / SD3.5 transformer
