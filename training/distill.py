@@ -40,6 +40,7 @@ from mfsr_fast.meanflow import adaptive_loss, meanflow_target, pair_t_r
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
 from training import engine
+from training.trajectories import DRAW_SALT, Trajectories
 
 
 @dataclass
@@ -135,8 +136,6 @@ def load_trajectories(cfg: DistillConfig, student: MFSRTransformer):
         return None
     if cfg.trajectory_batch < 1 or not cfg.trajectory_weight > 0:
         raise SystemExit("--trajectory-batch must be >= 1 and --trajectory-weight > 0 with --trajectories")
-    from training.trajectories import Trajectories
-
     try:
         traj = Trajectories(cfg.trajectories)
     except ValueError as e:
@@ -178,7 +177,7 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec, traj=None):
             v_t = (1 - cfg.data_mix) * v_t + cfg.data_mix * (e - x)
         B = x.shape[0]
         if traj is not None:  # the stored pairs ride in the same (DDP-synchronised) pass, as one-step jumps
-            g = torch.Generator().manual_seed(engine.sample_seed(cfg.seed ^ 0x7E57_A11, step, d.rank))
+            g = torch.Generator().manual_seed(engine.sample_seed(cfg.seed ^ DRAW_SALT, step, d.rank))
             e2, x2, lr2, restored2 = (v.to(x.device) for v in traj.take(
                 torch.randint(len(traj), (cfg.trajectory_batch,), generator=g)))
             c = torch.cat([c, lr_condition(model, codec, lr2, restored2)])

@@ -37,27 +37,41 @@ def restore_crops(restorer, lr: torch.Tensor, pad: int = PAD) -> torch.Tensor:
     return restorer(lr)
 
 
+def shard_path(root: str, k: int) -> str:
+    return os.path.join(root, f"shard_{k:05d}.safetensors")
+
+
+def open_shards(root: str, meta_name: str, command: str) -> tuple[dict, list[str]]:
+    """A built shard folder (a pool, training.trajectories): its settings ``meta_name`` and its shard paths, all
+    present; ValueError naming ``command`` (which builds or finishes it) otherwise."""
+    meta_path = os.path.join(root, meta_name)
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"{root}: no {meta_name}; build one with python -m {command}")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    paths = [shard_path(root, k) for k in range(-(-meta["count"] // meta["shard_size"]))]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{root}: {len(missing)} of {len(paths)} shards missing (e.g. {missing[0]}): finish the "
+                         f"build with python -m {command} (same settings)")
+    return meta, paths
+
+
+def save_shard(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Written atomically: a build stopped mid-write leaves no shard that looks whole."""
+    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
+    os.replace(path + ".tmp", path)
+
+
 class Pool:
     """Random access to a built pool: ``pool[i]`` -> (hr, lr, restored) as float tensors in [0, 1]."""
 
     def __init__(self, root: str):
-        meta = os.path.join(root, "pool.json")
-        if not os.path.isfile(meta):
-            raise ValueError(f"{root}: not a sample pool (no pool.json); build one with python -m training.pool")
-        with open(meta) as f:
-            self.meta = json.load(f)
+        self.meta, self._paths = open_shards(root, "pool.json", "training.pool --out")
         self.root = root
         self.shard = self.meta["shard_size"]
         self.count = self.meta["count"]
-        missing = [p for p in self._paths() if not os.path.isfile(p)]
-        if missing:
-            raise ValueError(f"{root}: {len(missing)} shards missing (e.g. {missing[0]}): finish the build with "
-                             "python -m training.pool --out (same settings)")
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
-
-    def _paths(self) -> list[str]:
-        n = -(-self.count // self.shard)
-        return [os.path.join(self.root, f"shard_{k:05d}.safetensors") for k in range(n)]
 
     @property
     def crop(self) -> int:
@@ -69,7 +83,7 @@ class Pool:
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k, j = divmod(int(i), self.shard)
         if k not in self._cache:
-            self._cache[k] = load_file(self._paths()[k])
+            self._cache[k] = load_file(self._paths[k])
         s = self._cache[k]
         return s["hr"][j].float(), s["lr"][j].float() / 255, s["restored"][j].float()
 
@@ -110,7 +124,7 @@ def build(out: str, *, data: str, count: int, crop: int, degradation: str, seed:
     t0 = time.perf_counter()
     for k in range(cfg.max_steps):
         n = min(shard, count - k * shard)
-        path = os.path.join(out, f"shard_{k:05d}.safetensors")
+        path = shard_path(out, k)
         if os.path.isfile(path):
             bar.update(n)
             continue
@@ -119,8 +133,7 @@ def build(out: str, *, data: str, count: int, crop: int, degradation: str, seed:
         restored = torch.cat([restore_crops(R, lr[i:i + 8].to(R.device)).cpu() for i in range(0, n, 8)])
         tensors = {"hr": hr.half().contiguous(), "lr": (lr * 255).round().to(torch.uint8).contiguous(),
                    "restored": restored.half().contiguous()}
-        save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-        os.replace(path + ".tmp", path)
+        save_shard(path, tensors)
         bar.update(n)
     bar.close()
     print(f"pool of {count} samples in {out} ({time.perf_counter() - t0:.0f} s)")

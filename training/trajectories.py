@@ -23,9 +23,12 @@ import sys
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from training.pool import open_shards, save_shard, shard_path
 
 NOISE_SALT = 0x7E57_A11  # the noise seeds differ from the pool's and the training draws' seeds
+DRAW_SALT = 0x7E57_A11  # distill's per-step choice of pairs (seeded by step and rank, apart from its other draws)
 
 
 def noise_for(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -79,7 +82,7 @@ def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling
     t0, done = time.perf_counter(), 0
     for k in range(-(-count // shard)):
         idx = list(range(k * shard, min(count, (k + 1) * shard)))
-        path = os.path.join(out, f"shard_{k:05d}.safetensors")
+        path = shard_path(out, k)
         if os.path.isfile(path):
             continue
         parts: dict[str, list[torch.Tensor]] = {"noise": [], "sample": [], "lr": [], "restored": []}
@@ -98,8 +101,7 @@ def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling
             rate = (time.perf_counter() - t0) / done
             print(f"shard {k}: {i + len(items)}/{len(idx)} ({rate:.2f} s per sample)", flush=True)
         tensors = {n: torch.cat(v).contiguous() for n, v in parts.items()}
-        save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-        os.replace(path + ".tmp", path)
+        save_shard(path, tensors)
     print(f"{count} teacher samples in {out} ({time.perf_counter() - t0:.0f} s this run)")
     return out
 
@@ -109,17 +111,7 @@ class Trajectories:
     each (N, ...). ``take(idx)`` -> the four for those indices."""
 
     def __init__(self, root: str):
-        meta = os.path.join(root, "trajectories.json")
-        if not os.path.isfile(meta):
-            raise ValueError(f"{root}: no trajectories.json (build one with python -m training.trajectories)")
-        with open(meta) as f:
-            self.meta = json.load(f)
-        n = -(-self.meta["count"] // self.meta["shard_size"])
-        paths = [os.path.join(root, f"shard_{k:05d}.safetensors") for k in range(n)]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise ValueError(f"{root}: {len(missing)} of {n} shards missing (e.g. {missing[0]}): finish the build "
-                             "with python -m training.trajectories (same settings)")
+        self.meta, paths = open_shards(root, "trajectories.json", "training.trajectories")
         shards = [load_file(p) for p in paths]
         self.tensors = {name: torch.cat([s[name] for s in shards]) for name in ("noise", "sample", "lr", "restored")}
         if len(self) != self.meta["count"]:
