@@ -4,8 +4,10 @@ with R, training from R on the device and from a precomputed pool, export with t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -253,7 +255,7 @@ def test_evaluate_realesrgan_method_shares_one_restored_image(restorer_dir, tmp_
     assert nfe == 1 and charge1 == 0.0 and charge2 == cache.seconds > 0
 
 
-def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir, tmp_path):
+def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir, tmp_path, capsys):
     """training.trajectories stores, per pool sample, a noise and the teacher's sample from it, with the conditioning
     the teacher saw; distill --trajectories regresses the student's one step onto them. A teacher with a constant
     h = t - r embedding (u(z, r, t) = v(z, t)) and one-step, unguided trajectories makes the regression exact, so
@@ -292,6 +294,14 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
     assert open(out / "shard_00001.safetensors", "rb").read() == first
     with pytest.raises(SystemExit, match="other settings"):
         build(str(out), **{**kw, "steps": 2})
+    other = copy.deepcopy(teacher)  # other weights at another path, then at the same path: never mixed in
+    with torch.no_grad():
+        other.proj_out.bias.add_(1e-3)
+    other.save_pretrained(tmp_path / "t2")
+    with pytest.raises(SystemExit, match="another teacher's weights"):
+        build(str(out), **{**kw, "teacher": str(tmp_path / "t2")})
+    shutil.copytree(tmp_path / "t", tmp_path / "t_copy")  # the same weights elsewhere: the same teacher
+    build(str(out), **{**kw, "teacher": str(tmp_path / "t_copy")})
     with pytest.raises(SystemExit, match="bad part"):
         build(str(tmp_path / "bad"), **{**kw, "sampling": "cfg1.5:sideways"})
     with pytest.raises(SystemExit, match="holds 3 samples"):
@@ -309,6 +319,11 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
 
     plain = loss(None)
     assert abs(loss(distill.load_trajectories(cfg, student)) - plain) < 1e-2  # p = 0: the summed squared error
+    assert "another teacher" not in capsys.readouterr().err
+    distill.load_trajectories(dataclasses.replace(cfg, teacher=str(tmp_path / "t_copy")), student)
+    assert "another teacher" not in capsys.readouterr().err
+    distill.load_trajectories(cfg, other)
+    assert "another teacher" in capsys.readouterr().err
     traj.tensors["sample"] = traj.tensors["sample"].roll(1, 0)  # each noise paired with another sample's target
     assert loss(traj) - plain > 1.0
     os.remove(out / "shard_00000.safetensors")

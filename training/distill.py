@@ -40,7 +40,7 @@ from mfsr_fast.meanflow import adaptive_loss, meanflow_target, pair_t_r
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
 from training import engine
-from training.trajectories import DRAW_SALT, Trajectories
+from training.trajectories import DRAW_SALT, Trajectories, weights_digest
 
 
 @dataclass
@@ -131,7 +131,8 @@ def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "", norm_k_b
 
 
 def load_trajectories(cfg: DistillConfig, student: MFSRTransformer):
-    """``--trajectories`` checked against the run (the flow's channels, the crop); None when not given."""
+    """``--trajectories`` checked against the run (the flow's channels, the crop; a notice when its samples come from
+    other teacher weights than ``student``, the teacher's untrained copy); None when not given."""
     if not cfg.trajectories:
         return None
     if cfg.trajectory_batch < 1 or not cfg.trajectory_weight > 0:
@@ -146,8 +147,12 @@ def load_trajectories(cfg: DistillConfig, student: MFSRTransformer):
     if channels != student.cfg.in_channels or side != cfg.crop:
         raise SystemExit(f"--trajectories {cfg.trajectories}: {channels}-channel samples of {side} px crops; this "
                          f"run trains a {student.cfg.in_channels}-channel model on {cfg.crop} px crops")
-    if os.path.abspath(traj.meta["teacher"]) != os.path.abspath(cfg.teacher):
-        print(f"--trajectories: its samples come from the teacher {traj.meta['teacher']}, not --teacher "
+    # The student starts as the teacher's fp32 copy, so its weights say which teacher this run distils (folders
+    # built before the builder recorded the weights: their teacher's path).
+    digest = traj.meta.get("teacher_weights")
+    if (digest != weights_digest(student) if digest else
+            os.path.abspath(traj.meta["teacher"]) != os.path.abspath(cfg.teacher)):
+        print(f"--trajectories: its samples come from another teacher ({traj.meta['teacher']}) than --teacher "
               f"{cfg.teacher}", file=sys.stderr, flush=True)
     return traj
 

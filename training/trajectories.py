@@ -17,6 +17,7 @@ an interrupted build resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -35,6 +36,17 @@ def noise_for(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Sample ``index``'s noise, rounded to fp16 (as stored)."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + index) ^ NOISE_SALT)
     return torch.randn(shape, generator=g).half()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state (names, dtypes, shapes, values): which teacher a folder's samples came from, whatever
+    its path. Taken in fp32, as the builder samples."""
+    h = hashlib.sha256()
+    for name, v in sorted(model.state_dict().items()):
+        v = v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+        h.update(f"{name}:{v.dtype}:{tuple(v.shape)};".encode())
+        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
 
 
 def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling: str, seed: int = 0,
@@ -68,11 +80,16 @@ def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling
     settings = {"pool": os.path.abspath(pool), "pool_seed": source.meta["seed"], "pool_count": source.count,
                 "count": count, "steps": steps, "sampling": sampling, "guidance": how.guidance,
                 "against": how.against, "refine_t": how.refine_t, "interval": list(how.interval), "seed": seed,
-                "shard_size": shard, "teacher": os.path.abspath(teacher), "teacher_ema": teacher_ema}
+                "shard_size": shard, "teacher": os.path.abspath(teacher), "teacher_ema": teacher_ema,
+                "teacher_weights": weights_digest(model)}
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "trajectories.json")
     if os.path.isfile(meta_path):
         old = json.load(open(meta_path))
+        if old.get("teacher_weights") != settings["teacher_weights"]:
+            raise SystemExit(f"{out} holds samples of another teacher's weights ({meta_path}: "
+                             f"{old.get('teacher', '?')}, weights {str(old.get('teacher_weights'))[:12]}; this "
+                             f"teacher's are {settings['teacher_weights'][:12]}); use another folder")
         keys = [k for k in settings if k not in ("pool", "teacher")]
         if any(old.get(k) != settings[k] for k in keys):
             raise SystemExit(f"{out} holds trajectories built with other settings ({meta_path}); use another folder")
