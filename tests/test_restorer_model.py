@@ -298,10 +298,16 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
     with torch.no_grad():
         other.proj_out.bias.add_(1e-3)
     other.save_pretrained(tmp_path / "t2")
-    with pytest.raises(SystemExit, match="another teacher's weights"):
+    with pytest.raises(SystemExit, match="another teacher"):
         build(str(out), **{**kw, "teacher": str(tmp_path / "t2")})
     shutil.copytree(tmp_path / "t", tmp_path / "t_copy")  # the same weights elsewhere: the same teacher
     build(str(out), **{**kw, "teacher": str(tmp_path / "t_copy")})
+    meta = json.loads((out / "trajectories.json").read_text())  # a folder from before the digest was recorded:
+    (out / "trajectories.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "teacher_weights"}))
+    with pytest.raises(SystemExit, match="another teacher"):  # ... only its teacher path resumes it
+        build(str(out), **{**kw, "teacher": str(tmp_path / "t")})
+    build(str(out), **{**kw, "teacher": str(tmp_path / "t_copy")})
+    assert json.loads((out / "trajectories.json").read_text()) == meta
     with pytest.raises(SystemExit, match="bad part"):
         build(str(tmp_path / "bad"), **{**kw, "sampling": "cfg1.5:sideways"})
     with pytest.raises(SystemExit, match="holds 3 samples"):

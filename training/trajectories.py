@@ -45,7 +45,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, v in sorted(model.state_dict().items()):
         v = v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
         h.update(f"{name}:{v.dtype}:{tuple(v.shape)};".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -86,11 +86,14 @@ def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling
     meta_path = os.path.join(out, "trajectories.json")
     if os.path.isfile(meta_path):
         old = json.load(open(meta_path))
-        if old.get("teacher_weights") != settings["teacher_weights"]:
-            raise SystemExit(f"{out} holds samples of another teacher's weights ({meta_path}: "
-                             f"{old.get('teacher', '?')}, weights {str(old.get('teacher_weights'))[:12]}; this "
-                             f"teacher's are {settings['teacher_weights'][:12]}); use another folder")
-        keys = [k for k in settings if k not in ("pool", "teacher")]
+        # Same teacher: the same weights (a folder from before the digest was recorded: the same teacher path; it
+        # gains the digest now).
+        digest = old.get("teacher_weights")
+        if (digest != settings["teacher_weights"]) if digest else (old.get("teacher") != settings["teacher"]):
+            raise SystemExit(f"{out} holds samples of another teacher ({meta_path}: {old.get('teacher', '?')}, "
+                             f"weights {str(digest)[:12]}; this one's {settings['teacher_weights'][:12]}); use "
+                             "another folder")
+        keys = [k for k in settings if k not in ("pool", "teacher", "teacher_weights")]
         if any(old.get(k) != settings[k] for k in keys):
             raise SystemExit(f"{out} holds trajectories built with other settings ({meta_path}); use another folder")
     with open(meta_path + ".tmp", "w") as f:
