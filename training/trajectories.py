@@ -91,8 +91,8 @@ def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling
         digest = old.get("teacher_weights")
         if (digest != settings["teacher_weights"]) if digest else (old.get("teacher") != settings["teacher"]):
             raise SystemExit(f"{out} holds samples of another teacher ({meta_path}: {old.get('teacher', '?')}, "
-                             f"weights {str(digest)[:12]}; this one's {settings['teacher_weights'][:12]}); use "
-                             "another folder")
+                             f"weights {digest[:12] if digest else 'not recorded'}; this one's "
+                             f"{settings['teacher_weights'][:12]}); use another folder")
         keys = [k for k in settings if k not in ("pool", "teacher", "teacher_weights")]
         if any(old.get(k) != settings[k] for k in keys):
             raise SystemExit(f"{out} holds trajectories built with other settings ({meta_path}); use another folder")
