@@ -330,6 +330,44 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
     assert "another teacher" not in capsys.readouterr().err
     distill.load_trajectories(cfg, other)
     assert "another teacher" in capsys.readouterr().err
+    # An anchor's one step blended into the target: the teacher as its own anchor changes nothing; another anchor
+    # adds (1 - mix)^2 |x_anchor - x_T|^2 over the same drawn pairs, so two mixes' excesses stand as (1 - mix)^2.
+    traj = distill.load_trajectories(cfg, student)
+
+    def mixed(path, mix, **kw):
+        c = dataclasses.replace(cfg, trajectory_anchor=str(path), trajectory_mix=mix, **kw)
+        fn = distill.make_loss(c, teacher, codec, traj, distill.load_anchor(c, student, "cpu"))
+        with torch.no_grad():
+            return float(fn(student.field, student, batch, 0, engine.Dist()))
+
+    assert abs(mixed(tmp_path / "t_copy", 0.3) - plain) < 1e-2
+    excess = [mixed(tmp_path / "t2", m) - plain for m in (0.0, 0.5)]
+    assert excess[0] > 1e-3 and excess[1] == pytest.approx(excess[0] / 4, rel=0.05)
+    # The first jump 1 -> refine_t trained on the same line: the same loss while u does not depend on r, another
+    # once it does.
+    assert abs(mixed(tmp_path / "t_copy", 1.0, refine_t=0.25, trajectory_refine=1.0) - plain) < 1e-2
+    r_dep = copy.deepcopy(student)
+    with torch.no_grad():
+        r_dep.h_embed.linear_2.weight.normal_()
+    fn = distill.make_loss(dataclasses.replace(cfg, refine_t=0.25, trajectory_refine=1.0), teacher, codec, traj)
+    fn0 = distill.make_loss(cfg, teacher, codec, traj)
+    with torch.no_grad():
+        assert abs(float(fn(r_dep.field, r_dep, batch, 0, engine.Dist()))
+                   - float(fn0(r_dep.field, r_dep, batch, 0, engine.Dist()))) > 1e-3
+    for bad, match in ((dict(trajectory_mix=0.5), "give --trajectory-anchor"),
+                       (dict(trajectory_refine=0.5), "needs --refine-t"),
+                       (dict(trajectory_anchor=str(tmp_path / "t2"), trajectory_mix=1.5), "in \\[0, 1\\]"),
+                       (dict(trajectory_anchor=str(tmp_path / "nowhere"), trajectory_mix=0.5), "trajectory-anchor"),
+                       (dict(trajectories="", trajectory_anchor=str(tmp_path / "t2")), "need --trajectories")):
+        with pytest.raises(SystemExit, match=match):
+            distill.load_anchor(dataclasses.replace(cfg, **bad), student, "cpu")
+    flat = copy.deepcopy(teacher)
+    flat.register_to_config(residual_scale=0.5)
+    flat.cfg = dataclasses.replace(flat.cfg, residual_scale=0.5)
+    flat.save_pretrained(tmp_path / "t_flat")
+    with pytest.raises(SystemExit, match="residual_scale 0.5"):
+        distill.load_anchor(dataclasses.replace(cfg, trajectory_anchor=str(tmp_path / "t_flat"), trajectory_mix=0.5),
+                            student, "cpu")
     traj.tensors["sample"] = traj.tensors["sample"].roll(1, 0)  # each noise paired with another sample's target
     assert loss(traj) - plain > 1.0
     os.remove(out / "shard_00000.safetensors")

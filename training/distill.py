@@ -72,6 +72,15 @@ class DistillConfig(engine.TrainConfig):
     trajectories: str = ""
     trajectory_weight: float = 1.0
     trajectory_batch: int = 4
+    # The stored samples' target blended with an anchor student's one step from the same noise:
+    # x = mix x_T + (1 - mix) x_anchor (1: the teacher's samples alone). An output blend keeps the teacher's texture
+    # coherent at a lower amplitude, which costs less fidelity per unit of NIQE than a weight blend (RESULTS.md).
+    # The anchor: a student folder (run, checkpoint, save_pretrained) or "default", in the student's flow space.
+    trajectory_anchor: str = ""
+    trajectory_mix: float = 1.0
+    # Share of the stored pairs trained as the multi-step grid's first jump (1 -> refine_t) onto the same straight
+    # line (its velocity is e - x for every r), so that steps 2-4 start from the one step's texture; needs refine_t.
+    trajectory_refine: float = 0.0
 
 
 PRESETS = {
@@ -157,7 +166,40 @@ def load_trajectories(cfg: DistillConfig, student: MFSRTransformer):
     return traj
 
 
-def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec, traj=None):
+# What makes two models' flows the same space: an anchor must agree with the student on all of these.
+FLOW_FIELDS = ("codec", "in_channels", "prediction", "lr_stream", "lr_source", "residual_scale", "restorer")
+
+
+def load_anchor(cfg: DistillConfig, student: MFSRTransformer, device) -> MFSRTransformer | None:
+    """``--trajectory-anchor`` loaded (frozen) and checked against the student's flow space; None without a blend."""
+    if not 0.0 <= cfg.trajectory_mix <= 1.0:
+        raise SystemExit(f"--trajectory-mix must be in [0, 1], got {cfg.trajectory_mix}")
+    if not 0.0 <= cfg.trajectory_refine <= 1.0:
+        raise SystemExit(f"--trajectory-refine must be in [0, 1], got {cfg.trajectory_refine}")
+    if cfg.trajectory_refine > 0 and not cfg.refine_t > 0:
+        raise SystemExit("--trajectory-refine trains the multi-step grid's first jump (1 -> refine_t): it needs "
+                         "--refine-t > 0")
+    if (cfg.trajectory_anchor or cfg.trajectory_mix < 1 or cfg.trajectory_refine > 0) and not cfg.trajectories:
+        raise SystemExit("--trajectory-anchor, --trajectory-mix and --trajectory-refine need --trajectories")
+    if cfg.trajectory_mix < 1 and not cfg.trajectory_anchor:
+        raise SystemExit("--trajectory-mix < 1 blends the stored samples with an anchor student's one step: give "
+                         "--trajectory-anchor (a student folder or 'default')")
+    if not cfg.trajectory_anchor:
+        return None
+    from mfsr_fast.loading import load_model
+    try:
+        anchor = load_model(cfg.trajectory_anchor, device=device, dtype=torch.float32)
+    except ValueError as e:
+        raise SystemExit(f"--trajectory-anchor: {e}") from None
+    differ = [f for f in FLOW_FIELDS if getattr(anchor.cfg, f) != getattr(student.cfg, f)]
+    if differ:
+        raise SystemExit(f"--trajectory-anchor {cfg.trajectory_anchor}: its flow is not the student's ("
+                         + ", ".join(f"{f} {getattr(anchor.cfg, f)!r} against {getattr(student.cfg, f)!r}"
+                                     for f in differ) + ")")
+    return anchor
+
+
+def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec, traj=None, anchor=None):
     how = TeacherSampling(cfg.guidance, cfg.against, interval=(cfg.guidance_above, 1.0))
 
     def loss_fn(field, model: MFSRTransformer, batch, step: int, d) -> torch.Tensor:
@@ -185,11 +227,21 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec, traj=None):
             g = torch.Generator().manual_seed(engine.sample_seed(cfg.seed ^ DRAW_SALT, step, d.rank))
             e2, x2, lr2, restored2 = (v.to(x.device) for v in traj.take(
                 torch.randint(len(traj), (cfg.trajectory_batch,), generator=g)))
-            c = torch.cat([c, lr_condition(model, codec, lr2, restored2)])
+            c2 = lr_condition(model, codec, lr2, restored2)
+            n = len(e2)
+            one, r2 = torch.ones(n, device=x.device), torch.zeros(n, device=x.device)
+            if anchor is not None and cfg.trajectory_mix < 1:  # the anchor's one step, blended in
+                with torch.no_grad():
+                    x_a = e2 - anchor.field(e2, c2, one, r2, prompt="positive").float()
+                x2 = cfg.trajectory_mix * x2 + (1 - cfg.trajectory_mix) * x_a
+            if cfg.trajectory_refine > 0:  # the first jump 1 -> refine_t on the same line: velocity e - x again
+                first = (torch.rand(n, generator=g) < cfg.trajectory_refine).to(x.device)
+                r2 = torch.where(first, torch.full_like(r2, cfg.refine_t), r2)
+            c = torch.cat([c, c2])
             z = torch.cat([z, e2])
             v_t = torch.cat([v_t, e2 - x2])  # the one step's velocity to the teacher's sample
-            t = torch.cat([t, torch.ones(len(e2), device=t.device)])
-            r = torch.cat([r, torch.zeros(len(e2), device=r.device)])
+            t = torch.cat([t, one])
+            r = torch.cat([r, r2])
         mode = "explicit" if cfg.jvp_mode == "auto" else cfg.jvp_mode
 
         # The prompt is looked up inside forward, where FSDP has gathered the weights.
@@ -239,10 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     teacher.to(device=device, dtype=tdt)
     codec = engine.codec_for(student, cfg.vae)
     traj = load_trajectories(cfg, student)
-    engine.train(cfg, student, make_loss(cfg, teacher, codec, traj), name="distill",
+    anchor = load_anchor(cfg, student, device)
+    engine.train(cfg, student, make_loss(cfg, teacher, codec, traj, anchor), name="distill",
                  extra={"teacher": os.path.abspath(cfg.teacher), "guidance": cfg.guidance,
                         "guidance_above": cfg.guidance_above,
                         "trajectories": traj.meta if traj is not None else None,
+                        "trajectory_anchor": (os.path.abspath(cfg.trajectory_anchor) if cfg.trajectory_anchor not in
+                                              ("", "default") else cfg.trajectory_anchor),
+                        "trajectory_anchor_weights": weights_digest(anchor) if anchor is not None else "",
                         "vae": os.path.abspath(cfg.vae) if cfg.vae else ""}, student=True)
     return 0
 
