@@ -335,7 +335,7 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
     traj = distill.load_trajectories(cfg, student)
 
     def mixed(path, mix, **kw):
-        c = dataclasses.replace(cfg, trajectory_anchor=str(path), trajectory_mix=mix, **kw)
+        c = dataclasses.replace(cfg, trajectory_anchor=str(path) if path else "", trajectory_mix=mix, **kw)
         fn = distill.make_loss(c, teacher, codec, traj, distill.load_anchor(c, student, "cpu"))
         with torch.no_grad():
             return float(fn(student.field, student, batch, 0, engine.Dist()))
@@ -345,7 +345,7 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
     assert excess[0] > 1e-3 and excess[1] == pytest.approx(excess[0] / 4, rel=0.05)
     # The first jump 1 -> refine_t trained on the same line: the same loss while u does not depend on r, another
     # once it does.
-    assert abs(mixed(tmp_path / "t_copy", 1.0, refine_t=0.25, trajectory_refine=1.0) - plain) < 1e-2
+    assert abs(mixed(None, 1.0, refine_t=0.25, trajectory_refine=1.0) - plain) < 1e-2
     r_dep = copy.deepcopy(student)
     with torch.no_grad():
         r_dep.h_embed.linear_2.weight.normal_()
@@ -357,6 +357,7 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
     for bad, match in ((dict(trajectory_mix=0.5), "give --trajectory-anchor"),
                        (dict(trajectory_refine=0.5), "needs --refine-t"),
                        (dict(trajectory_anchor=str(tmp_path / "t2"), trajectory_mix=1.5), "in \\[0, 1\\]"),
+                       (dict(trajectory_anchor=str(tmp_path / "t2")), "with --trajectory-mix < 1"),
                        (dict(trajectory_anchor=str(tmp_path / "nowhere"), trajectory_mix=0.5), "trajectory-anchor"),
                        (dict(trajectories="", trajectory_anchor=str(tmp_path / "t2")), "need --trajectories")):
         with pytest.raises(SystemExit, match=match):

@@ -186,6 +186,8 @@ def load_anchor(cfg: DistillConfig, student: MFSRTransformer, device) -> MFSRTra
                          "--trajectory-anchor (a student folder or 'default')")
     if not cfg.trajectory_anchor:
         return None
+    if cfg.trajectory_mix == 1:
+        raise SystemExit("--trajectory-anchor is blended in with --trajectory-mix < 1 (1: the teacher's samples alone)")
     from mfsr_fast.loading import load_model
     try:
         anchor = load_model(cfg.trajectory_anchor, device=device, dtype=torch.float32)
