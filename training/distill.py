@@ -9,8 +9,11 @@ the JVP tangent (DESIGN section 3):
 
 Optionally mixed with the data velocity e - x (``data_mix``). ``--trajectories DIR`` (training.trajectories) adds
 pairs (e, x_T) of a noise and the teacher's many-step sample from it, trained as one-step jumps (t = 1, r = 0) with
-the target u = e - x_T in place of the MeanFlow one, in the same pass as the batch. The student keeps the teacher's
-learned prompts and is conditioned on ``positive`` alone, so inference needs no text encoder and no guidance pass.
+the target u = e - x_T in place of the MeanFlow one, in the same pass as the batch; ``--trajectory-anchor MODEL
+--trajectory-mix M`` blends x_T with a frozen student's one step from e (M x_T + (1 - M) x_A), and
+``--trajectory-refine S`` trains a share S of them as the multi-step grid's first jump (1 -> refine_t). The student
+keeps the teacher's learned prompts and is conditioned on ``positive`` alone, so inference needs no text encoder and
+no guidance pass.
 
 ``--teacher`` takes a training run folder (its newest checkpoint), a checkpoint folder (its EMA weights unless
 ``--no-teacher-ema``), a ``save_pretrained`` folder of an MFSRTransformer, or a DiT4SR-format / SD3.5 transformer
@@ -74,7 +77,7 @@ class DistillConfig(engine.TrainConfig):
     trajectory_batch: int = 4
     # The stored samples' target blended with an anchor student's one step from the same noise:
     # x = mix x_T + (1 - mix) x_anchor (1: the teacher's samples alone). An output blend keeps the teacher's texture
-    # coherent at a lower amplitude, which costs less fidelity per unit of NIQE than a weight blend (RESULTS.md).
+    # where it is, at a lower amplitude (on the default's pair, on the same fidelity / NIQE front as weight blends).
     # The anchor: a student folder (run, checkpoint, save_pretrained) or "default", in the student's flow space.
     trajectory_anchor: str = ""
     trajectory_mix: float = 1.0
