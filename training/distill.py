@@ -77,7 +77,7 @@ class DistillConfig(engine.TrainConfig):
     trajectory_batch: int = 4
     # The stored samples' target blended with an anchor student's one step from the same noise:
     # x = mix x_T + (1 - mix) x_anchor (1: the teacher's samples alone). An output blend keeps the teacher's texture
-    # where it is, at a lower amplitude (on the default's pair, on the same fidelity / NIQE front as weight blends).
+    # where it is, at a lower amplitude (RESULTS.md: such blends of the default and the teacher's 40 steps).
     # The anchor: a student folder (run, checkpoint, save_pretrained) or "default", in the student's flow space.
     trajectory_anchor: str = ""
     trajectory_mix: float = 1.0
