@@ -82,7 +82,8 @@ class DistillConfig(engine.TrainConfig):
     trajectory_anchor: str = ""
     trajectory_mix: float = 1.0
     # Share of the stored pairs trained as the multi-step grid's first jump (1 -> refine_t) onto the same straight
-    # line (its velocity is e - x for every r), so that steps 2-4 start from the one step's texture; needs refine_t.
+    # line (its velocity is e - x for every r), meant to start steps 2-4 from the one step's texture (on the
+    # default's pair they still came out smoother: RESULTS.md); needs refine_t.
     trajectory_refine: float = 0.0
 
 
@@ -235,7 +236,7 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec, traj=None, an
             c2 = lr_condition(model, codec, lr2, restored2)
             n = len(e2)
             one, r2 = torch.ones(n, device=x.device), torch.zeros(n, device=x.device)
-            if anchor is not None and cfg.trajectory_mix < 1:  # the anchor's one step, blended in
+            if anchor is not None:  # the anchor's one step, blended in (load_anchor: only with mix < 1)
                 with torch.no_grad():
                     x_a = e2 - anchor.field(e2, c2, one, r2, prompt="positive").float()
                 x2 = cfg.trajectory_mix * x2 + (1 - cfg.trajectory_mix) * x_a
