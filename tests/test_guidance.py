@@ -150,8 +150,8 @@ def test_distillation_target_is_guided_above_its_threshold_only(monkeypatch):
     B = 12
     g = torch.Generator().manual_seed(0)
     batch = (torch.rand(B, 3, 32, 32, generator=g), torch.rand(B, 3, 8, 8, generator=g), None, list(range(B)))
-    loss = loss_fn(student, student, batch, 0, None)
-    assert torch.isfinite(loss)
+    loss, parts = loss_fn(student, student, batch, 0, None)
+    assert torch.isfinite(loss) and set(parts) == {"mse"} and parts["mse"] > 0
     (t, w), = calls
     assert ((t > 0.5) & (t < 1)).any() and (t == 1).any() and (t <= 0.5).any()  # the draw covers every case
     torch.testing.assert_close(w, torch.where(t > 0.5, 1.5, 1.0), rtol=0, atol=0)

@@ -255,7 +255,7 @@ def test_evaluate_realesrgan_method_shares_one_restored_image(restorer_dir, tmp_
     assert nfe == 1 and charge1 == 0.0 and charge2 == cache.seconds > 0
 
 
-def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir, tmp_path, capsys):
+def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir, tmp_path, capsys, monkeypatch):
     """training.trajectories stores, per pool sample, a noise and the teacher's sample from it, with the conditioning
     the teacher saw; distill --trajectories regresses the student's one step onto them. A teacher with a constant
     h = t - r embedding (u(z, r, t) = v(z, t)) and one-step, unguided trajectories makes the regression exact, so
@@ -321,7 +321,7 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
     def loss(traj_):
         fn = distill.make_loss(cfg, teacher, codec, traj_)
         with torch.no_grad():
-            return float(fn(student.field, student, batch, 0, engine.Dist()))
+            return float(fn(student.field, student, batch, 0, engine.Dist())[0])
 
     plain = loss(None)
     assert abs(loss(distill.load_trajectories(cfg, student)) - plain) < 1e-2  # p = 0: the summed squared error
@@ -338,7 +338,7 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
         c = dataclasses.replace(cfg, trajectory_anchor=str(path) if path else "", trajectory_mix=mix, **kw)
         fn = distill.make_loss(c, teacher, codec, traj, distill.load_anchor(c, student, "cpu"))
         with torch.no_grad():
-            return float(fn(student.field, student, batch, 0, engine.Dist()))
+            return float(fn(student.field, student, batch, 0, engine.Dist())[0])
 
     assert abs(mixed(tmp_path / "t_copy", 0.3) - plain) < 1e-2
     excess = [mixed(tmp_path / "t2", m) - plain for m in (0.0, 0.5)]
@@ -352,9 +352,31 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
     fn = distill.make_loss(dataclasses.replace(cfg, refine_t=0.25, trajectory_refine=1.0), teacher, codec, traj)
     fn0 = distill.make_loss(cfg, teacher, codec, traj)
     with torch.no_grad():
-        assert abs(float(fn(r_dep.field, r_dep, batch, 0, engine.Dist()))
-                   - float(fn0(r_dep.field, r_dep, batch, 0, engine.Dist()))) > 1e-3
+        assert abs(float(fn(r_dep.field, r_dep, batch, 0, engine.Dist())[0])
+                   - float(fn0(r_dep.field, r_dep, batch, 0, engine.Dist())[0])) > 1e-3
+    # --trajectory-line: every stored pair trained at a point of its straight line, z = (1 - t) x + t e, with the
+    # line's velocity e - x as the target, so z - t v and z + (1 - t) v give back the stored sample and noise.
+    seen = []
+    real = distill.meanflow_target
+    monkeypatch.setattr(distill, "meanflow_target", lambda fn_, z, t, r, v, **kw: seen.append((z, t, r, v)) or
+                        real(fn_, z, t, r, v, **kw))
+    c = dataclasses.replace(cfg, trajectory_line=1.0, trajectory_batch=16)
+    with torch.no_grad():
+        distill.make_loss(c, teacher, codec, traj)(student.field, student, batch, 0, engine.Dist())
+    (z, t, r, v), = seen
+    z, t, r, v = z[2:], t[2:], r[2:], v[2:]  # the batch's two MeanFlow rows first
+    assert ((t >= distill.LINE_T_MIN) & (t <= 1) & (r >= 0) & (r < t)).all()
+    assert (r == 0).any() and (r > 0).any() and (t < 0.1).any() and (t > 0.1).any()
+    tb = t.view(-1, 1, 1, 1)
+    samples, noises = traj.tensors["sample"].float(), traj.tensors["noise"].float()
+    for x_back, e_back in zip(z - tb * v, z + (1 - tb) * v):
+        i = int(((samples - x_back) ** 2).flatten(1).sum(1).argmin())
+        torch.testing.assert_close(x_back, samples[i], rtol=0, atol=1e-4)
+        torch.testing.assert_close(e_back, noises[i], rtol=0, atol=1e-4)
     for bad, match in ((dict(trajectory_mix=0.5), "give --trajectory-anchor"),
+                       (dict(trajectory_line=0.6, trajectory_refine=0.5, refine_t=0.1), "sum must be <= 1"),
+                       (dict(trajectory_line=-0.1), "trajectory-line must be in"),
+                       (dict(trajectories="", trajectory_line=0.5), "need --trajectories"),
                        (dict(trajectory_refine=0.5), "needs --refine-t"),
                        (dict(trajectory_anchor=str(tmp_path / "t2"), trajectory_mix=1.5), "in \\[0, 1\\]"),
                        (dict(trajectory_anchor=str(tmp_path / "t2")), "with --trajectory-mix < 1"),

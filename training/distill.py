@@ -11,7 +11,8 @@ Optionally mixed with the data velocity e - x (``data_mix``). ``--trajectories D
 pairs (e, x_T) of a noise and the teacher's many-step sample from it, trained as one-step jumps (t = 1, r = 0) with
 the target u = e - x_T in place of the MeanFlow one, in the same pass as the batch; ``--trajectory-anchor MODEL
 --trajectory-mix M`` blends x_T with a frozen student's one step from e (M x_T + (1 - M) x_A), and
-``--trajectory-refine S`` trains a share S of them as the multi-step grid's first jump (1 -> refine_t). The student
+``--trajectory-refine S`` trains a share S of them as the multi-step grid's first jump (1 -> refine_t) and
+``--trajectory-line S`` a share S at points of the straight line from e to x_T (steps 2-4's jumps). The student
 keeps the teacher's learned prompts and is conditioned on ``positive`` alone, so inference needs no text encoder and
 no guidance pass.
 
@@ -85,6 +86,11 @@ class DistillConfig(engine.TrainConfig):
     # line (its velocity is e - x for every r), meant to start steps 2-4 from the one step's texture (on the
     # default's pair they still came out smoother: RESULTS.md); needs refine_t.
     trajectory_refine: float = 0.0
+    # Share of the stored pairs trained at a point of the straight line from the noise e to the target x,
+    # z = (1 - t) x + t e with t log-uniform in [LINE_T_MIN, 1] and r = 0 or uniform in [0, t): the velocity is e - x
+    # for every such (r, t), so steps 2-4 (which start on the one step's line) are taught to land where the one step
+    # did instead of the MeanFlow field's smoother answer at small t. refine + line <= 1; the rest are one-step jumps.
+    trajectory_line: float = 0.0
 
 
 PRESETS = {
@@ -174,17 +180,27 @@ def load_trajectories(cfg: DistillConfig, student: MFSRTransformer):
 FLOW_FIELDS = ("codec", "in_channels", "prediction", "lr_stream", "lr_source", "residual_scale", "restorer")
 
 
+LINE_T_MIN = 0.01  # the smallest t of --trajectory-line's points (a 4-step grid at refine_t 0.06 ends at 0.02)
+
+
 def load_anchor(cfg: DistillConfig, student: MFSRTransformer, device) -> MFSRTransformer | None:
     """``--trajectory-anchor`` loaded (frozen) and checked against the student's flow space; None without a blend."""
     if not 0.0 <= cfg.trajectory_mix <= 1.0:
         raise SystemExit(f"--trajectory-mix must be in [0, 1], got {cfg.trajectory_mix}")
     if not 0.0 <= cfg.trajectory_refine <= 1.0:
         raise SystemExit(f"--trajectory-refine must be in [0, 1], got {cfg.trajectory_refine}")
+    if not 0.0 <= cfg.trajectory_line <= 1.0:
+        raise SystemExit(f"--trajectory-line must be in [0, 1], got {cfg.trajectory_line}")
+    if cfg.trajectory_refine + cfg.trajectory_line > 1:
+        raise SystemExit(f"--trajectory-refine {cfg.trajectory_refine} and --trajectory-line {cfg.trajectory_line} "
+                         "are shares of the same stored pairs: their sum must be <= 1")
     if cfg.trajectory_refine > 0 and not cfg.refine_t > 0:
         raise SystemExit("--trajectory-refine trains the multi-step grid's first jump (1 -> refine_t): it needs "
                          "--refine-t > 0")
-    if (cfg.trajectory_anchor or cfg.trajectory_mix < 1 or cfg.trajectory_refine > 0) and not cfg.trajectories:
-        raise SystemExit("--trajectory-anchor, --trajectory-mix and --trajectory-refine need --trajectories")
+    if (cfg.trajectory_anchor or cfg.trajectory_mix < 1 or cfg.trajectory_refine > 0 or cfg.trajectory_line > 0) \
+            and not cfg.trajectories:
+        raise SystemExit("--trajectory-anchor, --trajectory-mix, --trajectory-refine and --trajectory-line need "
+                         "--trajectories")
     if cfg.trajectory_mix < 1 and not cfg.trajectory_anchor:
         raise SystemExit("--trajectory-mix < 1 blends the stored samples with an anchor student's one step: give "
                          "--trajectory-anchor (a student folder or 'default')")
@@ -205,10 +221,16 @@ def load_anchor(cfg: DistillConfig, student: MFSRTransformer, device) -> MFSRTra
     return anchor
 
 
+def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.detach().float() - b.detach().float()).pow(2).mean()
+
+
 def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec, traj=None, anchor=None):
     how = TeacherSampling(cfg.guidance, cfg.against, interval=(cfg.guidance_above, 1.0))
 
-    def loss_fn(field, model: MFSRTransformer, batch, step: int, d) -> torch.Tensor:
+    def loss_fn(field, model: MFSRTransformer, batch, step: int, d) -> tuple[torch.Tensor, dict]:
+        """-> (the adaptive loss, its raw parts for the log: the mean squared error per element of the MeanFlow
+        rows, ``mse``, and of the stored pairs, ``mse_traj``; the adaptive loss itself sits near 1 per term)."""
         hr, lr, restored, seeds = batch
         gens = engine.per_sample_generators(seeds)
         c = lr_condition(model, codec, lr, restored)  # as at inference
@@ -240,13 +262,23 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec, traj=None, an
                 with torch.no_grad():
                     x_a = e2 - anchor.field(e2, c2, one, r2, prompt="positive").float()
                 x2 = cfg.trajectory_mix * x2 + (1 - cfg.trajectory_mix) * x_a
-            if cfg.trajectory_refine > 0:  # the first jump 1 -> refine_t on the same line: velocity e - x again
-                first = (torch.rand(n, generator=g) < cfg.trajectory_refine).to(x.device)
+            t2 = one
+            if cfg.trajectory_refine > 0 or cfg.trajectory_line > 0:  # on the same line: velocity e - x again
+                kind = torch.rand(n, generator=g)
+                first = (kind < cfg.trajectory_refine).to(x.device)  # the first jump 1 -> refine_t
                 r2 = torch.where(first, torch.full_like(r2, cfg.refine_t), r2)
+                if cfg.trajectory_line > 0:  # a point of the line and a jump from it
+                    line = ((kind >= cfg.trajectory_refine) & (kind < cfg.trajectory_refine + cfg.trajectory_line))
+                    tl = LINE_T_MIN ** torch.rand(n, generator=g)
+                    rl = torch.where(torch.rand(n, generator=g) < 0.5, 0.0, tl * torch.rand(n, generator=g))
+                    line = line.to(x.device)
+                    t2 = torch.where(line, tl.to(x.device), t2)
+                    r2 = torch.where(line, rl.to(x.device), r2)
+            tb2 = t2.view(-1, 1, 1, 1)
             c = torch.cat([c, c2])
-            z = torch.cat([z, e2])
+            z = torch.cat([z, (1 - tb2) * x2 + tb2 * e2])  # e2 itself at t = 1
             v_t = torch.cat([v_t, e2 - x2])  # the one step's velocity to the teacher's sample
-            t = torch.cat([t, one])
+            t = torch.cat([t, t2])
             r = torch.cat([r, r2])
         mode = "explicit" if cfg.jvp_mode == "auto" else cfg.jvp_mode
 
@@ -260,9 +292,11 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec, traj=None, an
         with torch.autocast("cuda", enabled=not cfg.jvp_fp32 and torch.is_autocast_enabled()):
             u, u_tgt = meanflow_target(fn, z, t, r, v_t, mode=mode, jvp_fn=inner)
         loss = adaptive_loss(u[:B], u_tgt[:B], p=cfg.loss_p, c=cfg.loss_c)
+        parts = {"mse": _mse(u[:B], u_tgt[:B])}
         if traj is not None:  # u(e, 0, 1) = e - x_T: the target is the stored velocity, not the MeanFlow one
             loss = loss + cfg.trajectory_weight * adaptive_loss(u[B:], v_t[B:], p=cfg.loss_p, c=cfg.loss_c)
-        return loss
+            parts["mse_traj"] = _mse(u[B:], v_t[B:])
+        return loss, parts
     return loss_fn
 
 

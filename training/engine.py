@@ -347,7 +347,9 @@ def _resume_point(ckdir: str, main: bool) -> str | None:
 
 def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: str, extra: dict | None = None,
           student: bool = False) -> str:
-    """Run the loop; ``loss_fn(model_for_grad, inner_model, batch, step, d) -> loss`` computes one step's loss.
+    """Run the loop; ``loss_fn(model_for_grad, inner_model, batch, step, d) -> loss`` computes one step's loss, or
+    ``-> (loss, parts)`` with ``parts`` a dict of detached scalar tensors (e.g. the raw squared errors under an
+    adaptive weighting) that log.jsonl records beside it, from the main process's batch.
 
     Returns the path of the last checkpoint. ``extra`` is stored in every checkpoint (e.g. the teacher's path).
     ``student``: the run's samples (``--sample-every``) show 1 and 4 MeanFlow steps instead of one Euler step.
@@ -483,14 +485,15 @@ class _Run:
         return hr, lr, restored, seeds
 
     def step(self, loss_fn: Callable, batch: tuple, step: int):
-        """One optimizer step at the warmed-up learning rate -> (loss, gradient norm, finite on every rank);
-        a non-finite step changes nothing."""
+        """One optimizer step at the warmed-up learning rate -> (loss, gradient norm, finite on every rank, the
+        loss's logged parts); a non-finite step changes nothing."""
         cfg, d, opt = self.cfg, self.d, self.opt
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.amp and d.device.type == "cuda"):
             loss = loss_fn(self.wrapped, self.model, batch, step, d)
+        loss, parts = loss if isinstance(loss, tuple) else (loss, {})
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor
@@ -507,15 +510,16 @@ class _Run:
             ema_update(self.ema, self.model, min(cfg.ema_decay, (1 + step) / (10 + step)))
         else:
             opt.zero_grad(set_to_none=True)
-        return loss, gnorm, finite
+        return loss, gnorm, finite, parts
 
-    def log(self, step: int, loss, gnorm, steps: int, seconds: float) -> None:
+    def log(self, step: int, loss, gnorm, steps: int, seconds: float, parts: dict | None = None) -> None:
         """One log.jsonl line (main process), also to the monitor and the progress bar."""
         cfg = self.cfg
         rec = {"step": step, "loss": float(loss.item()), "grad_norm": float(gnorm),
                "lr": self.opt.param_groups[0]["lr"],
                "steps_per_s": steps / seconds, "images_per_s": steps * cfg.batch_size / seconds,
                "nonfinite_steps": self.nonfinite, "time": time.time()}
+        rec.update({k: float(v) for k, v in (parts or {}).items()})
         self.log_file.write(json.dumps(rec) + "\n")
         self.log_file.flush()
         if self.monitor is not None:
@@ -549,7 +553,7 @@ class _Run:
         sampled = None
         deadline = time.monotonic() + 60 * cfg.max_minutes if cfg.max_minutes > 0 else None
         for item in self.loader:
-            loss, gnorm, finite = self.step(loss_fn, self.batch(item), step)
+            loss, gnorm, finite, parts = self.step(loss_fn, self.batch(item), step)
             if finite:
                 consecutive = 0
             else:
@@ -564,7 +568,7 @@ class _Run:
             step += 1
             done_since += 1
             if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                self.log(step, loss, gnorm, done_since, time.perf_counter() - t0)
+                self.log(step, loss, gnorm, done_since, time.perf_counter() - t0, parts)
                 t0, done_since = time.perf_counter(), 0
             if self.bar is not None:
                 self.bar.update(1)

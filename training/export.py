@@ -39,7 +39,8 @@ def _log_summary(run_dir: str) -> dict:
     for r in rows:  # each row's rate covers the steps since the previous row
         wall += (r["step"] - prev) / max(r["steps_per_s"], 1e-9)
         prev = r["step"]
-    return {"steps": steps, "train_seconds": round(wall, 1), "final_loss": rows[-1]["loss"]}
+    return {"steps": steps, "train_seconds": round(wall, 1), "final_loss": rows[-1]["loss"],
+            **{f"final_{k}": v for k, v in rows[-1].items() if k.startswith("mse")}}  # distill's raw errors
 
 
 def _portable(value):

@@ -147,7 +147,7 @@ class Monitor:
 
     def log_loss(self, rec: dict) -> None:
         if self.writer is not None:
-            for k in ("loss", "grad_norm", "lr"):
+            for k in ("loss", "grad_norm", "lr", *(k for k in rec if k.startswith("mse"))):
                 self.writer.add_scalar(f"train/{k}", rec[k], rec["step"])
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
-"""Curves of a run: ``python -m training.plot RUN [--out FILE]`` writes RUN/curves.png (loss, and the validation
-metrics of ``--sample-every`` runs, against steps) from RUN/log.jsonl. Needs matplotlib (``pip install
-'mfsr-fast[train]'``)."""
+"""Curves of a run: ``python -m training.plot RUN [--out FILE]`` writes RUN/curves.png (loss, distill's raw
+squared errors, and the validation metrics of ``--sample-every`` runs, against steps) from RUN/log.jsonl. Needs
+matplotlib (``pip install 'mfsr-fast[train]'``)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,15 @@ def plot_run(run: str, out: str | None = None) -> str:
     ax.ticklabel_format(axis="y", useOffset=False)  # MeanFlow's adaptive loss sits near 1: show the values
     ax.set(title="training loss", xlabel="step")
     ax.grid(alpha=0.3)
+    parts = sorted({k for r in train for k in r if k.startswith("mse")})
+    if parts:  # distill's raw squared errors, on their own axis (log scale): the adaptive loss hides their trend
+        ax2 = ax.twinx()
+        for i, k in enumerate(parts):
+            pts = [(r["step"], r[k]) for r in train if k in r]
+            ax2.plot(*zip(*pts), color=f"C{i + 1}", lw=1.0, label=k)
+        ax2.set_yscale("log")
+        ax2.set_ylabel("mean squared error per element")
+        ax2.legend(fontsize=8, loc="lower left")
     for ax, name in zip(axes[0][1:], metrics):
         keys = sorted({k for r in val for k in r if k.split("@")[0] == name}, key=lambda k: int(k.split("@")[1]))
         for k in keys:
