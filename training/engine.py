@@ -524,8 +524,8 @@ class _Run:
         self.log_file.flush()
         if self.monitor is not None:
             self.monitor.log_loss(rec)
-        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rec['steps_per_s']:.2f}",
-                             img_s=f"{rec['images_per_s']:.1f}")
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", **{k: f"{float(v):.4g}" for k, v in (parts or {}).items()},
+                             it_s=f"{rec['steps_per_s']:.2f}", img_s=f"{rec['images_per_s']:.1f}")
 
     def save(self, at: int) -> str:
         """A checkpoint of step ``at`` (collective under FSDP: every rank gathers; the main one writes)."""
