@@ -2,9 +2,11 @@
 
 DIR holds ``HR/`` and ``LR/`` (pairs matched by name, ignoring 'HR' / 'LR' tokens). Methods (``--methods``):
 ``bicubic``; ``realesrgan`` (Real-ESRGAN x4plus alone, ``mfsr_fast.restorer``); ``student:N`` (the MeanFlow student,
-N steps, NFE N); ``teacher:N`` (N Euler steps, NFE N) and ``teacher:N:cfgW`` (N steps with guidance w against the
-negative prompt, NFE 2N), optionally ``:refineT`` (the first step from t = 1 straight to T, then N - 1 equal steps)
-and ``:aboveT`` (guidance only at the steps with t > T, the others one pass each), e.g.
+N steps, NFE N, on its config's grid and jumps), optionally ``:refineT`` (another grid: the first jump to T, then
+N - 1 equal ones) and ``:endpoint`` or ``:average`` (the kind of jump, ``meanflow.sample``), e.g.
+``student:2:refine0.25:endpoint``; ``teacher:N`` (N Euler steps, NFE N) and ``teacher:N:cfgW`` (N steps with
+guidance w against the negative prompt, NFE 2N), optionally ``:refineT`` (the first step from t = 1 straight to T,
+then N - 1 equal steps) and ``:aboveT`` (guidance only at the steps with t > T, the others one pass each), e.g.
 ``teacher:40:cfg1.5:refine0.5:above0.5`` (``guidance.TeacherSampling``). For each: NFE, seconds per image, PSNR
 and SSIM (RGB and Y, ``--border`` pixels cropped, 4 by default as for x4 in the literature) and NIQE (Y, whole
 image, lower is better), as a Markdown table. ``--save-images DIR`` keeps every output to look at (the numbers alone
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import re
 import sys
@@ -32,6 +35,7 @@ from PIL import Image
 
 from mfsr_fast import metrics
 from mfsr_fast.guidance import TeacherSampling
+from mfsr_fast.meanflow import JUMPS, StudentSampling
 
 
 def pairs(root: str) -> list[tuple[str, str]]:
@@ -59,8 +63,8 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 _TEACHER_OPTIONS = {"cfg": "guidance", "refine": "refine_t", "above": "above"}
-METHODS_HELP = ("bicubic, realesrgan, student:N, teacher:N[:cfgW][:refineT][:aboveT], e.g. teacher:40:cfg1.5 or "
-                "teacher:40:cfg1.5:refine0.5:above0.5")
+METHODS_HELP = ("bicubic, realesrgan, student:N[:refineT][:endpoint|:average], teacher:N[:cfgW][:refineT][:aboveT], "
+                "e.g. student:2:refine0.25:endpoint, teacher:40:cfg1.5 or teacher:40:cfg1.5:refine0.5:above0.5")
 
 
 def parse_sampling(parts: list[str]) -> TeacherSampling:
@@ -76,16 +80,35 @@ def parse_sampling(parts: list[str]) -> TeacherSampling:
     return TeacherSampling(**opts, interval=(above, 1.0))
 
 
-def parse_method(method: str) -> tuple[str, int, TeacherSampling | None]:
-    """'bicubic' | 'realesrgan' | 'student:N' | 'teacher:N[:cfgW][:refineT][:aboveT]' -> (kind, steps, how the
-    teacher is sampled, None for the others); SystemExit otherwise. ``cfgW``: guidance w (against the negative
-    prompt); ``refineT``: first Euler step from 1 straight to T; ``aboveT``: guidance only at steps with t > T."""
+def parse_student(parts: list[str]) -> dict:
+    """The student options ['refineT', 'endpoint' | 'average'] (any of them, each once) -> the ``StudentSampling``
+    fields they set (the others stay the model's own); ValueError otherwise."""
+    opts = {}
+    for part in parts:
+        if part.startswith("refine") and "refine_t" not in opts:
+            opts["refine_t"] = float(part[len("refine"):])
+        elif part in JUMPS and "jump" not in opts:
+            opts["jump"] = part
+        else:
+            raise ValueError(part)
+    StudentSampling(**opts)  # the values' ranges
+    return opts
+
+
+def parse_method(method: str) -> tuple[str, int, TeacherSampling | dict | None]:
+    """'bicubic' | 'realesrgan' | 'student:N[:refineT][:endpoint|:average]' | 'teacher:N[:cfgW][:refineT][:aboveT]'
+    -> (kind, steps, how): for a teacher the ``TeacherSampling``, for a student the ``StudentSampling`` fields that
+    replace its config's (``parse_student``), None for the others; SystemExit otherwise. ``cfgW``: guidance w
+    (against the negative prompt); ``refineT``: first step from 1 straight to T; ``aboveT``: guidance only at steps
+    with t > T."""
     kind, *rest = method.split(":")
     try:
         if kind in ("bicubic", "realesrgan") and not rest:
             return kind, 0 if kind == "bicubic" else 1, None
-        if kind == "student" and len(rest) <= 1:
-            return kind, int(rest[0]) if rest else 1, None
+        if kind == "student":
+            steps = int(rest[0]) if rest else 1
+            if steps >= 1:
+                return kind, steps, parse_student(rest[1:])
         if kind == "teacher":
             steps = int(rest[0]) if rest else 1
             if steps >= 1:
@@ -156,7 +179,9 @@ def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: in
         sec = 0.0 if fresh else sec
     nfe = steps + (1 if restored is not None else 0)  # R counts as one network pass
     if kind == "student":
-        out = upscale_rgb(student, x.to(dev), steps=steps, seed=seed, tile=tile, restored=restored)
+        sampling = dataclasses.replace(StudentSampling.of(student.cfg), **how) if how else None
+        out = upscale_rgb(student, x.to(dev), steps=steps, seed=seed, tile=tile, restored=restored,
+                          student_sampling=sampling)
         return finish(out), nfe, sec
     out = upscale_rgb(teacher, x.to(dev), steps=steps, seed=seed, tile=tile, teacher_guidance=how,
                       restored=restored)

@@ -40,6 +40,7 @@ from mfsr_fast.loading import (  # noqa: F401  (re-exported: the names callers i
     resolve_dtype,
     restorer_of,
 )
+from mfsr_fast.meanflow import StudentSampling
 from mfsr_fast.model import MFSRTransformer
 from mfsr_fast.tiling import (  # noqa: F401  (lr_condition, _bicubic: re-exported)
     RowSink,
@@ -107,10 +108,13 @@ def color_fix(out: torch.Tensor, ref: torch.Tensor, method: str) -> torch.Tensor
 def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, seed: int = 0, tile: int | None = None,
                 overlap: int | None = None, progress: Callable[[int, int], None] | None = None,
                 teacher_guidance: float | TeacherSampling | None = None, tile_batch: int | None = None,
-                restored: torch.Tensor | None = None) -> torch.Tensor:
+                restored: torch.Tensor | None = None, student_sampling: StudentSampling | None = None
+                ) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] on the model's device -> (B, 3, 4H, 4W), tiled when larger than ``tile`` LR pixels.
     ``teacher_guidance=w`` samples the model as a flow-matching teacher (Euler, CFG w at every step of a uniform
     grid; 1: no guidance); a ``guidance.TeacherSampling`` sets the grid and the guidance interval too.
+    ``student_sampling`` (a ``meanflow.StudentSampling``) replaces the grid and the jumps a student takes (default:
+    its config's ``refine_t`` and ``jump``).
     ``tile_batch``: tiles per model call (default ``auto_tile_batch``); the result does not depend on it beyond
     rounding, nor on the tile size through the noise (drawn per block from the seed and the position:
     ``tiling.noise_window``). A restorer-conditioned model runs its restorer band by band, each band as the whole
@@ -119,12 +123,17 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
     B, _, H, W = rgb.shape
     if teacher_guidance is not None:
         teacher_guidance = as_sampling(teacher_guidance)  # a wrong type fails here, before any tile runs
+        if student_sampling is not None:
+            raise ValueError("student_sampling is for a student's jumps; with teacher_guidance pass a TeacherSampling")
+    if student_sampling is not None and not isinstance(student_sampling, StudentSampling):
+        raise TypeError(f"student_sampling must be a StudentSampling, got {type(student_sampling).__name__}")
     tile = tile or auto_tile(model, rgb.device)
     group = tile_batch or auto_tile_batch(model, rgb.device, tile)
     while True:
         try:
             gen = _rows(model, rgb, steps=steps, seed=seed, tile=tile, overlap=overlap, progress=progress,
-                        teacher_guidance=teacher_guidance, tile_batch=group, restored=restored)
+                        teacher_guidance=teacher_guidance, tile_batch=group, restored=restored,
+                        student_sampling=student_sampling)
             out = torch.cat([rows for _, rows in gen], dim=2)
             break
         except torch.OutOfMemoryError as e:

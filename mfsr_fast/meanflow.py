@@ -10,7 +10,8 @@ u(z_t, r, t) = 1 / (t - r) * int_r^t v(z_s, s) ds for r <= t.
   works through DDP / FSDP wrappers and costs a fraction of the host time); ``"jvp"``: ONE ``torch.func.jvp`` whose
   primal output is back-propagated; ``"split"``: the JVP under no_grad and u from an ordinary forward.
 - ``adaptive_loss``: per-sample squared error L, weighted by 1 / stopgrad((L + c) ** p).
-- ``sample``: z_r = z_t - (t - r) * u(z_t, r, t) on a decreasing grid 1 = t_0 > ... > t_N = 0.
+- ``sample``: z_r = z_t - (t - r) * u(z_t, r, t) on a decreasing grid 1 = t_0 > ... > t_N = 0 (``jump="average"``),
+  or z_r = z_t - (t - r) * u(z_t, 0, t) (``jump="endpoint"``: every jump aims at the one-step estimate from z_t).
 
 Caution:
 - ``fn`` must be a pure function of (z, t, r): no in-place updates of captured state (e.g. BatchNorm running stats),
@@ -20,6 +21,7 @@ Caution:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -116,14 +118,47 @@ def time_grid(steps: int, *, refine_t: float = 0.0, device=None, dtype=torch.flo
     return torch.cat([torch.ones(1, device=device, dtype=dtype), tail])
 
 
+JUMPS = ("average", "endpoint")
+
+
+@dataclass(frozen=True)
+class StudentSampling:
+    """How a student takes its N steps: the grid (``time_grid``'s ``refine_t``) and the kind of jump (``sample``'s
+    ``jump``). A model's own comes from its config (``MFSRConfig.refine_t`` and ``.jump``, ``of``); evaluation can
+    try others without exporting a model."""
+
+    refine_t: float = 0.0
+    jump: str = "average"
+
+    def __post_init__(self):
+        if not 0.0 <= self.refine_t < 1.0:
+            raise ValueError(f"refine_t must be in [0, 1), got {self.refine_t}")
+        if self.jump not in JUMPS:
+            raise ValueError(f"jump must be one of {JUMPS}, got {self.jump!r}")
+
+    @classmethod
+    def of(cls, cfg) -> StudentSampling:
+        return cls(refine_t=cfg.refine_t, jump=cfg.jump)
+
+    def grid(self, steps: int, device=None) -> torch.Tensor:
+        return time_grid(steps, refine_t=self.refine_t, device=device)
+
+
 @torch.no_grad()
 def sample(fn: UFn, noise: torch.Tensor, *, steps: int = 1, timesteps: Sequence[float] | torch.Tensor | None = None,
-           callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Integrate from t = 1 (noise) to t = 0 with average-velocity jumps z_r = z_t - (t - r) u(z_t, r, t).
+           callback: Callable[[int, torch.Tensor], None] | None = None, jump: str = "average") -> torch.Tensor:
+    """Integrate from t = 1 (noise) to t = 0 in jumps t -> r along a decreasing grid.
 
     ``steps`` picks a uniform grid; ``timesteps`` gives any strictly decreasing grid from 1 to 0 instead.
-    One step is x = e - u(e, r=0, t=1).
+    ``jump="average"`` (MeanFlow's own): z_r = z_t - (t - r) u(z_t, r, t), the average velocity over [r, t].
+    ``jump="endpoint"``: z_r = z_t - (t - r) u(z_t, 0, t): each jump asks for the one-step estimate
+    x = z_t - t u(z_t, 0, t) and moves to the point at r of the straight line from x through z_t, i.e.
+    z_r = (r / t) z_t + (1 - r / t) x (a deterministic DDIM step on the one-step estimate). Both give the same
+    one step x = e - u(e, 0, 1); they differ from 2 steps on, where the jumps that stop at r > 0 ask different
+    questions of the student (benchmarks/RESULTS.md: jumps that stop at a large r come out smoother).
     """
+    if jump not in JUMPS:
+        raise ValueError(f"jump must be one of {JUMPS}, got {jump!r}")
     grid = time_grid(steps, device=noise.device) if timesteps is None else torch.as_tensor(
         timesteps, dtype=torch.float32, device=noise.device)
     if grid.dim() != 1 or grid.numel() < 2 or not bool((grid[1:] < grid[:-1]).all()):
@@ -136,7 +171,7 @@ def sample(fn: UFn, noise: torch.Tensor, *, steps: int = 1, timesteps: Sequence[
     for i in range(grid.numel() - 1):
         t = grid[i].to(tdtype).expand(B)
         r = grid[i + 1].to(tdtype).expand(B)
-        u = fn(z, t, r)
+        u = fn(z, t, r if jump == "average" else torch.zeros_like(r))
         z = z - _bcast(t - r, z).to(z.dtype) * u
         if callback is not None:
             callback(i, z)

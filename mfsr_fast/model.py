@@ -108,6 +108,10 @@ class MFSRConfig:
     # (0, 1) makes the first jump go from t = 1 to refine_t and the other N - 1 steps split [refine_t, 0] evenly, so
     # steps 2..N refine the one-step image from a little noise instead of re-entering mid t.
     refine_t: float = 0.0
+    # The multi-step jumps (``meanflow.sample``): "average" (MeanFlow's z_r = z_t - (t - r) u(z_t, r, t)) or "endpoint"
+    # (z_r = z_t - (t - r) u(z_t, 0, t): every jump aims at the one-step estimate from where it starts). One step is
+    # the same either way.
+    jump: str = "average"
     # > 0: a convolutional head that sees across patches. The read-out gives each model-space pixel ``conv_head``
     # feature channels beside its output; two 3 x 3 convolutions over both add a correction to the output (the
     # second zero-initialised). A linear read-out per token alone leaves a step at every patch edge (the patch grid
@@ -413,6 +417,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         restorer: str = "",
         residual_scale: float = 0.0,
         refine_t: float = 0.0,
+        jump: str = "average",
         conv_head: int = 0,
     ):
         # Keyword arguments mirror MFSRConfig field by field: diffusers' ConfigMixin reads the signature.

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from mfsr_fast.meanflow import JUMPS
+
 
 def check_inputs(model, z, lr, t, r, context, pooled):
     """Clear ValueErrors for a caller's mistakes in ``model(z, lr, t, r, context, pooled)``, before anything deep can
@@ -114,6 +116,8 @@ def check_config(cfg) -> None:
         raise ValueError(f"conv_head must be >= 0, got {cfg.conv_head}")
     if not 0.0 <= cfg.refine_t < 1.0:
         raise ValueError(f"refine_t must be in [0, 1), got {cfg.refine_t}")
+    if cfg.jump not in JUMPS:
+        raise ValueError(f"jump must be one of {JUMPS}, got {cfg.jump!r}")
     if cfg.codec not in ("sd3-vae", "pixel4"):
         raise ValueError(f"codec must be 'sd3-vae' or 'pixel4', got {cfg.codec!r}")
     if cfg.learned_prompts > 0 and cfg.context_dim <= 0:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mfsr_fast.codec import VAECodec
 from mfsr_fast.guidance import TeacherSampling, sample_teacher
 from mfsr_fast.loading import MODEL_SCALE, codec_of, restorer_of
-from mfsr_fast.meanflow import sample, time_grid
+from mfsr_fast.meanflow import StudentSampling, sample
 from mfsr_fast.model import MFSRTransformer
 
 NOISE_BLOCK = 64  # latent cells per side of one independently seeded noise block
@@ -358,11 +358,12 @@ def lr_condition(model: MFSRTransformer, codec, lr: torch.Tensor, restored: torc
 
 @torch.inference_mode()
 def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, steps: int,
-             teacher_guidance: float | TeacherSampling | None = None, restored: torch.Tensor | None = None
-             ) -> torch.Tensor:
+             teacher_guidance: float | TeacherSampling | None = None, restored: torch.Tensor | None = None,
+             student_sampling: StudentSampling | None = None) -> torch.Tensor:
     """lr (B, 3, h, w) in [0, 1], h and w multiples of ``_lr_multiple``; noise (B, C, 4h / f, 4w / f) in the codec's
     space; ``restored`` R(lr) (B, 3, 4h, 4w) for restorer-conditioned models: -> (B, 3, 4h, 4w). A student takes
-    MeanFlow jumps; with ``teacher_guidance`` (a weight w or a ``TeacherSampling``) the model is sampled as a teacher
+    MeanFlow jumps (``student_sampling``, default the model's own: ``StudentSampling.of(model.cfg)``); with
+    ``teacher_guidance`` (a weight w or a ``TeacherSampling``) the model is sampled as a teacher
     (Euler steps of the guided velocity).
     The flow runs in the model's space (``to_flow``: a scaled residual over R(LR) for residual models)."""
     codec = codec_of(model)
@@ -383,7 +384,8 @@ def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, step
             return shifted_call(lambda zz, cc: model.field(zz, cc, t.expand(B), r.expand(B), ctx, pooled), z, c,
                                 shift, model.cfg.patch_size)
 
-        y = sample(fn, noise.to(dtype), timesteps=time_grid(steps, refine_t=model.cfg.refine_t, device=noise.device))
+        how = student_sampling or StudentSampling.of(model.cfg)
+        y = sample(fn, noise.to(dtype), timesteps=how.grid(steps, device=noise.device), jump=how.jump)
     return codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
 
 
@@ -476,7 +478,7 @@ def _prepare(model: MFSRTransformer, rgb: torch.Tensor, restored: torch.Tensor |
 
 def _rows(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int, seed: int, tile: int | None, overlap: int | None,
           progress, teacher_guidance: float | TeacherSampling | None, tile_batch: int | None,
-          restored: torch.Tensor | None):
+          restored: torch.Tensor | None, student_sampling: StudentSampling | None = None):
     """The rows generator of the padded image's x4 output: see ``tiling.tile_rows``."""
     device = rgb.device
     codec = codec_of(model)
@@ -485,7 +487,7 @@ def _rows(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int, seed: int, t
     group = tile_batch or auto_tile_batch(model, device, tile)
 
     def run(lr, noise, r):
-        return _sr_tile(model, lr, noise, steps, teacher_guidance, r)
+        return _sr_tile(model, lr, noise, steps, teacher_guidance, r, student_sampling)
 
     return tile_rows(run, rgb, scale=MODEL_SCALE, cells_per_px=MODEL_SCALE / codec.factor,
                      channels=codec.latent_channels, seed=seed, tile=tile, overlap=overlap,

@@ -192,6 +192,31 @@ def test_sampler_grid_and_validation():
         sample(lambda z, t, r: z, torch.zeros(1, 1), timesteps=[0.0, 1.0])
     with pytest.raises(ValueError):
         sample(lambda z, t, r: z, torch.zeros(1, 1), steps=0)
+    with pytest.raises(ValueError, match="jump must be"):
+        sample(lambda z, t, r: z, torch.zeros(1, 1), steps=2, jump="midpoint")
     with pytest.raises(ValueError, match="mode"):
         meanflow_target(lambda z, t, r: z, torch.zeros(1, 1), torch.ones(1), torch.zeros(1), torch.zeros(1, 1),
                         mode="bad")
+
+
+def test_endpoint_jumps_ask_for_the_one_step_velocity():
+    """jump="endpoint": every jump asks u(z_t, 0, t) and moves (t - r) along it; one step is the same as "average"."""
+    asked = []
+
+    def u(z, t, r):
+        asked.append(round(float(r[0]), 6))
+        return torch.zeros_like(z) + (10 * t + r)[:, None]
+
+    grid = [1.0, 0.5, 0.0]
+    avg = sample(u, torch.zeros(1, 1), timesteps=grid)
+    end = sample(u, torch.zeros(1, 1), timesteps=grid, jump="endpoint")
+    assert asked == [0.5, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(avg, torch.tensor([[-(0.5 * 10.5 + 0.5 * 5)]]))
+    torch.testing.assert_close(end, torch.tensor([[-(0.5 * 10 + 0.5 * 5)]]))
+    torch.testing.assert_close(sample(u, torch.ones(1, 1), steps=1, jump="endpoint"), sample(u, torch.ones(1, 1)))
+    # Geometry: the jump lands on the straight line from the one-step estimate x = z - t u(z, 0, t) through z.
+    g = torch.Generator().manual_seed(3)
+    z0, x_hat = torch.randn(4, 2, generator=g), torch.randn(4, 2, generator=g)
+    to_x = lambda z, t, r: (z - x_hat) / t[:, None]  # noqa: E731  (u(z, 0, t) = (z - x) / t for any r asked)
+    z_r = sample(to_x, z0, timesteps=[0.8, 0.3], jump="endpoint")
+    torch.testing.assert_close(z_r, 0.3 / 0.8 * z0 + (1 - 0.3 / 0.8) * x_hat)

@@ -102,7 +102,8 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
     for bad in ("teacher:40:1.5", "student:x", "bicubic:2", "magic"):
         with pytest.raises(SystemExit, match="unknown method"):
             evaluate.main(["--data", str(tmp_path), "--methods", f"bicubic,{bad}"])
-    for bad in ("teacher:40:cfg1.5:cfg2", "teacher:0", "teacher:4:refine1.5", "teacher:4:above2", "teacher:4:fast"):
+    for bad in ("teacher:40:cfg1.5:cfg2", "teacher:0", "teacher:4:refine1.5", "teacher:4:above2", "teacher:4:fast",
+                "student:0", "student:2:refine1", "student:2:endpoint:average", "student:2:fast", "teacher:2:endpoint"):
         with pytest.raises(SystemExit, match="unknown method"):
             evaluate.parse_method(bad)
     plain = evaluate.parse_method("teacher:40:cfg1.5")
@@ -110,6 +111,11 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
     kind, steps, how = evaluate.parse_method("teacher:40:cfg1.5:refine0.5:above0.5")
     assert (kind, steps, how) == ("teacher", 40, TeacherSampling(guidance=1.5, refine_t=0.5, interval=(0.5, 1.0)))
     assert how.nfe(40) == 41  # only the step from t = 1 lies above 0.5 on that grid: two passes there, one elsewhere
+    # A student's options replace only what they name; the rest stays the model's own.
+    assert evaluate.parse_method("student:2") == ("student", 2, {})
+    assert evaluate.parse_method("student:4:endpoint") == ("student", 4, {"jump": "endpoint"})
+    assert evaluate.parse_method("student:2:refine0.25:endpoint") == ("student", 2, {"refine_t": 0.25,
+                                                                                      "jump": "endpoint"})
 
 
 def test_evaluate_a_dit4sr_teacher_with_prompts_and_vae(tmp_path):

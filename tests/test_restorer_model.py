@@ -63,21 +63,36 @@ def test_restored_image_is_used_and_checked(restorer_dir):
 
 
 def test_multi_step_sampling_follows_the_models_refine_grid(restorer_dir, monkeypatch):
-    """upscale runs the student on the grid its config stores (refine_t), the teacher on the uniform Euler grid."""
+    """upscale runs the student on the grid and the jumps its config stores (refine_t, jump) unless a
+    StudentSampling replaces them; the teacher on the uniform Euler grid."""
     from mfsr_fast import inference, tiling
+    from mfsr_fast.meanflow import StudentSampling
 
     seen = []
     real = tiling.sample
 
-    def spy(fn, noise, *, steps=1, timesteps=None, callback=None):
-        seen.append([round(float(t), 6) for t in timesteps])
-        return real(fn, noise, steps=steps, timesteps=timesteps, callback=callback)
+    def spy(fn, noise, *, steps=1, timesteps=None, callback=None, jump="average"):
+        seen.append(([round(float(t), 6) for t in timesteps], jump))
+        return real(fn, noise, steps=steps, timesteps=timesteps, callback=callback, jump=jump)
 
     monkeypatch.setattr(tiling, "sample", spy)  # what each tile's sampling calls
     x = torch.rand(1, 3, 8, 8)
     inference.upscale_rgb(_model(refine_t=0.06), x, steps=4)
     inference.upscale_rgb(_model(), x, steps=2)
-    assert seen == [[1.0, 0.06, 0.04, 0.02, 0.0], [1.0, 0.5, 0.0]]
+    end = randomize_(_model(refine_t=0.25, jump="endpoint"))
+    a = inference.upscale_rgb(end, x, steps=2)
+    b = inference.upscale_rgb(end, x, steps=2, student_sampling=StudentSampling(refine_t=0.25))
+    c = inference.upscale_rgb(end, x, steps=2, student_sampling=StudentSampling(refine_t=0.25, jump="endpoint"))
+    assert seen == [([1.0, 0.06, 0.04, 0.02, 0.0], "average"), ([1.0, 0.5, 0.0], "average"),
+                    ([1.0, 0.25, 0.0], "endpoint"), ([1.0, 0.25, 0.0], "average"), ([1.0, 0.25, 0.0], "endpoint")]
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+    assert (a - b).abs().max() > 1e-4  # the model's output depends on r: the two kinds of jump differ
+    with pytest.raises(TypeError, match="StudentSampling"):
+        inference.upscale_rgb(end, x, steps=2, student_sampling={"jump": "endpoint"})
+    with pytest.raises(ValueError, match="teacher_guidance"):
+        inference.upscale_rgb(end, x, steps=2, teacher_guidance=1.0, student_sampling=StudentSampling())
+    with pytest.raises(ValueError, match="jump must be"):
+        StudentSampling(jump="midpoint")
 
 
 def test_flow_space_round_trip_and_field_base():
@@ -119,6 +134,7 @@ def test_both_sources_extra_embedding_starts_at_zero():
     (dict(residual_scale=-1.0), "residual_scale"),
     (dict(prediction="x_lr"), "residual flow"),
     (dict(refine_t=1.0), "refine_t"),
+    (dict(jump="midpoint"), "jump must be"),
 ])
 def test_bad_restorer_configs_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -206,6 +222,9 @@ def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(res
     assert not os.path.exists(tmp_path / "named" / "restorer")
     assert load_model(str(tmp_path / "named")).cfg.refine_t == 0.06
     assert load_model(str(tmp_path / "exp")).cfg.refine_t == 0.0
+    assert load_model(str(tmp_path / "exp")).cfg.jump == "average"
+    assert export.main([str(tmp_path / "s"), str(tmp_path / "end"), "--no-restorer", "--jump", "endpoint"]) == 0
+    assert load_model(str(tmp_path / "end")).cfg.jump == "endpoint"
     with pytest.raises(SystemExit, match="refine_t must be in"):
         export.main([str(tmp_path / "s"), str(tmp_path / "bad"), "--refine-t", "1.5"])
     assert not os.path.exists(tmp_path / "bad")
@@ -253,6 +272,18 @@ def test_evaluate_realesrgan_method_shares_one_restored_image(restorer_dir, tmp_
     _, nfe, charge1 = evaluate.run_method("realesrgan", lr, (32, 40), None, None, 0, cache=cache, key="a")
     _, _, charge2 = evaluate.run_method("realesrgan", lr, (32, 40), None, None, 0, cache=cache, key="a")
     assert nfe == 1 and charge1 == 0.0 and charge2 == cache.seconds > 0
+    # A student method's options reach the sampler: student:2:refine0.25:endpoint is that StudentSampling.
+    from mfsr_fast.inference import upscale_rgb
+    from mfsr_fast.meanflow import StudentSampling
+
+    student = randomize_(_model(refine_t=0.06))
+    x = torch.from_numpy(lr).permute(2, 0, 1)[None].float() / 255
+    want = upscale_rgb(student, x, steps=2, student_sampling=StudentSampling(refine_t=0.25, jump="endpoint"))
+    got, nfe, _ = evaluate.run_method("student:2:refine0.25:endpoint", lr, (32, 40), student, None, 0, cache=cache,
+                                      key="a")
+    plain, _, _ = evaluate.run_method("student:2", lr, (32, 40), student, None, 0, cache=cache, key="a")
+    np.testing.assert_array_equal(got, evaluate._to_uint8(want))
+    assert nfe == 3 and np.abs(got.astype(int) - plain).max() > 0
 
 
 def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir, tmp_path, capsys, monkeypatch):

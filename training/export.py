@@ -64,11 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refine-t", type=float, default=None, help="store this multi-step sampling grid in the "
                     "exported config (MFSRConfig.refine_t: first jump to refine_t, then equal steps; 0: uniform); "
                     "default: keep the run's")
+    ap.add_argument("--jump", choices=("average", "endpoint"), default=None, help="store this kind of multi-step "
+                    "jump in the exported config (MFSRConfig.jump: 'average' is MeanFlow's u(z, r, t), 'endpoint' "
+                    "asks u(z, 0, t) at every jump); default: keep the run's")
     args = ap.parse_args(argv)
     from mfsr_fast.model import MFSRTransformer
 
     src = find_weights(args.run)
-    overrides = {} if args.refine_t is None else {"refine_t": args.refine_t}
+    overrides = {k: v for k, v in (("refine_t", args.refine_t), ("jump", args.jump)) if v is not None}
     try:
         model = MFSRTransformer.from_pretrained(src, low_cpu_mem_usage=False, torch_dtype=torch.float32,
                                                 **overrides)
