@@ -40,7 +40,7 @@ import torch
 from mfsr_fast.convert import load_teacher
 from mfsr_fast.guidance import TeacherSampling, guided_velocity
 from mfsr_fast.inference import lr_condition
-from mfsr_fast.meanflow import adaptive_loss, meanflow_target, pair_t_r
+from mfsr_fast.meanflow import JUMPS, adaptive_loss, meanflow_target, pair_t_r
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
 from training import engine
@@ -70,6 +70,9 @@ class DistillConfig(engine.TrainConfig):
     # > 0: the multi-step sampling grid (MFSRConfig.refine_t) stored in the student's config from the start, so the
     # run's samples (--sample-every), checkpoints and exports use it; 0: the teacher's (export --refine-t overrides).
     refine_t: float = 0.0
+    # "average" | "endpoint": the kind of multi-step jump (MFSRConfig.jump, meanflow.sample) stored in the student's
+    # config from the start, as refine_t; "": the teacher's (export --jump overrides).
+    jump: str = ""
     # A folder of the teacher's many-step samples (python -m training.trajectories): each step adds a regression of
     # the student's one step from a stored noise onto the teacher's sample from it, weighted trajectory_weight,
     # over trajectory_batch pairs drawn from the folder (per rank).
@@ -314,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--jvp-mode jvp cannot run under DDP (torch.func.jvp cannot take the wrapper): use split")
     if not 0.0 <= cfg.refine_t < 1.0:
         raise SystemExit(f"--refine-t must be in [0, 1), got {cfg.refine_t}")
+    if cfg.jump not in ("", *JUMPS):
+        raise SystemExit(f"--jump must be one of {', '.join(JUMPS)}, got {cfg.jump!r}")
     if cfg.teacher_dtype not in ("auto", "float32", "bfloat16"):
         raise SystemExit(f"--teacher-dtype must be auto, float32 or bfloat16, got {cfg.teacher_dtype!r}")
     teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema, cfg.prompts, cfg.norm_k_bug, cfg.lr_conv_scale)
@@ -322,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.refine_t > 0:  # sampling only: the training target does not use it
         student.register_to_config(refine_t=cfg.refine_t)
         student.cfg = dataclasses.replace(student.cfg, refine_t=cfg.refine_t)
+    if cfg.jump:
+        student.register_to_config(jump=cfg.jump)
+        student.cfg = dataclasses.replace(student.cfg, jump=cfg.jump)
     if frozen_prompts:  # embeddings of a text encoder: conditioning, not weights to learn
         student.prompt_context.requires_grad_(False)
         if student.prompt_pooled is not None:
