@@ -343,6 +343,9 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
         build(str(tmp_path / "bad"), **{**kw, "sampling": "cfg1.5:sideways"})
     with pytest.raises(SystemExit, match="holds 3 samples"):
         build(str(tmp_path / "bad"), **{**kw, "count": 4})
+    with pytest.raises(SystemExit, match="--device: device 'warp'"):
+        build(str(tmp_path / "bad"), **{**kw, "device": "warp"})
+    assert not os.path.exists(tmp_path / "bad")
 
     cfg = distill.DistillConfig(pool=str(tmp_path / "pool"), crop=32, batch_size=2, loss_p=0.0, guidance=1.0,
                                 teacher=str(tmp_path / "t"), trajectories=str(out), trajectory_batch=3)

@@ -50,10 +50,10 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling: str, seed: int = 0,
-          batch: int = 16, shard: int = 128, teacher_ema: bool = True, threads: int = 0) -> str:
+          batch: int = 16, shard: int = 128, teacher_ema: bool = True, threads: int = 0, device: str = "cpu") -> str:
     from mfsr_fast.evaluate import parse_sampling
     from mfsr_fast.guidance import sample_teacher
-    from mfsr_fast.inference import lr_condition
+    from mfsr_fast.inference import lr_condition, resolve_device
     from training import engine
     from training.distill import resolve_teacher
     from training.pool import Pool
@@ -73,7 +73,11 @@ def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling
         raise SystemExit(f"--count {count}: the pool {pool} holds {len(source)} samples")
     if threads > 0:
         torch.set_num_threads(threads)
-    model = resolve_teacher(teacher, teacher_ema).float().eval().requires_grad_(False)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
+    model = resolve_teacher(teacher, teacher_ema).float().eval().requires_grad_(False).to(dev)
     if not model.needs_restorer:
         raise SystemExit("--teacher: this builder is for restorer-conditioned teachers (a pool holds R(LR))")
     codec = engine.codec_for(model)
@@ -109,10 +113,10 @@ def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling
         for i in range(0, len(idx), batch):
             items = [source[j] for j in idx[i:i + batch]]
             hr, lr, restored = (torch.stack(x) for x in zip(*items))
-            c = lr_condition(model, codec, lr, restored)
-            shape = tuple(model.to_flow(codec.encode(hr), c).shape[1:])
-            e = torch.stack([noise_for(seed, j, shape) for j in idx[i:i + batch]])
-            x = sample_teacher(model, c, e.float(), steps=steps, guidance=how)
+            c = lr_condition(model, codec, lr.to(dev), restored.to(dev))
+            shape = tuple(model.to_flow(codec.encode(hr.to(dev)), c).shape[1:])
+            e = torch.stack([noise_for(seed, j, shape) for j in idx[i:i + batch]])  # drawn on the CPU: any device
+            x = sample_teacher(model, c, e.float().to(dev), steps=steps, guidance=how).cpu()
             parts["noise"].append(e)
             parts["sample"].append(x.half())
             parts["lr"].append((lr * 255).round().to(torch.uint8))
@@ -163,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16, help="samples per teacher pass")
     ap.add_argument("--shard", type=int, default=128, help="samples per shard file")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where the teacher runs: cpu, cuda, cuda:N or auto (default: "
+                    "%(default)s); the noise is drawn on the CPU, so the stored pairs do not depend on it")
     args = ap.parse_args(argv)
     build(args.out, pool=args.pool, teacher=args.teacher, count=args.count, steps=args.steps,
           sampling=args.sampling, seed=args.seed, batch=args.batch, shard=args.shard,
-          teacher_ema=args.teacher_ema, threads=args.threads)
+          teacher_ema=args.teacher_ema, threads=args.threads, device=args.device)
     return 0
 
 
