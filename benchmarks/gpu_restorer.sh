@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Issue 16 on one GPU, in one call of about 8 minutes: the restorer-conditioned chain of the embedded default
+# (`make train-default`), trained several times longer than the CPU recipe, with the texture students of
+# benchmarks/RESULTS.md (ninth and tenth sessions) beside each other. Stages, each with a time limit:
+#   1. the `tiny-r` teacher for TEACHER_MIN minutes of training on CUDA: fresh degraded 128 px crops of DATA every
+#      step, degraded and restored (Real-ESRGAN x4plus) on the GPU; at the same time a pool of POOL crops
+#      (training.pool, R on the GPU) for the next stage;
+#   2. the teacher's 40-step samples on the pool (training.trajectories --device cuda; the sampler that meets issue
+#      16's teacher targets, evaluate's teacher:40:cfg1.25:refine0.5:above0.5);
+#   3. two students side by side for STUDENT_MIN minutes each, both regressing onto the teacher's samples blended
+#      with the embedded default's one step (--trajectory-anchor default --trajectory-mix MIX):
+#      "line": --trajectory-refine 0.25 --trajectory-line 0.25 on the default's grid (refine_t 0.06, average jumps);
+#      "endpoint": --trajectory-line 0.5 with endpoint jumps on a grid from 0.25 (--jump endpoint --refine-t 0.25);
+#   4. export of the teacher and both students (without the restorer's weights, which the set-up installs).
+# Evaluation runs afterwards on the CPU machine, where all 93 DRealSR pairs and Real-ESRGAN's row are (the HR images
+# do not fit beside the restorer in a call's 64 MiB): untar the model folders into runs/ and run, for example,
+#   python -m mfsr_fast.evaluate --data ../shared/data/eval/drealsr_x4 --border 0 --teacher runs/gpu-teacher \
+#     --model runs/gpu-line --methods realesrgan,student:1,student:2,student:4,student:2:refine0.25:endpoint \
+#     --niqe-params ../shared/data/metrics/niqe_pris_params.npz --per-image runs/gpu-line.csv
+# Prepare the call with benchmarks/gpu_restorer_prep.sh (wheels, a share of the training images in .gpudata/, the
+# device tool's carry list). DATA defaults to .gpudata/train, else ../shared/data/train.
+# Out (${OUT:-/tmp/mfsr_gpu_restorer}): logs.tar.gz (logs and JSON) and model-teacher.tar, model-line.tar,
+# model-endpoint.tar (each about 13 MB, under the 16 MB a returned file may have).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${OUT:-/tmp/mfsr_gpu_restorer}"
+W="${WORK:-/tmp/mfsr_restorer}"
+if [ -d .gpudata/train ]; then DATA="${DATA:-.gpudata/train}"; else DATA="${DATA:-../shared/data/train}"; fi
+TEACHER_MIN="${TEACHER_MIN:-3}"
+STUDENT_MIN="${STUDENT_MIN:-1.5}"
+BATCH="${BATCH:-64}"  # the teacher's and the students' MeanFlow batch (the CPU recipe: 16)
+TRAJ_BATCH="${TRAJ_BATCH:-16}"  # stored pairs per student step (the CPU runs: 8)
+POOL="${POOL:-2048}"  # crops with the teacher's 40-step samples
+POOL_LIMIT="${POOL_LIMIT:-300}"  # seconds for the pool, built while the teacher trains
+MIX="${MIX:-0.75}"
+DEVICE="${DEVICE:-cuda}"
+NW="${NW:-4}"
+source benchmarks/gpu_env.sh
+rm -rf "$W" && mkdir -p "$W" "$OUT_DIR"
+start=$SECONDS
+stamp() { echo "== $1 ($((SECONDS - start)) s)"; }
+"$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)'); data $DATA ($(find "$DATA" -type f | wc -l) files)"
+secs() { awk -v m="$1" 'BEGIN { printf "%d", m * 60 + 90 }'; }  # a stage's limit: its training minutes + start-up
+
+pack() {  # whatever exists, even after a stage timed out
+    (cd "$W" && find . -maxdepth 2 \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' \) -print0 \
+        | tar czf "$OUT_DIR/logs.tar.gz" --null -T -)
+    for m in teacher line endpoint; do
+        [ -d "$W/model-$m" ] && tar cf "$OUT_DIR/model-$m.tar" -C "$W" "model-$m"
+    done
+}
+trap pack EXIT
+
+stamp "teacher, $TEACHER_MIN min, batch $BATCH; pool of $POOL crops beside it"
+timeout "$POOL_LIMIT" "$PY" -m training.pool --data "$DATA" --out "$W/pool" \
+    --count "$POOL" --crop 128 --degradation mild --device "$DEVICE" --shard 256 >"$W/pool.log" 2>&1 &
+pool_pid=$!
+timeout "$(secs "$TEACHER_MIN")" "$PY" -m training.teacher --preset tiny-r --data "$DATA" --output-dir "$W/teacher" \
+    --device "$DEVICE" --degrade-on device --num-workers "$NW" --batch-size "$BATCH" --max-minutes "$TEACHER_MIN" \
+    --max-steps 1000000 --ckpt-every 1000 --log-every 100 >"$W/teacher.log" 2>&1
+echo "teacher exit $?"; grep -E "reached|done:|Error|error" "$W/teacher.log" | tail -3; tail -1 "$W/teacher/log.jsonl"
+wait "$pool_pid"; echo "pool exit $?"; tail -1 "$W/pool.log"
+
+stamp "the teacher's 40-step samples on the pool"
+timeout 120 "$PY" -m training.trajectories --pool "$W/pool" --teacher "$W/teacher" --out "$W/traj40" \
+    --count "$POOL" --steps 40 --sampling cfg1.25:refine0.5:above0.5 --batch 256 --shard 512 --device "$DEVICE" \
+    >"$W/traj40.log" 2>&1
+echo "trajectories exit $?"; tail -1 "$W/traj40.log"
+
+stamp "students, $STUDENT_MIN min each, side by side"
+common=(--preset tiny-r --data "$DATA" --teacher "$W/teacher" --trajectories "$W/traj40" --trajectory-anchor default
+        --trajectory-mix "$MIX" --trajectory-batch "$TRAJ_BATCH" --guidance 1.25 --guidance-above 0.5
+        --device "$DEVICE" --degrade-on device --num-workers $(( NW / 2 > 0 ? NW / 2 : 1 )) --batch-size "$BATCH"
+        --max-minutes "$STUDENT_MIN" --max-steps 1000000 --ckpt-every 1000 --log-every 50)
+timeout "$(secs "$STUDENT_MIN")" "$PY" -m training.distill "${common[@]}" --output-dir "$W/line" \
+    --trajectory-refine 0.25 --trajectory-line 0.25 >"$W/line.log" 2>&1 &
+p1=$!
+timeout "$(secs "$STUDENT_MIN")" "$PY" -m training.distill "${common[@]}" --output-dir "$W/endpoint" \
+    --trajectory-line 0.5 --jump endpoint --refine-t 0.25 >"$W/endpoint.log" 2>&1 &
+p2=$!
+wait "$p1"; echo "line exit $?"; wait "$p2"; echo "endpoint exit $?"
+for m in line endpoint; do grep -E "reached|done:|Error" "$W/$m.log" | tail -2; tail -1 "$W/$m/log.jsonl"; done
+
+stamp "export"
+for m in teacher line endpoint; do
+    timeout 60 "$PY" -m training.export "$W/$m" "$W/model-$m" --no-restorer >>"$W/export.log" 2>&1
+    echo "export $m exit $?"
+done
+stamp "done"
