@@ -18,7 +18,10 @@
 #     --model runs/gpu-line --methods realesrgan,student:1,student:2,student:4,student:2:refine0.25:endpoint \
 #     --niqe-params ../shared/data/metrics/niqe_pris_params.npz --per-image runs/gpu-line.csv
 # Prepare the call with benchmarks/gpu_restorer_prep.sh (wheels, a share of the training images in .gpudata/, the
-# device tool's carry list). DATA defaults to .gpudata/train, else ../shared/data/train.
+# device tool's carry list). DATA defaults to .gpudata/train (9 MB: about 110 of the 571 training images, all four
+# sources; fresh crops and degradations every step), else ../shared/data/train. Smoke-tested on the CPU with small
+# settings (DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2: 147 s), not yet run on a GPU:
+# the minutes per stage are estimates; the stages' limits add up to 540 s at the defaults, inside a call's 600 s.
 # Out (${OUT:-/tmp/mfsr_gpu_restorer}): logs.tar.gz (logs and JSON) and model-teacher.tar, model-line.tar,
 # model-endpoint.tar (each about 13 MB, under the 16 MB a returned file may have).
 set -uo pipefail
@@ -31,7 +34,7 @@ STUDENT_MIN="${STUDENT_MIN:-1.5}"
 BATCH="${BATCH:-64}"  # the teacher's and the students' MeanFlow batch (the CPU recipe: 16)
 TRAJ_BATCH="${TRAJ_BATCH:-16}"  # stored pairs per student step (the CPU runs: 8)
 POOL="${POOL:-2048}"  # crops with the teacher's 40-step samples
-POOL_LIMIT="${POOL_LIMIT:-300}"  # seconds for the pool, built while the teacher trains
+POOL_LIMIT="${POOL_LIMIT:-$(awk -v m="$TEACHER_MIN" 'BEGIN { printf "%d", m * 60 + 60 }')}"  # the pool, beside the teacher
 MIX="${MIX:-0.75}"
 DEVICE="${DEVICE:-cuda}"
 NW="${NW:-4}"
@@ -41,7 +44,7 @@ start=$SECONDS
 stamp() { echo "== $1 ($((SECONDS - start)) s)"; }
 "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)'); data $DATA ($(find "$DATA" -type f | wc -l) files)"
-secs() { awk -v m="$1" 'BEGIN { printf "%d", m * 60 + 90 }'; }  # a stage's limit: its training minutes + start-up
+secs() { awk -v m="$1" 'BEGIN { printf "%d", m * 60 + 60 }'; }  # a stage's limit: its training minutes + start-up
 
 pack() {  # whatever exists, even after a stage timed out
     (cd "$W" && find . -maxdepth 2 \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' \) -print0 \
@@ -63,7 +66,7 @@ echo "teacher exit $?"; grep -E "reached|done:|Error|error" "$W/teacher.log" | t
 wait "$pool_pid"; echo "pool exit $?"; tail -1 "$W/pool.log"
 
 stamp "the teacher's 40-step samples on the pool"
-timeout 120 "$PY" -m training.trajectories --pool "$W/pool" --teacher "$W/teacher" --out "$W/traj40" \
+timeout 90 "$PY" -m training.trajectories --pool "$W/pool" --teacher "$W/teacher" --out "$W/traj40" \
     --count "$POOL" --steps 40 --sampling cfg1.25:refine0.5:above0.5 --batch 256 --shard 512 --device "$DEVICE" \
     >"$W/traj40.log" 2>&1
 echo "trajectories exit $?"; tail -1 "$W/traj40.log"
@@ -84,7 +87,7 @@ for m in line endpoint; do grep -E "reached|done:|Error" "$W/$m.log" | tail -2; 
 
 stamp "export"
 for m in teacher line endpoint; do
-    timeout 60 "$PY" -m training.export "$W/$m" "$W/model-$m" --no-restorer >>"$W/export.log" 2>&1
+    timeout 20 "$PY" -m training.export "$W/$m" "$W/model-$m" --no-restorer >>"$W/export.log" 2>&1
     echo "export $m exit $?"
 done
 stamp "done"
