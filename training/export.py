@@ -24,6 +24,7 @@ import torch
 
 from mfsr_fast.inference import find_weights
 from mfsr_fast.integrity import apply_umask
+from mfsr_fast.meanflow import JUMPS
 
 
 def _log_summary(run_dir: str) -> dict:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refine-t", type=float, default=None, help="store this multi-step sampling grid in the "
                     "exported config (MFSRConfig.refine_t: first jump to refine_t, then equal steps; 0: uniform); "
                     "default: keep the run's")
-    ap.add_argument("--jump", choices=("average", "endpoint"), default=None, help="store this kind of multi-step "
+    ap.add_argument("--jump", choices=JUMPS, default=None, help="store this kind of multi-step "
                     "jump in the exported config (MFSRConfig.jump: 'average' is MeanFlow's u(z, r, t), 'endpoint' "
                     "asks u(z, 0, t) at every jump); default: keep the run's")
     args = ap.parse_args(argv)
