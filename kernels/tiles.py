@@ -19,10 +19,12 @@ from kernels.common import INTERPRET
 # matmuls) vs 5.54 with 2 stages; backward with dkdv 32x64, 4 warps 10.1 ms vs 14.9 with 64x64, 8 warps (64x64 with 4
 # warps and 3 stages measured 8.19 ms but spills under Triton 3.9); fused forward + tangent 128x64, 8 warps, 4 stages
 # 5.43 ms GPU time (473 TFLOP/s counting its 6 matmuls; sweep of 2026-11-26, session 4). The other entries are the
-# largest spill-free tiles, not yet measured.
+# largest spill-free tiles, not yet measured, spill-free under both Triton 3.9 (here) and 3.6 (the GPU machine's:
+# benchmarks/device_env.sh): under 3.6 the tangent pass at head dim 128 spilled with 64x32 tiles (52 bytes of stores),
+# so it takes 64x16.
 ATTENTION_16 = {
     90: {"fwd": {32: (128, 64, 8, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
-         "tangent": {32: (64, 64, 8, 2), 64: (128, 64, 8, 3), 128: (64, 32, 8, 2)},
+         "tangent": {32: (64, 64, 8, 2), 64: (128, 64, 8, 3), 128: (64, 16, 8, 2)},
          "fused": {32: (64, 64, 8, 2), 64: (128, 64, 8, 4)},
          "dkdv": {32: (64, 64, 8, 2), 64: (32, 64, 4, 2), 128: (32, 64, 8, 2)},
          "dq": {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2)}},
@@ -41,7 +43,8 @@ ATTENTION_32 = {
          "dkdv": {32: (32, 16, 4, 2), 64: (32, 16, 4, 2)},
          "dq": {32: (32, 32, 4, 2), 64: (32, 32, 4, 2)}},
 }
-ATTENTION_32[80] = ATTENTION_32[90]
+# sm_80: the same, except the backward's dkdv at head dim 64 with 8 warps (4 spilled 16 bytes under Triton 3.6).
+ATTENTION_32[80] = {**ATTENTION_32[90], "dkdv": {**ATTENTION_32[90]["dkdv"], 64: (32, 16, 8, 2)}}
 GPU_FP32_HEAD_DIMS = (32, 64)
 
 
