@@ -7,11 +7,14 @@
 #      (training.pool, R on the GPU) for the next stage;
 #   2. the teacher's 40-step samples on the pool (training.trajectories --device cuda; the sampler that meets issue
 #      16's teacher targets, evaluate's teacher:40:cfg1.25:refine0.5:above0.5);
-#   3. two students side by side for STUDENT_MIN minutes each, both regressing onto the teacher's samples blended
+#   3. three students side by side for STUDENT_MIN minutes each, all regressing onto the teacher's samples blended
 #      with the embedded default's one step (--trajectory-anchor default --trajectory-mix MIX):
 #      "line": --trajectory-refine 0.25 --trajectory-line 0.25 on the default's grid (refine_t 0.06, average jumps);
 #      "endpoint": --trajectory-line 0.5 with endpoint jumps on a grid from 0.25 (--jump endpoint --refine-t 0.25);
-#   4. export of the teacher and both students (without the restorer's weights, which the set-up installs).
+#      "grown": "line" with GROW more blocks than the teacher (--grow-layers; default 4: 8 blocks, 5.8 M
+#      parameters): does more capacity cut the students' error in reproducing the teacher's samples (RESULTS.md,
+#      ninth session)? GROW=0 leaves it out;
+#   4. export of the teacher and the students (without the restorer's weights, which the set-up installs).
 # Evaluation runs afterwards on the CPU machine, where all 93 DRealSR pairs and Real-ESRGAN's row are (the HR images
 # do not fit beside the restorer in a call's 64 MiB): untar the model folders into runs/ and run, for example,
 #   python -m mfsr_fast.evaluate --data ../shared/data/eval/drealsr_x4 --border 0 --teacher runs/gpu-teacher \
@@ -22,9 +25,10 @@
 # sources; fresh crops and degradations every step), else ../shared/data/train. Smoke-tested on the CPU with small
 # settings (DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2: 147 s; also under the GPU
 # machine's Python, torch and Triton versions: benchmarks/device_env.sh smoke), not yet run on a GPU:
-# the minutes per stage are estimates; the stages' limits add up to 540 s at the defaults, inside a call's 600 s.
+# the minutes per stage are estimates; the stages' limits add up to 560 s at the defaults, inside a call's 600 s.
 # Out (${OUT:-/tmp/mfsr_gpu_restorer}): logs.tar.gz (logs and JSON) and model-teacher.tar, model-line.tar,
-# model-endpoint.tar (each about 13 MB, under the 16 MB a returned file may have).
+# model-endpoint.tar (each about 13 MB, under the 16 MB a returned file may have), model-grown.tar in parts of 15 MB
+# (model-grown.tar.part-aa, -ab: `cat model-grown.tar.part-* | tar x` joins them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-/tmp/mfsr_gpu_restorer}"
@@ -37,6 +41,7 @@ TRAJ_BATCH="${TRAJ_BATCH:-16}"  # stored pairs per student step (the CPU runs: 8
 POOL="${POOL:-2048}"  # crops with the teacher's 40-step samples
 POOL_LIMIT="${POOL_LIMIT:-$(awk -v m="$TEACHER_MIN" 'BEGIN { printf "%d", m * 60 + 60 }')}"  # the pool, beside the teacher
 MIX="${MIX:-0.75}"
+GROW="${GROW:-4}"
 DEVICE="${DEVICE:-cuda}"
 NW="${NW:-4}"
 source benchmarks/gpu_env.sh
@@ -50,8 +55,12 @@ secs() { awk -v m="$1" 'BEGIN { printf "%d", m * 60 + 60 }'; }  # a stage's limi
 pack() {  # whatever exists, even after a stage timed out
     (cd "$W" && find . -maxdepth 2 \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' \) -print0 \
         | tar czf "$OUT_DIR/logs.tar.gz" --null -T -)
-    for m in teacher line endpoint; do
-        [ -d "$W/model-$m" ] && tar cf "$OUT_DIR/model-$m.tar" -C "$W" "model-$m"
+    for m in teacher line endpoint grown; do
+        [ -d "$W/model-$m" ] || continue
+        tar cf "$OUT_DIR/model-$m.tar" -C "$W" "model-$m"
+        if [ "$(stat -c %s "$OUT_DIR/model-$m.tar")" -gt $(( 15 * 1048576 )) ]; then  # a returned file: <= 16 MB
+            split -b 15M "$OUT_DIR/model-$m.tar" "$OUT_DIR/model-$m.tar.part-" && rm "$OUT_DIR/model-$m.tar"
+        fi
     done
 }
 trap pack EXIT
@@ -72,7 +81,7 @@ timeout 90 "$PY" -m training.trajectories --pool "$W/pool" --teacher "$W/teacher
     >"$W/traj40.log" 2>&1
 echo "trajectories exit $?"; tail -1 "$W/traj40.log"
 
-stamp "students, $STUDENT_MIN min each, side by side"
+stamp "students, $STUDENT_MIN min each, side by side (grown: $GROW more blocks)"
 common=(--preset tiny-r --data "$DATA" --teacher "$W/teacher" --trajectories "$W/traj40" --trajectory-anchor default
         --trajectory-mix "$MIX" --trajectory-batch "$TRAJ_BATCH" --guidance 1.25 --guidance-above 0.5
         --device "$DEVICE" --degrade-on device --num-workers $(( NW / 2 > 0 ? NW / 2 : 1 )) --batch-size "$BATCH"
@@ -83,11 +92,19 @@ p1=$!
 timeout "$(secs "$STUDENT_MIN")" "$PY" -m training.distill "${common[@]}" --output-dir "$W/endpoint" \
     --trajectory-line 0.5 --jump endpoint --refine-t 0.25 >"$W/endpoint.log" 2>&1 &
 p2=$!
+students=(line endpoint)
+if [ "$GROW" -gt 0 ]; then
+    timeout "$(secs "$STUDENT_MIN")" "$PY" -m training.distill "${common[@]}" --output-dir "$W/grown" \
+        --trajectory-refine 0.25 --trajectory-line 0.25 --grow-layers "$GROW" >"$W/grown.log" 2>&1 &
+    p3=$!
+    students+=(grown)
+fi
 wait "$p1"; echo "line exit $?"; wait "$p2"; echo "endpoint exit $?"
-for m in line endpoint; do grep -E "reached|done:|Error" "$W/$m.log" | tail -2; tail -1 "$W/$m/log.jsonl"; done
+[ "$GROW" -gt 0 ] && { wait "$p3"; echo "grown exit $?"; }
+for m in "${students[@]}"; do grep -E "reached|done:|Error" "$W/$m.log" | tail -2; tail -1 "$W/$m/log.jsonl"; done
 
 stamp "export"
-for m in teacher line endpoint; do
+for m in teacher "${students[@]}"; do
     timeout 20 "$PY" -m training.export "$W/$m" "$W/model-$m" --no-restorer >>"$W/export.log" 2>&1
     echo "export $m exit $?"
 done

@@ -643,6 +643,62 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         self.cfg = dataclasses.replace(cfg, learned_prompts=context.shape[1])
         self.register_to_config(learned_prompts=context.shape[1])
 
+    @torch.no_grad()
+    def grown(self, extra: int) -> MFSRTransformer:
+        """A deeper model that computes exactly this one's function: ``extra`` blocks inserted before the last one,
+        each a copy of the block before it (of the last block's weights, where it is the only one; what that block
+        lacks, the context stream's output parts, as a fresh block has it) with its adaLN-Zero gates (image and
+        context streams) at zero, so that it starts as the identity and learns from there. Distillation uses it to
+        give a student more capacity than its teacher (``training.distill --grow-layers``). Image-only attention
+        layers keep their places; the copies take the copied block's kind. Same dtype and device; parameters frozen
+        or not as their originals."""
+        if extra < 0:
+            raise ValueError(f"extra must be >= 0, got {extra}")
+        n = self.cfg.num_layers
+        src = max(n - 2, 0)  # the block the copies start from
+        dual = sorted({i + (extra if i == n - 1 else 0) for i in self.cfg.dual_attention_layers}
+                      | ({*range(n - 1, n - 1 + extra)} if src in self.cfg.dual_attention_layers else set()))
+        ref = self.pos_embed.weight
+        big = type(self)(**{**dataclasses.asdict(self.cfg), "num_layers": n + extra,
+                            "dual_attention_layers": tuple(dual)})
+        nn.Module.to(big, device=ref.device, dtype=ref.dtype)  # (diffusers' to() warns on any dtype)
+
+        def source(k: str) -> str:  # the name in this model of a parameter or buffer of the grown one
+            if not k.startswith("blocks."):
+                return k
+            _, i, rest = k.split(".", 2)
+            i = int(i)
+            if n - 1 <= i < n - 1 + extra:  # a copy
+                i = src
+            elif i >= n - 1 + extra:  # the last block
+                i -= extra
+            return f"blocks.{i}.{rest}"
+
+        mine, state = self.state_dict(), {}
+        for k, v in big.state_dict().items():
+            o = mine.get(source(k))
+            copy = k.startswith("blocks.") and n - 1 <= int(k.split(".")[1]) < n - 1 + extra
+            if copy and (o is None or o.shape != v.shape):
+                state[k] = v  # the last block lacks the context stream's output parts: as a fresh block has them
+            else:
+                state[k] = mine[source(k)]
+        big.load_state_dict(state, strict=True)
+        flags = {k: p.requires_grad for k, p in self.named_parameters()}
+        for k, p in big.named_parameters():
+            p.requires_grad_(flags.get(source(k), True))
+        dim = self.cfg.num_heads * self.cfg.head_dim
+        for blk in big.blocks[n - 1:n - 1 + extra]:
+            for lin, names in ((blk.norm1, DUAL_MOD if blk.dual else IMAGE_MOD),
+                               (getattr(blk, "norm1_context", None), IMAGE_MOD)):
+                if lin is None:
+                    continue
+                for j, name in enumerate(names):
+                    if name.startswith("gate"):
+                        lin.weight[j * dim:(j + 1) * dim] = 0
+                        lin.bias[j * dim:(j + 1) * dim] = 0
+        big.kernel_backend = self.kernel_backend
+        return big
+
     def field(self, z: torch.Tensor, lr: torch.Tensor | None, t, r=None, context: torch.Tensor | None = None,
               pooled: torch.Tensor | None = None, prompt=None, tangents=None):
         """The velocity field in the model's parametrisation: u(z, r, t) (v when r = t). With ``prediction='x'``

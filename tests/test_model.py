@@ -73,6 +73,36 @@ def test_save_load_roundtrip_is_safetensors_and_exact(tmp_path):
         torch.testing.assert_close(m2(**inp), m(**inp), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layers, dual, extra, want", [
+    (2, (0,), 2, (0, 1, 2)),  # the copied block (the one before the last) is dual: so are its copies
+    (3, (0, 2), 1, (0, 3)),  # a plain copy; the dual last block moves behind it
+    (1, (), 2, ()),  # one block: copies of the last one's weights, fresh context-stream output parts
+])
+def test_grown_model_computes_the_same_function_and_tangent_and_saves(tmp_path, layers, dual, extra, want):
+    """MFSRTransformer.grown inserts zero-gated copies of the block before the last: the same u and du/dt to the bit
+    (fp64, random weights, context and LR stream), a deeper config that saves and loads, and the new blocks learn."""
+    m = micro_model(torch.float64, num_layers=layers, dual_attention_layers=dual)
+    g = m.grown(extra)
+    assert g.cfg.num_layers == layers + extra and g.cfg.dual_attention_layers == want
+    assert g.dtype == torch.float64 and len(g.blocks) == layers + extra and g.blocks[-1].last
+    inp = micro_inputs(m)
+    tangents = (torch.randn_like(inp["z"]), torch.ones_like(inp["t"]), torch.zeros_like(inp["r"]))
+    u, du = m(**inp, tangents=tangents)
+    u2, du2 = g(**inp, tangents=tangents)
+    assert torch.equal(u, u2) and torch.equal(du, du2)
+    u2.square().sum().backward()  # the zero gates get gradients: the copies start learning at once
+    assert g.blocks[layers - 1].norm1.weight.grad.abs().sum() > 0
+    g.save_pretrained(tmp_path)
+    g2 = MFSRTransformer.from_pretrained(tmp_path, torch_dtype=torch.float64)
+    assert g2.cfg == g.cfg and all(torch.equal(a, b) for a, b in zip(g.state_dict().values(),
+                                                                     g2.state_dict().values()))
+    with torch.no_grad():  # (loaded tensors may take another fp64 summation order: the last bits can move)
+        torch.testing.assert_close(g2(**inp), u.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(m.grown(0)(**inp), u.detach())
+    with pytest.raises(ValueError, match=">= 0"):
+        m.grown(-1)
+
+
 def test_every_attention_and_modulation_goes_through_kernels(monkeypatch):
     calls = {"attention": [], "adaln": []}
     real_attn, real_adaln = kernels.attention, kernels.adaln_modulate

@@ -225,6 +225,27 @@ def test_distill_from_teacher_run(images, teacher_run, tmp_path):
     assert bad.returncode != 0 and "--teacher is required" in bad.stderr
 
 
+def test_distill_grows_a_deeper_student_that_starts_as_the_teacher(images, teacher_run, tmp_path):
+    """--grow-layers 2: the student has two more blocks than the teacher, and its first step's loss is the plain
+    student's to the bit (it computes the same function until the first update)."""
+    from training.distill import resolve_teacher
+
+    teacher_dir, _ = teacher_run
+    args = ["training.distill", "--preset", "micro", "--teacher", teacher_dir, "--data", images, "--threads", "1",
+            "--max-steps", "1", "--log-every", "1"]
+    runs = {}
+    for name, extra in (("plain", []), ("grown", ["--grow-layers", "2"])):
+        res = _run(args + ["--output-dir", str(tmp_path / name)] + extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[name] = [json.loads(line) for line in open(tmp_path / name / "log.jsonl")]
+    assert runs["grown"][0]["loss"] == runs["plain"][0]["loss"]
+    depth = resolve_teacher(teacher_dir).cfg.num_layers
+    cfg = json.load(open(next((tmp_path / "grown" / "checkpoints").glob("step_*")) / "ema" / "config.json"))
+    assert cfg["num_layers"] == depth + 2
+    bad = _run(args + ["--output-dir", str(tmp_path / "bad"), "--grow-layers", "-1"])
+    assert bad.returncode != 0 and "--grow-layers must be >= 0" in bad.stderr
+
+
 def test_cli_overrides_and_bad_values(images, tmp_path):
     from training import engine
     from training.distill import PRESETS, DistillConfig

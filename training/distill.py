@@ -1,8 +1,8 @@
 """Distil a teacher into a one-step MeanFlow student: ``python -m training.distill --teacher DIR --data DIR``.
 
-The student (teacher architecture + the h = t - r embedder) starts as a copy of the teacher and learns the average
-velocity u(z_t, r, t) by the MeanFlow identity, with the teacher's guided velocity as both the target velocity and
-the JVP tangent (DESIGN section 3):
+The student (teacher architecture + the h = t - r embedder; ``--grow-layers N``: N more blocks, which start as the
+identity) starts as a copy of the teacher and learns the average velocity u(z_t, r, t) by the MeanFlow identity,
+with the teacher's guided velocity as both the target velocity and the JVP tangent (DESIGN section 3):
 
     v_T   = v(z_t, t | LR, against) + w (v(z_t, t | LR, positive) - v(z_t, t | LR, against))
     u_tgt = v_T - (t - r) (v_T . d_z u + d_t u)       (stop-gradient; one forward-mode JVP)
@@ -70,6 +70,10 @@ class DistillConfig(engine.TrainConfig):
     # > 0: the multi-step sampling grid (MFSRConfig.refine_t) stored in the student's config from the start, so the
     # run's samples (--sample-every), checkpoints and exports use it; 0: the teacher's (export --refine-t overrides).
     refine_t: float = 0.0
+    # > 0: the student gets this many more blocks than the teacher, inserted before its last one as copies of the
+    # block before it with zero adaLN-Zero gates (MFSRTransformer.grown): it starts as exactly the teacher, with more
+    # capacity to reproduce the teacher's samples (--trajectories). Its config records the depth it has.
+    grow_layers: int = 0
     # "average" | "endpoint": the kind of multi-step jump (MFSRConfig.jump, meanflow.sample) stored in the student's
     # config from the start, as refine_t; "": the teacher's (export --jump overrides).
     jump: str = ""
@@ -317,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--jvp-mode jvp cannot run under DDP (torch.func.jvp cannot take the wrapper): use split")
     if not 0.0 <= cfg.refine_t < 1.0:
         raise SystemExit(f"--refine-t must be in [0, 1), got {cfg.refine_t}")
+    if cfg.grow_layers < 0:
+        raise SystemExit(f"--grow-layers must be >= 0, got {cfg.grow_layers}")
     if cfg.jump not in ("", *JUMPS):
         raise SystemExit(f"--jump must be one of {', '.join(JUMPS)}, got {cfg.jump!r}")
     if cfg.teacher_dtype not in ("auto", "float32", "bfloat16"):
@@ -324,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema, cfg.prompts, cfg.norm_k_bug, cfg.lr_conv_scale)
     frozen_prompts = bool(cfg.prompts)
     student = copy.deepcopy(teacher).float().requires_grad_(True)  # fp32 master weights
+    if cfg.grow_layers:
+        student = student.grown(cfg.grow_layers)
     if cfg.refine_t > 0:  # sampling only: the training target does not use it
         student.register_to_config(refine_t=cfg.refine_t)
         student.cfg = dataclasses.replace(student.cfg, refine_t=cfg.refine_t)
