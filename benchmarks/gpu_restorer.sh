@@ -16,10 +16,13 @@
 #      ninth session)? GROW=0 leaves it out;
 #   4. export of the teacher and the students (without the restorer's weights, which the set-up installs).
 # Evaluation runs afterwards on the CPU machine, where all 93 DRealSR pairs and Real-ESRGAN's row are (the HR images
-# do not fit beside the restorer in a call's 64 MiB): untar the model folders into runs/ and run, for example,
-#   python -m mfsr_fast.evaluate --data ../shared/data/eval/drealsr_x4 --border 0 --teacher runs/gpu-teacher \
-#     --model runs/gpu-line --methods realesrgan,student:1,student:2,student:4,student:2:refine0.25:endpoint \
-#     --niqe-params ../shared/data/metrics/niqe_pris_params.npz --per-image runs/gpu-line.csv
+# do not fit beside the restorer in a call's 64 MiB): untar the model folders into runs/ and run all of them in one
+# table (one R(LR) per image for every row), for example
+#   python -m mfsr_fast.evaluate --data ../shared/data/eval/drealsr_x4 --border 0 --model runs/model-line \
+#     --student endpoint=runs/model-endpoint --student grown=runs/model-grown \
+#     --methods realesrgan,student:1,student:4,endpoint:1,endpoint:2,grown:1,grown:4 \
+#     --niqe-params ../shared/data/metrics/niqe_pris_params.npz --per-image runs/gpu.csv
+# (and --teacher runs/model-teacher with teacher:40:cfg1.25:refine0.5:above0.5 on a few pairs: 50 s an image here).
 # Prepare the call with benchmarks/gpu_restorer_prep.sh (wheels, a share of the training images in .gpudata/, the
 # device tool's carry list). DATA defaults to .gpudata/train (9 MB: about 110 of the 571 training images, all four
 # sources; fresh crops and degradations every step), else ../shared/data/train. Smoke-tested on the CPU with small

@@ -7,11 +7,13 @@ N - 1 equal ones) and ``:endpoint`` or ``:average`` (the kind of jump, ``meanflo
 ``student:2:refine0.25:endpoint``; ``teacher:N`` (N Euler steps, NFE N) and ``teacher:N:cfgW`` (N steps with
 guidance w against the negative prompt, NFE 2N), optionally ``:refineT`` (the first step from t = 1 straight to T,
 then N - 1 equal steps) and ``:aboveT`` (guidance only at the steps with t > T, the others one pass each), e.g.
-``teacher:40:cfg1.5:refine0.5:above0.5`` (``guidance.TeacherSampling``). For each: NFE, seconds per image, PSNR
-and SSIM (RGB and Y, ``--border`` pixels cropped, 4 by default as for x4 in the literature) and NIQE (Y, whole
-image, lower is better), as a Markdown table. ``--save-images DIR`` keeps every output to look at (the numbers alone
-can hide grain or blur), ``--per-image CSV`` each image's numbers (for paired comparisons; written as they are
-measured); ``--skip`` and ``--limit`` pick a run of pairs.
+``teacher:40:cfg1.5:refine0.5:above0.5`` (``guidance.TeacherSampling``). More students in the same run (one R(LR)
+per image for all, one table): ``--student NAME=FOLDER`` (repeatable), measured as ``NAME:N[:refineT][:jump]``
+like ``student:N``, e.g. ``--student grown=runs/gpu-grown --methods realesrgan,student:1,grown:1``. For each:
+NFE, seconds per image, PSNR and SSIM (RGB and Y, ``--border`` pixels cropped, 4 by default as for x4 in the
+literature) and NIQE (Y, whole image, lower is better), as a Markdown table. ``--save-images DIR`` keeps every
+output to look at (the numbers alone can hide grain or blur), ``--per-image CSV`` each image's numbers (for paired
+comparisons; written as they are measured); ``--skip`` and ``--limit`` pick a run of pairs.
 Restorer-conditioned models share one R(LR) per image within a run: it is computed once (timed) and its time is
 added to each such method's seconds per image, so every row's time is what that method costs on its own. With
 ``--lpips`` / ``--dists`` and ``--perceptual-weights DIR`` (local VGG16, LPIPS and DISTS weight files, see
@@ -64,7 +66,9 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 _TEACHER_OPTIONS = {"cfg": "guidance", "refine": "refine_t", "above": "above"}
 METHODS_HELP = ("bicubic, realesrgan, student:N[:refineT][:endpoint|:average], teacher:N[:cfgW][:refineT][:aboveT], "
+                "NAME:N[:refineT][:endpoint|:average] for a --student NAME=FOLDER, "
                 "e.g. student:2:refine0.25:endpoint, teacher:40:cfg1.5 or teacher:40:cfg1.5:refine0.5:above0.5")
+RESERVED = ("bicubic", "realesrgan", "student", "teacher")  # method kinds: not names of --student
 
 
 def parse_sampling(parts: list[str]) -> TeacherSampling:
@@ -95,8 +99,9 @@ def parse_student(parts: list[str]) -> dict:
     return opts
 
 
-def parse_method(method: str) -> tuple[str, int, TeacherSampling | dict | None]:
+def parse_method(method: str, names=()) -> tuple[str, int, TeacherSampling | dict | None]:
     """'bicubic' | 'realesrgan' | 'student:N[:refineT][:endpoint|:average]' | 'teacher:N[:cfgW][:refineT][:aboveT]'
+    | 'NAME:N[...]' for a NAME in ``names`` (another student, options as for 'student')
     -> (kind, steps, how): for a teacher the ``TeacherSampling``, for a student the ``StudentSampling`` fields that
     replace its config's (``parse_student``), None for the others; SystemExit otherwise. ``cfgW``: guidance w
     (against the negative prompt); ``refineT``: first step from 1 straight to T; ``aboveT``: guidance only at steps
@@ -105,7 +110,7 @@ def parse_method(method: str) -> tuple[str, int, TeacherSampling | dict | None]:
     try:
         if kind in ("bicubic", "realesrgan") and not rest:
             return kind, 0 if kind == "bicubic" else 1, None
-        if kind == "student":
+        if kind == "student" or kind in names:
             steps = int(rest[0]) if rest else 1
             if steps >= 1:
                 return kind, steps, parse_student(rest[1:])
@@ -150,9 +155,11 @@ class RestoredCache:
 
 
 def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: int, tile: int | None = None,
-               cache: RestoredCache | None = None, key: str = "") -> tuple[np.ndarray, int, float]:
+               cache: RestoredCache | None = None, key: str = "", others: dict | None = None
+               ) -> tuple[np.ndarray, int, float]:
     """(SR uint8 image, NFE, seconds to charge for R(LR) beyond this call's own time): a method that used the
-    cached R(LR) of an earlier method is charged what computing it cost; one that computed it, nothing more."""
+    cached R(LR) of an earlier method is charged what computing it cost; one that computed it, nothing more.
+    ``others``: more students by name (``NAME:N`` methods)."""
     from mfsr_fast.inference import _bicubic, restorer_of, upscale_rgb
 
     x = torch.from_numpy(np.ascontiguousarray(lr).copy()).permute(2, 0, 1)[None].float() / 255
@@ -165,11 +172,12 @@ def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: in
     def finish(out):
         return _to_uint8(_bicubic(out, (h, w)) if out.shape[-2:] != (h, w) else out)
 
-    kind, steps, how = parse_method(method)
+    others = others or {}
+    kind, steps, how = parse_method(method, others)
     if kind == "realesrgan":
         out, sec, fresh = cache.get(key, x)
         return finish(out), 1, 0.0 if fresh else sec
-    model = student if kind == "student" else teacher
+    model = teacher if kind == "teacher" else others.get(kind, student)
     if model is None:
         raise SystemExit(f"method {method}: pass --teacher DIR")
     dev = next(model.parameters()).device
@@ -178,9 +186,9 @@ def run_method(method: str, lr: np.ndarray, hr_shape, student, teacher, seed: in
         restored, sec, fresh = cache.get(key, x, restorer_of(model))
         sec = 0.0 if fresh else sec
     nfe = steps + (1 if restored is not None else 0)  # R counts as one network pass
-    if kind == "student":
-        sampling = dataclasses.replace(StudentSampling.of(student.cfg), **how) if how else None
-        out = upscale_rgb(student, x.to(dev), steps=steps, seed=seed, tile=tile, restored=restored,
+    if kind != "teacher":
+        sampling = dataclasses.replace(StudentSampling.of(model.cfg), **how) if how else None
+        out = upscale_rgb(model, x.to(dev), steps=steps, seed=seed, tile=tile, restored=restored,
                           student_sampling=sampling)
         return finish(out), nfe, sec
     out = upscale_rgb(teacher, x.to(dev), steps=steps, seed=seed, tile=tile, teacher_guidance=how,
@@ -218,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="folder with HR/ and LR/")
     ap.add_argument("--methods", default="bicubic,student:1,student:2,student:4")
     ap.add_argument("--model", default="default", help="the student: 'default' or a folder")
+    ap.add_argument("--student", action="append", default=[], metavar="NAME=FOLDER",
+                    help="another student, measured by the methods NAME:N[...] (repeatable)")
     ap.add_argument("--teacher", default=None, help="teacher run / checkpoint / model folder, or a DiT4SR / SD3.5 "
                     "transformer folder (for teacher:* methods)")
     ap.add_argument("--prompts", default=None, help="prompt-embedding file for a teacher that stores none (DiT4SR)")
@@ -283,10 +293,23 @@ def main(argv: list[str] | None = None) -> int:
         items = items[: args.limit]
     if not items:
         raise SystemExit(f"{args.data}: no pairs left after --skip {args.skip}")
+    named = {}
+    for spec in args.student:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name.isidentifier() or not folder or name in RESERVED or name in named:
+            raise SystemExit(f"--student {spec!r}: give NAME=FOLDER, NAME a new word other than "
+                             f"{', '.join(RESERVED)}")
+        named[name] = folder
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:  # a typo fails before any model loads
-        parse_method(m)
-    student = load_model(args.model, args.device) if any(m.startswith("student") for m in methods) else None
+        parse_method(m, named)
+    student = load_model(args.model, args.device) if any(m.split(":")[0] == "student" for m in methods) else None
+    others = {}
+    for name, folder in named.items():
+        try:
+            others[name] = load_model(folder, args.device)
+        except ValueError as e:
+            raise SystemExit(f"--student {name}={folder}: {e}") from None
     teacher = None
     if args.teacher:
         teacher = load_teacher(args.teacher, args.device, args.prompts, args.vae)
@@ -319,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             acc = accs[method]
             t0 = time.perf_counter()
             sr, nfes[method], charge = run_method(method, lr, hr.shape, student, teacher, args.seed, args.tile,
-                                                  cache, lr_path)
+                                                  cache, lr_path, others)
             acc["sec"].append(time.perf_counter() - t0 + charge)
             acc["psnr"].append(metrics.psnr(sr, hr, border=b))
             acc["ssim"].append(metrics.ssim(sr, hr, border=b))

@@ -116,6 +116,14 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
     assert evaluate.parse_method("student:4:endpoint") == ("student", 4, {"jump": "endpoint"})
     assert evaluate.parse_method("student:2:refine0.25:endpoint") == ("student", 2, {"refine_t": 0.25,
                                                                                       "jump": "endpoint"})
+    # Named students (--student NAME=FOLDER) take the student's options; unknown names and reserved ones are refused.
+    assert evaluate.parse_method("grown:2:endpoint", {"grown"}) == ("grown", 2, {"jump": "endpoint"})
+    with pytest.raises(SystemExit, match="unknown method"):
+        evaluate.parse_method("grown:2")
+    for bad in ("grown", "teacher=x", "student=x", "2x=y", "a=", "a=x,a=y"):
+        with pytest.raises(SystemExit, match="give NAME=FOLDER"):
+            evaluate.main(["--data", str(tmp_path), "--methods", "bicubic"]
+                          + [a for spec in bad.split(",") for a in ("--student", spec)])
 
 
 def test_evaluate_a_dit4sr_teacher_with_prompts_and_vae(tmp_path):

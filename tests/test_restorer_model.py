@@ -284,6 +284,22 @@ def test_evaluate_realesrgan_method_shares_one_restored_image(restorer_dir, tmp_
     plain, _, _ = evaluate.run_method("student:2", lr, (32, 40), student, None, 0, cache=cache, key="a")
     np.testing.assert_array_equal(got, evaluate._to_uint8(want))
     assert nfe == 3 and np.abs(got.astype(int) - plain).max() > 0
+    # A named student (--student NAME=FOLDER) runs as itself, on its own config, beside the main one.
+    other = randomize_(_model(refine_t=0.25, jump="endpoint"), seed=1)
+    named, nfe, _ = evaluate.run_method("other:2", lr, (32, 40), student, None, 0, cache=cache, key="a",
+                                        others={"other": other})
+    alone, _, _ = evaluate.run_method("student:2", lr, (32, 40), other, None, 0, cache=cache, key="a")
+    np.testing.assert_array_equal(named, alone)
+    assert nfe == 3 and np.abs(named.astype(int) - plain).max() > 0
+    other.save_pretrained(tmp_path / "other")
+    assert evaluate.main(["--data", str(tmp_path / "ev"), "--methods", "realesrgan,student:1,other:1", "--model",
+                          str(tmp_path / "m"), "--student", f"other={tmp_path / 'other'}", "--border", "0"]) == 0
+    rows = {ln.split("|")[1].strip(): ln.split("|")[4:8] for ln in capsys.readouterr().out.splitlines()
+            if ln.startswith("| ")}
+    assert rows["realesrgan"] == rows["student:1"] and rows["other:1"] != rows["student:1"]
+    with pytest.raises(SystemExit, match="--student other="):
+        evaluate.main(["--data", str(tmp_path / "ev"), "--methods", "other:1", "--student",
+                       f"other={tmp_path / 'missing'}"])
 
 
 def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir, tmp_path, capsys, monkeypatch):
