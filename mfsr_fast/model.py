@@ -651,7 +651,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         context streams) at zero, so that it starts as the identity and learns from there. Distillation uses it to
         give a student more capacity than its teacher (``training.distill --grow-layers``). Image-only attention
         layers keep their places; the copies take the copied block's kind. Same dtype and device; parameters frozen
-        or not as their originals."""
+        or not as their originals; the folder, codec and restorer it was loaded with (``mfsr_fast.loading``) kept."""
         if extra < 0:
             raise ValueError(f"extra must be >= 0, got {extra}")
         n = self.cfg.num_layers
@@ -697,6 +697,9 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
                         lin.weight[j * dim:(j + 1) * dim] = 0
                         lin.bias[j * dim:(j + 1) * dim] = 0
         big.kernel_backend = self.kernel_backend
+        for k, v in vars(self).items():  # where its companions are (folder, codec, restorer: mfsr_fast.loading)
+            if k.startswith("_mfsr_"):
+                setattr(big, k, v)
         return big
 
     def field(self, z: torch.Tensor, lr: torch.Tensor | None, t, r=None, context: torch.Tensor | None = None,

@@ -82,7 +82,9 @@ def test_grown_model_computes_the_same_function_and_tangent_and_saves(tmp_path, 
     """MFSRTransformer.grown inserts zero-gated copies of the block before the last: the same u and du/dt to the bit
     (fp64, random weights, context and LR stream), a deeper config that saves and loads, and the new blocks learn."""
     m = micro_model(torch.float64, num_layers=layers, dual_attention_layers=dual)
+    m._mfsr_dir = str(tmp_path)  # as mfsr_fast.loading marks a loaded model: where its restorer / codec are
     g = m.grown(extra)
+    assert g._mfsr_dir == str(tmp_path)
     assert g.cfg.num_layers == layers + extra and g.cfg.dual_attention_layers == want
     assert g.dtype == torch.float64 and len(g.blocks) == layers + extra and g.blocks[-1].last
     inp = micro_inputs(m)
