@@ -33,6 +33,7 @@ rc=0
 if [ "$MODE" != kernels ]; then
     compgen -G ".whl/diffusers-*.whl" >/dev/null || bash benchmarks/gpu_restorer_prep.sh
     numpy 2.5.2
+    rm -rf /tmp/mfsr_device_env_out  # (the device empties $OUT before each call: no tar of an earlier run counts)
     echo "== smoke: benchmarks/gpu_restorer.sh on the CPU in $ENV"
     PYTHON="$ENV/bin/python" DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2 NW=2 \
         OUT=/tmp/mfsr_device_env_out WORK=/tmp/mfsr_device_env_work bash benchmarks/gpu_restorer.sh || rc=1
