@@ -9,6 +9,8 @@
 #            needs numpy < 2.3: it calls int() on one-element arrays, which newer numpy refuses, so this mode installs
 #            numpy 2.2.6 first; the device never runs the interpreter) (about 7 min);
 #   all      both (the default).
+# Run it on an otherwise idle CPU: the smoke keeps the device script's stage limits, which a loaded 2-core machine can
+# overrun at these small settings (seen: the 16-crop pool stage cut at its 78 s while a test suite ran beside it).
 # ENV (default /tmp/mfsr_device_env) is kept between calls; delete it to rebuild. Downloads torch 2.11.0 and the CUDA
 # libraries its PyPI wheel depends on (about 4 GB, from PyPI only; nothing is installed outside ENV).
 set -euo pipefail
