@@ -231,8 +231,8 @@ def test_distill_grows_a_deeper_student_that_starts_as_the_teacher(images, teach
     from training.distill import resolve_teacher
 
     teacher_dir, _ = teacher_run
-    args = ["training.distill", "--preset", "micro", "--teacher", teacher_dir, "--data", images, "--threads", "1",
-            "--max-steps", "1", "--log-every", "1"]
+    base = ["training.distill", "--preset", "micro", "--teacher", teacher_dir, "--data", images, "--threads", "1"]
+    args = base + ["--max-steps", "1", "--log-every", "1"]
     runs = {}
     for name, extra in (("plain", []), ("grown", ["--grow-layers", "2"])):
         res = _run(args + ["--output-dir", str(tmp_path / name)] + extra)
@@ -244,6 +244,10 @@ def test_distill_grows_a_deeper_student_that_starts_as_the_teacher(images, teach
     assert cfg["num_layers"] == depth + 2
     bad = _run(args + ["--output-dir", str(tmp_path / "bad"), "--grow-layers", "-1"])
     assert bad.returncode != 0 and "--grow-layers must be >= 0" in bad.stderr
+    # Resuming it as another model (without --grow-layers) is a one-line error, not a state-dict traceback.
+    bad = _run(base + ["--max-steps", "2", "--output-dir", str(tmp_path / "grown"), "--resume"])
+    assert bad.returncode != 0 and "holds another model than this run builds" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_cli_overrides_and_bad_values(images, tmp_path):

@@ -327,6 +327,21 @@ def _out_of_time(deadline: float, d: Dist) -> bool:
     return late
 
 
+def _load_resumed(cfg: TrainConfig, path: str, **kw) -> int:
+    """``checkpoint.load_checkpoint`` for ``--resume`` -> its step; a checkpoint of another model than this run
+    builds (another preset, --model-overrides or --grow-layers than the run was started with) is a one-line error."""
+    try:
+        return ckpt.load_checkpoint(path, check=False, **kw)["step"]
+    except RuntimeError as e:
+        if "Error(s) in loading state_dict" not in str(e):
+            raise
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), "")
+        first = first if len(first) <= 160 else first[:157] + "..."
+        raise SystemExit(f"--resume: {path} holds another model than this run builds ({first}); resume with the "
+                         f"settings the run started with ({os.path.join(cfg.output_dir, 'config.json')}), or start "
+                         "a new --output-dir") from None
+
+
 def _resume_point(ckdir: str, main: bool) -> str | None:
     """The checkpoint ``--resume`` continues from: the newest whole one, naming the newer ones passed over; None
     where the run has none yet. A run whose checkpoints are all damaged stops instead of starting over."""
@@ -402,7 +417,7 @@ class _Run:
         resume_from = _resume_point(self.ckdir, d.main) if cfg.resume else None
         if resume_from is not None and fsdp:
             # Weights load before sharding; the optimizer state after, through torch.distributed.checkpoint.
-            self.start = ckpt.load_checkpoint(resume_from, model=model, ema=ema, check=False)["step"]
+            self.start = _load_resumed(cfg, resume_from, model=model, ema=ema)
         if fsdp:
             shard_(model, d)
             shard_(ema, d)
@@ -413,8 +428,7 @@ class _Run:
             if fsdp:
                 _set_sharded_optimizer_state(model, self.opt, self.names, ckpt.load_optimizer_state(resume_from))
             else:
-                self.start = ckpt.load_checkpoint(resume_from, model=model, optimizer=self.opt, ema=ema,
-                                                  check=False)["step"]
+                self.start = _load_resumed(cfg, resume_from, model=model, optimizer=self.opt, ema=ema)
             if d.main:
                 print(f"resumed from {resume_from} (step {self.start})", flush=True)
         if d.main:
