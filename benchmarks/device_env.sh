@@ -4,15 +4,15 @@
 # huggingface_hub 1.33.0, transformers 5.17.0; the rest as PyPI has them), and what to run in it:
 #   smoke    benchmarks/gpu_restorer.sh end to end on the CPU with small settings, diffusers installed from .whl/ as on
 #            the device (prepared by benchmarks/gpu_restorer_prep.sh): torch / Python / diffusers incompatibilities
-#            show up here instead of inside a 15-minute device budget (about 3 min);
+#            show up here instead of inside a 15-minute device budget (182-212 s here);
 #   kernels  the Triton kernels' parity tests and ahead-of-time compilation under triton 3.6 (the interpreter there
 #            needs numpy < 2.3: it calls int() on one-element arrays, which newer numpy refuses, so this mode installs
-#            numpy 2.2.6 first; the device never runs the interpreter) (about 7 min);
+#            numpy 2.2.6 first; the device never runs the interpreter) (6.1 min here);
 #   all      both (the default).
 # Run it on an otherwise idle CPU: the smoke keeps the device script's stage limits, which a loaded 2-core machine can
 # overrun at these small settings (seen: the 16-crop pool stage cut at its 78 s while a test suite ran beside it).
 # ENV (default /tmp/mfsr_device_env) is kept between calls; delete it to rebuild. Downloads torch 2.11.0 and the CUDA
-# libraries its PyPI wheel depends on (about 4 GB, from PyPI only; nothing is installed outside ENV).
+# libraries its PyPI wheel depends on (from PyPI only, about 2.5 min here; 5.1 GB installed; nothing outside ENV).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-all}"
