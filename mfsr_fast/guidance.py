@@ -74,13 +74,24 @@ def as_sampling(spec: float | TeacherSampling) -> TeacherSampling:
 def guided_velocity(model: MFSRTransformer, z: torch.Tensor, c: torch.Tensor, t: torch.Tensor,
                     w: float | torch.Tensor, against: str = "negative") -> torch.Tensor:
     """v_against + w (v_positive - v_against): one batched pass over both prompts (w = 1: no guidance, one pass).
-    ``w`` is one weight or one per sample (shape (B,), as ``TeacherSampling.weights`` gives)."""
+    ``w`` is one weight or one per sample (shape (B,), as ``TeacherSampling.weights`` gives); with per-sample
+    weights the ``against`` prompt runs on the guided samples only (one pass of B + G rows, G of them guided), and
+    an unguided sample gets v_positive itself."""
     B = z.shape[0]
     if isinstance(w, torch.Tensor):
         if w.shape != (B,):
             raise ValueError(f"per-sample guidance weights need shape ({B},), got {tuple(w.shape)}")
-        if bool((w == 1.0).all()):
+        guided = (w != 1.0).nonzero().flatten().to(z.device)
+        if guided.numel() == 0:
             w = 1.0
+        elif guided.numel() < B:
+            ctx, pooled = model.prompt(torch.tensor([PROMPT_NAMES.index("positive")] * B
+                                                    + [PROMPT_NAMES.index(against)] * guided.numel(), device=z.device))
+            tt = torch.cat([t, t[guided]])
+            v = model.field(torch.cat([z, z[guided]]), torch.cat([c, c[guided]]), tt, tt, ctx, pooled)
+            v_pos, v_neg = v[:B], v[B:]
+            wg = w.to(device=z.device, dtype=z.dtype)[guided].view(-1, *([1] * (z.dim() - 1)))
+            return v_pos.index_copy(0, guided, v_neg + wg * (v_pos[guided] - v_neg))
         else:
             w = w.to(device=z.device, dtype=z.dtype).view(B, *([1] * (z.dim() - 1)))
     if not isinstance(w, torch.Tensor) and w == 1.0:
@@ -90,8 +101,6 @@ def guided_velocity(model: MFSRTransformer, z: torch.Tensor, c: torch.Tensor, t:
     ctx, pooled = model.prompt(idx)
     tt = t.repeat(2)
     v_neg, v_pos = model.field(z.repeat(2, 1, 1, 1), c.repeat(2, 1, 1, 1), tt, tt, ctx, pooled).chunk(2)
-    if isinstance(w, torch.Tensor):  # unguided samples: v_positive itself, not v_neg + (v_pos - v_neg)
-        return torch.where(w == 1.0, v_pos, v_neg + w * (v_pos - v_neg))
     return v_neg + w * (v_pos - v_neg)
 
 

@@ -113,7 +113,8 @@ def test_upscale_takes_a_weight_or_a_sampling_and_refuses_anything_else():
 
 def test_per_sample_weights_guide_inside_the_interval_only(monkeypatch):
     """The distillation target's form: one w per sample from ``TeacherSampling.weights`` (the rule of ``weight``,
-    ends included); samples outside the interval get the positive velocity, an all-ones batch one pass."""
+    ends included); samples outside the interval get the positive velocity and no negative pass (one pass of B + G
+    rows for G guided samples), an all-ones batch one pass of B, an all-guided one of 2B."""
     how = TeacherSampling(guidance=2.5, interval=(0.5, 1.0))
     grid = how.grid(8)
     assert how.weights(grid).tolist() == [how.weight(float(t)) for t in grid]
@@ -123,12 +124,22 @@ def test_per_sample_weights_guide_inside_the_interval_only(monkeypatch):
     t = torch.tensor([0.7, 0.3], dtype=torch.float64)
     w = how.weights(t)
     pos, neg = (_field(model, z, c, t, p) for p in ("positive", "negative"))
-    v = guided_velocity(model, z, c, t, w)
-    torch.testing.assert_close(v[0], (neg + 2.5 * (pos - neg))[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(v[1], pos[1], rtol=1e-12, atol=1e-12)  # a batch of 2B, rounded as such
     seen = _count_passes(monkeypatch, model)
+    v = guided_velocity(model, z, c, t, w)
+    assert seen == [3]
+    torch.testing.assert_close(v[0], (neg + 2.5 * (pos - neg))[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v[1], pos[1], rtol=1e-12, atol=1e-12)  # a batch of B + G, rounded as such
+    t_late = torch.tensor([0.3, 0.7], dtype=torch.float64)  # the guided sample second: rows put back in order
+    v = guided_velocity(model, z, c, t_late, how.weights(t_late))
+    pos_late, neg_late = (_field(model, z, c, t_late, p) for p in ("positive", "negative"))
+    torch.testing.assert_close(v[0], pos_late[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v[1], (neg_late + 2.5 * (pos_late - neg_late))[1], rtol=1e-12, atol=1e-12)
+    del seen[:]
     torch.testing.assert_close(guided_velocity(model, z, c, t, torch.ones(2)), pos, rtol=0, atol=0)
-    assert seen == [2]
+    w_all = torch.tensor([2.5, 1.5], dtype=torch.float64)
+    torch.testing.assert_close(guided_velocity(model, z, c, t, w_all), neg + w_all.view(2, 1, 1, 1) * (pos - neg),
+                               rtol=1e-12, atol=1e-12)
+    assert seen == [2, 4]
     with pytest.raises(ValueError, match=r"per-sample guidance weights need shape \(2,\)"):
         guided_velocity(model, z, c, t, torch.ones(3))
 
