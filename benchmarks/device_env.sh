@@ -4,7 +4,8 @@
 # huggingface_hub 1.33.0, transformers 5.17.0; the rest as PyPI has them), and what to run in it:
 #   smoke    benchmarks/gpu_restorer.sh end to end on the CPU with small settings, diffusers installed from .whl/ as on
 #            the device (prepared by benchmarks/gpu_restorer_prep.sh): torch / Python / diffusers incompatibilities
-#            show up here instead of inside a 15-minute device budget (182-212 s here);
+#            show up here instead of inside a 15-minute device budget (182-212 s here with the grown student; 129-131 s
+#            with the p05 student in its place, the default now);
 #   kernels  the Triton kernels' parity tests and ahead-of-time compilation under triton 3.6 (the interpreter there
 #            needs numpy < 2.3: it calls int() on one-element arrays, which newer numpy refuses, so this mode installs
 #            numpy 2.2.6 first; the device never runs the interpreter) (6.1 min here);
@@ -39,7 +40,7 @@ if [ "$MODE" != kernels ]; then
     echo "== smoke: benchmarks/gpu_restorer.sh on the CPU in $ENV"
     PYTHON="$ENV/bin/python" DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2 NW=2 \
         OUT=/tmp/mfsr_device_env_out WORK=/tmp/mfsr_device_env_work bash benchmarks/gpu_restorer.sh || rc=1
-    for m in teacher line endpoint grown; do  # (a tar over 15 MB comes back in parts: model-$m.tar.part-*)
+    for m in teacher line endpoint p05; do  # (a tar over 15 MB comes back in parts: model-$m.tar.part-*)
         compgen -G "/tmp/mfsr_device_env_out/model-$m.tar*" >/dev/null || { echo "smoke: model-$m.tar missing"; rc=1; }
     done
 fi
