@@ -12,7 +12,8 @@
 #      "line": --trajectory-refine 0.25 --trajectory-line 0.25 on the default's grid (refine_t 0.06, average jumps);
 #      "endpoint": --trajectory-line 0.5 with endpoint jumps on a grid from 0.25 (--jump endpoint --refine-t 0.25);
 #      "p05": "line" with MeanFlow's adaptive loss weighted by 1 / (L + c)^LOSS_P (default 0.5; 1 is the others'):
-#      on the CPU (thirteenth session, RESULTS.md) 0.8 dB closer to its blended target than "line" at equal steps.
+#      on the CPU 0.8 dB closer to its blended target than "line" at equal steps with a weak teacher (thirteenth
+#      session, RESULTS.md), 0.28 dB with the default's own (fourteenth: too little to move SSIM-Y there).
 #      LOSS_P=1 leaves it out;
 #      "grown" (GROW=4, off by default): "line" with GROW more blocks than the teacher (--grow-layers; 8 blocks, 5.8 M
 #      parameters), which on the CPU ended 0.5 dB farther from its target than "line" at equal steps. Its 22 MB tar
