@@ -14,7 +14,7 @@
 #      "p05": "line" with MeanFlow's adaptive loss weighted by 1 / (L + c)^LOSS_P (default 0.5; 1 is the others'):
 #      on the CPU 0.8 dB closer to its blended target than "line" at equal steps with a weak teacher (thirteenth
 #      session, RESULTS.md), 0.28 dB with the default's own (fourteenth: too little to move SSIM-Y there).
-#      LOSS_P=1 leaves it out;
+#      The folder is named p05 whatever LOSS_P is; LOSS_P=1 leaves it out;
 #      "grown" (GROW=4, off by default): "line" with GROW more blocks than the teacher (--grow-layers; 8 blocks, 5.8 M
 #      parameters), which on the CPU ended 0.5 dB farther from its target than "line" at equal steps. Its 22 MB tar
 #      and p05's together pass the 64 MiB a call brings back: with GROW=4, set LOSS_P=1;

@@ -84,7 +84,7 @@ def guided_velocity(model: MFSRTransformer, z: torch.Tensor, c: torch.Tensor, t:
         guided = (w != 1.0).nonzero().flatten().to(z.device)
         if guided.numel() == 0:
             w = 1.0
-        elif guided.numel() < B:
+        else:  # all guided too: then B + G = 2B rows, as a scalar weight's pass
             ctx, pooled = model.prompt(torch.tensor([PROMPT_NAMES.index("positive")] * B
                                                     + [PROMPT_NAMES.index(against)] * guided.numel(), device=z.device))
             tt = torch.cat([t, t[guided]])
@@ -92,9 +92,7 @@ def guided_velocity(model: MFSRTransformer, z: torch.Tensor, c: torch.Tensor, t:
             v_pos, v_neg = v[:B], v[B:]
             wg = w.to(device=z.device, dtype=z.dtype)[guided].view(-1, *([1] * (z.dim() - 1)))
             return v_pos.index_copy(0, guided, v_neg + wg * (v_pos[guided] - v_neg))
-        else:
-            w = w.to(device=z.device, dtype=z.dtype).view(B, *([1] * (z.dim() - 1)))
-    if not isinstance(w, torch.Tensor) and w == 1.0:
+    if w == 1.0:  # a scalar from here on
         ctx, pooled = model.prompt("positive", B)
         return model.field(z, c, t, t, ctx, pooled)
     idx = torch.tensor([PROMPT_NAMES.index(against)] * B + [PROMPT_NAMES.index("positive")] * B, device=z.device)
