@@ -250,6 +250,40 @@ def test_distill_grows_a_deeper_student_that_starts_as_the_teacher(images, teach
     assert "Traceback" not in bad.stderr
 
 
+def test_distill_init_starts_from_an_existing_student(images, teacher_run, tmp_path):
+    """--init: the student starts from another student's weights and sampling grid, not the teacher's. With lr 0 the
+    run's weights stay the init student's to the bit; --refine-t still overrides its grid; a model of another
+    architecture, or no model, is a one-line error."""
+    from mfsr_fast.model import MFSRTransformer
+    from training.distill import resolve_teacher
+
+    teacher_dir, _ = teacher_run
+    base = ["training.distill", "--preset", "micro", "--teacher", teacher_dir, "--data", images, "--threads", "1",
+            "--max-steps", "1", "--log-every", "1"]
+    first = tmp_path / "first"
+    res = _run(base + ["--output-dir", str(first), "--refine-t", "0.1"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name, extra, refine in (("again", [], 0.1), ("regrid", ["--refine-t", "0.2"], 0.2)):
+        res = _run(base + ["--output-dir", str(tmp_path / name), "--init", str(first), "--lr", "0"] + extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        cfg = json.load(open(next((tmp_path / name / "checkpoints").glob("step_*")) / "model" / "config.json"))
+        assert cfg["refine_t"] == refine
+    start, again = _weights(str(first), "ema"), _weights(str(tmp_path / "again"))
+    teacher = resolve_teacher(teacher_dir).state_dict()
+    assert start.keys() == again.keys()
+    assert all(torch.equal(again[k], start[k].to(again[k].dtype)) for k in again)
+    assert any(not torch.equal(again[k], teacher[k].to(again[k].dtype)) for k in again)
+    meta = json.load(open(next((tmp_path / "again" / "checkpoints").glob("step_*")) / "trainer_state.json"))
+    assert meta["extra"]["init"] == str(first) and len(meta["extra"]["init_weights"]) == 64
+    other = MFSRTransformer.from_preset("tiny")  # the micro teacher has 1 block
+    other.save_pretrained(tmp_path / "other")
+    for path, msg in ((tmp_path / "other", "not the teacher's architecture and flow (num_layers"),
+                      (tmp_path / "nothing", "--init: model")):
+        bad = _run(base + ["--output-dir", str(tmp_path / "bad"), "--init", str(path)])
+        assert bad.returncode != 0 and msg in bad.stderr, bad.stderr[-2000:]
+        assert "Traceback" not in bad.stderr
+
+
 def test_cli_overrides_and_bad_values(images, tmp_path):
     from training import engine
     from training.distill import PRESETS, DistillConfig

@@ -100,6 +100,11 @@ class DistillConfig(engine.TrainConfig):
     # pair: 4 steps 0.22 NIQE closer to the one step in 300 steps, not all the way: RESULTS.md). refine + line <= 1;
     # the rest are one-step jumps.
     trajectory_line: float = 0.0
+    # A student folder (run, checkpoint, save_pretrained) or "default" whose weights the student starts from instead
+    # of the teacher's: fine-tune an existing student (towards --trajectories, say) rather than distil from scratch.
+    # Its architecture and flow must be the teacher's; its sampling grid (refine_t, jump) is kept unless
+    # --refine-t / --jump set one.
+    init: str = ""
 
 
 PRESETS = {
@@ -230,6 +235,33 @@ def load_anchor(cfg: DistillConfig, student: MFSRTransformer, device) -> MFSRTra
     return anchor
 
 
+# Config fields that only choose how a model is sampled: an --init student may differ from its teacher in them.
+SAMPLING_FIELDS = ("refine_t", "jump")
+
+
+def load_init(cfg: DistillConfig, student: MFSRTransformer) -> str:
+    """``--init``: the student's weights (and sampling grid) replaced by an existing student's, in place, after checking
+    that it is the teacher's architecture and flow. Returns its weights' digest ("" without --init)."""
+    if not cfg.init:
+        return ""
+    from mfsr_fast.loading import load_model
+    try:
+        init = load_model(cfg.init, device="cpu", dtype=torch.float32)
+    except ValueError as e:
+        raise SystemExit(f"--init: {e}") from None
+    differ = [f.name for f in dataclasses.fields(student.cfg)
+              if f.name not in SAMPLING_FIELDS and getattr(init.cfg, f.name) != getattr(student.cfg, f.name)]
+    if differ:
+        raise SystemExit(f"--init {cfg.init}: not the teacher's architecture and flow ("
+                         + ", ".join(f"{f} {getattr(init.cfg, f)!r} against the teacher's {getattr(student.cfg, f)!r}"
+                                     for f in differ) + ")")
+    student.load_state_dict(init.state_dict())
+    for f in SAMPLING_FIELDS:
+        student.register_to_config(**{f: getattr(init.cfg, f)})
+    student.cfg = dataclasses.replace(student.cfg, **{f: getattr(init.cfg, f) for f in SAMPLING_FIELDS})
+    return weights_digest(init)
+
+
 def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.detach().float() - b.detach().float()).pow(2).mean()
 
@@ -330,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema, cfg.prompts, cfg.norm_k_bug, cfg.lr_conv_scale)
     frozen_prompts = bool(cfg.prompts)
     student = copy.deepcopy(teacher).float().requires_grad_(True)  # fp32 master weights
+    init = load_init(cfg, student)
     if cfg.grow_layers:
         student = student.grown(cfg.grow_layers)
     if cfg.refine_t > 0:  # sampling only: the training target does not use it
@@ -357,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                         "trajectory_anchor": (os.path.abspath(cfg.trajectory_anchor) if cfg.trajectory_anchor not in
                                               ("", "default") else cfg.trajectory_anchor),
                         "trajectory_anchor_weights": weights_digest(anchor) if anchor is not None else "",
+                        "init": (os.path.abspath(cfg.init) if cfg.init not in ("", "default") else cfg.init),
+                        "init_weights": init,
                         "vae": os.path.abspath(cfg.vae) if cfg.vae else ""}, student=True)
     return 0
 
