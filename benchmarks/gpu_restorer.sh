@@ -8,7 +8,9 @@
 #   2. the teacher's 40-step samples on the pool (training.trajectories --device cuda; the sampler that meets issue
 #      16's teacher targets, evaluate's teacher:40:cfg1.25:refine0.5:above0.5);
 #   3. three students side by side for STUDENT_MIN minutes each, all regressing onto the teacher's samples blended
-#      with the embedded default's one step (--trajectory-anchor default --trajectory-mix MIX):
+#      with the embedded default's one step (--trajectory-anchor default --trajectory-mix MIX), that regression
+#      weighted TRAJ_WEIGHT (default 10; on the CPU, fifteenth session, 10 brought the one step 2.6 dB closer to its
+#      target than weight 1 at equal steps, 3 brought it 2.2 dB closer: RESULTS.md):
 #      "line": --trajectory-refine 0.25 --trajectory-line 0.25 on the default's grid (refine_t 0.06, average jumps);
 #      "endpoint": --trajectory-line 0.5 with endpoint jumps on a grid from 0.25 (--jump endpoint --refine-t 0.25);
 #      "p05": "line" with MeanFlow's adaptive loss weighted by 1 / (L + c)^LOSS_P (default 0.5; 1 is the others'):
@@ -49,6 +51,7 @@ TRAJ_BATCH="${TRAJ_BATCH:-16}"  # stored pairs per student step (the CPU runs: 8
 POOL="${POOL:-2048}"  # crops with the teacher's 40-step samples
 POOL_LIMIT="${POOL_LIMIT:-$(awk -v m="$TEACHER_MIN" 'BEGIN { printf "%d", m * 60 + 60 }')}"  # the pool, beside the teacher
 MIX="${MIX:-0.75}"
+TRAJ_WEIGHT="${TRAJ_WEIGHT:-10}"  # --trajectory-weight (the regression onto the stored samples; 1 before)
 GROW="${GROW:-0}"
 LOSS_P="${LOSS_P:-0.5}"
 DEVICE="${DEVICE:-cuda}"
@@ -92,7 +95,8 @@ echo "trajectories exit $?"; tail -1 "$W/traj40.log"
 
 stamp "students, $STUDENT_MIN min each, side by side (grown: $GROW more blocks; p05: --loss-p $LOSS_P)"
 common=(--preset tiny-r --data "$DATA" --teacher "$W/teacher" --trajectories "$W/traj40" --trajectory-anchor default
-        --trajectory-mix "$MIX" --trajectory-batch "$TRAJ_BATCH" --guidance 1.25 --guidance-above 0.5
+        --trajectory-mix "$MIX" --trajectory-batch "$TRAJ_BATCH" --trajectory-weight "$TRAJ_WEIGHT"
+        --guidance 1.25 --guidance-above 0.5
         --device "$DEVICE" --degrade-on device --num-workers $(( NW / 2 > 0 ? NW / 2 : 1 )) --batch-size "$BATCH"
         --max-minutes "$STUDENT_MIN" --max-steps 1000000 --ckpt-every 1000 --log-every 50)
 timeout "$(secs "$STUDENT_MIN")" "$PY" -m training.distill "${common[@]}" --output-dir "$W/line" \
