@@ -10,7 +10,7 @@
 #   3. three students side by side for STUDENT_MIN minutes each, all regressing onto the teacher's samples blended
 #      with the embedded default's one step (--trajectory-anchor default --trajectory-mix MIX), that regression
 #      weighted TRAJ_WEIGHT (default 10; on the CPU, fifteenth session, 10 brought the one step 2.6 dB closer to its
-#      target than weight 1 at equal steps, 3 brought it 2.2 dB closer: RESULTS.md):
+#      target than weight 1 at equal steps, 3 brought it 2.2 dB closer, 30 1.9 dB: RESULTS.md):
 #      "line": --trajectory-refine 0.25 --trajectory-line 0.25 on the default's grid (refine_t 0.06, average jumps);
 #      "endpoint": --trajectory-line 0.5 with endpoint jumps on a grid from 0.25 (--jump endpoint --refine-t 0.25);
 #      "p05": "line" with MeanFlow's adaptive loss weighted by 1 / (L + c)^LOSS_P (default 0.5; 1 is the others'):
