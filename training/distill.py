@@ -227,11 +227,9 @@ def load_anchor(cfg: DistillConfig, student: MFSRTransformer, device) -> MFSRTra
         anchor = load_model(cfg.trajectory_anchor, device=device, dtype=torch.float32)
     except ValueError as e:
         raise SystemExit(f"--trajectory-anchor: {e}") from None
-    differ = [f for f in FLOW_FIELDS if getattr(anchor.cfg, f) != getattr(student.cfg, f)]
+    differ = _differences(anchor, student, FLOW_FIELDS, "")
     if differ:
-        raise SystemExit(f"--trajectory-anchor {cfg.trajectory_anchor}: its flow is not the student's ("
-                         + ", ".join(f"{f} {getattr(anchor.cfg, f)!r} against {getattr(student.cfg, f)!r}"
-                                     for f in differ) + ")")
+        raise SystemExit(f"--trajectory-anchor {cfg.trajectory_anchor}: its flow is not the student's ({differ})")
     return anchor
 
 
@@ -249,17 +247,25 @@ def load_init(cfg: DistillConfig, student: MFSRTransformer) -> str:
         init = load_model(cfg.init, device="cpu", dtype=torch.float32)
     except ValueError as e:
         raise SystemExit(f"--init: {e}") from None
-    differ = [f.name for f in dataclasses.fields(student.cfg)
-              if f.name not in SAMPLING_FIELDS and getattr(init.cfg, f.name) != getattr(student.cfg, f.name)]
+    fields = [f.name for f in dataclasses.fields(student.cfg) if f.name not in SAMPLING_FIELDS]
+    differ = _differences(init, student, fields, "the teacher's ")
     if differ:
-        raise SystemExit(f"--init {cfg.init}: not the teacher's architecture and flow ("
-                         + ", ".join(f"{f} {getattr(init.cfg, f)!r} against the teacher's {getattr(student.cfg, f)!r}"
-                                     for f in differ) + ")")
+        raise SystemExit(f"--init {cfg.init}: not the teacher's architecture and flow ({differ})")
     student.load_state_dict(init.state_dict())
-    for f in SAMPLING_FIELDS:
-        student.register_to_config(**{f: getattr(init.cfg, f)})
-    student.cfg = dataclasses.replace(student.cfg, **{f: getattr(init.cfg, f) for f in SAMPLING_FIELDS})
+    set_config(student, **{f: getattr(init.cfg, f) for f in SAMPLING_FIELDS})
     return weights_digest(init)
+
+
+def _differences(model: MFSRTransformer, ref: MFSRTransformer, fields, whose: str) -> str:
+    """The config fields in which ``model`` differs from ``ref``, for an error message ("" where none)."""
+    return ", ".join(f"{f} {getattr(model.cfg, f)!r} against {whose}{getattr(ref.cfg, f)!r}" for f in fields
+                     if getattr(model.cfg, f) != getattr(ref.cfg, f))
+
+
+def set_config(model: MFSRTransformer, **fields) -> None:
+    """Config fields changed on a built model: in its saved config and in ``model.cfg`` alike."""
+    model.register_to_config(**fields)
+    model.cfg = dataclasses.replace(model.cfg, **fields)
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -366,11 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.grow_layers:
         student = student.grown(cfg.grow_layers)
     if cfg.refine_t > 0:  # sampling only: the training target does not use it
-        student.register_to_config(refine_t=cfg.refine_t)
-        student.cfg = dataclasses.replace(student.cfg, refine_t=cfg.refine_t)
+        set_config(student, refine_t=cfg.refine_t)
     if cfg.jump:
-        student.register_to_config(jump=cfg.jump)
-        student.cfg = dataclasses.replace(student.cfg, jump=cfg.jump)
+        set_config(student, jump=cfg.jump)
     if frozen_prompts:  # embeddings of a text encoder: conditioning, not weights to learn
         student.prompt_context.requires_grad_(False)
         if student.prompt_pooled is not None:
