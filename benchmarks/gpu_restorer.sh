@@ -54,6 +54,9 @@ MIX="${MIX:-0.75}"
 TRAJ_WEIGHT="${TRAJ_WEIGHT:-10}"  # --trajectory-weight (the regression onto the stored samples; 1 before)
 GROW="${GROW:-0}"
 LOSS_P="${LOSS_P:-0.5}"
+# p05 runs unless LOSS_P is 1 as a number (1, 1.0, 1e0 all leave it out)
+P05=$(awk -v p="$LOSS_P" 'BEGIN { if (p !~ /^[0-9.eE+-]+$/) print "bad"; else print (p + 0 != 1) }')
+[ "$P05" = bad ] && { echo "LOSS_P must be a number, got '$LOSS_P'" >&2; exit 2; }
 DEVICE="${DEVICE:-cuda}"
 NW="${NW:-4}"
 source benchmarks/gpu_env.sh
@@ -112,7 +115,7 @@ if [ "$GROW" -gt 0 ]; then
     p3=$!
     students+=(grown)
 fi
-if [ "$LOSS_P" != 1 ]; then
+if [ "$P05" = 1 ]; then
     timeout "$(secs "$STUDENT_MIN")" "$PY" -m training.distill "${common[@]}" --output-dir "$W/p05" \
         --trajectory-refine 0.25 --trajectory-line 0.25 --loss-p "$LOSS_P" >"$W/p05.log" 2>&1 &
     p4=$!
@@ -120,7 +123,7 @@ if [ "$LOSS_P" != 1 ]; then
 fi
 wait "$p1"; echo "line exit $?"; wait "$p2"; echo "endpoint exit $?"
 [ "$GROW" -gt 0 ] && { wait "$p3"; echo "grown exit $?"; }
-[ "$LOSS_P" != 1 ] && { wait "$p4"; echo "p05 exit $?"; }
+[ "$P05" = 1 ] && { wait "$p4"; echo "p05 exit $?"; }
 for m in "${students[@]}"; do grep -E "reached|done:|Error" "$W/$m.log" | tail -2; tail -1 "$W/$m/log.jsonl"; done
 
 stamp "export"
