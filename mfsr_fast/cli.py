@@ -91,7 +91,8 @@ def _out_path(rel: str, out_dir: str, suffix: str, ext: str | None, bits: int) -
 
 
 def upscale_file(path: str, out_for, model, *, scale: float, steps: int, tile: int | None = None, seed: int = 0,
-                 color_fix: str | None = None, overwrite: bool = False, protected=(), progress=None):
+                 color_fix: str | None = None, overwrite: bool = False, protected=(), progress=None,
+                 refine_t: float | None = None, jump: str | None = None):
     """Read ``path``, upscale it and write it (atomically) to ``out_for(bits)``, keeping its bit depth, alpha and
     metadata; returns (output path, ImageMeta). Everything that is the file's fault, or the machine's (out of
     memory), is an ImageError with a message for the user; the CLI and the web page (``mfsr_fast.app``) both use it.
@@ -108,7 +109,8 @@ def upscale_file(path: str, out_for, model, *, scale: float, steps: int, tile: i
         raise ImageError(f"{out_path} exists (use --overwrite to replace it)")
     try:
         res = upscale_array(arr, scale=scale, steps=steps, model=model, tile=tile, seed=seed, progress=progress,
-                            color_fix_method=color_fix, out_dtype=np.uint16 if meta.bits == 16 else np.uint8)
+                            color_fix_method=color_fix, out_dtype=np.uint16 if meta.bits == 16 else np.uint8,
+                            refine_t=refine_t, jump=jump)
     except torch.OutOfMemoryError:
         raise ImageError("out of GPU memory even at the smallest tile; try --tile 64 or --device cpu") from None
     except (MemoryError, RuntimeError) as e:  # the CPU allocator's failure is a RuntimeError
@@ -129,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-r", "--recursive", action="store_true", help="also take images in sub-folders")
     ap.add_argument("--scale", type=float, default=4.0, help="output / input size (default 4)")
     ap.add_argument("--steps", type=int, default=1, help="MeanFlow steps, 1-4 useful (default 1)")
+    ap.add_argument("--refine-t", type=float, default=None, metavar="T",
+                    help="steps 2-4: first jump from t = 1 to T, then equal ones to 0 (default: the model's own)")
+    ap.add_argument("--jump", choices=("average", "endpoint"), default=None,  # meanflow.JUMPS (no torch import here)
+                    help="steps 2-4: 'average' (MeanFlow's) or 'endpoint' jumps (default: the model's own)")
     ap.add_argument("--tile", type=int, default=None, help="LR tile side in pixels (default: from free memory)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
@@ -169,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps must be in 1..64")
     if not 0 < args.scale <= 16:
         ap.error("--scale must be in (0, 16]")
+    if args.refine_t is not None and not 0 <= args.refine_t < 1:
+        ap.error("--refine-t must be in [0, 1)")
     if args.ext and args.ext.lower().lstrip(".") not in ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"):
         ap.error(f"--ext {args.ext}: use png, jpg, webp, tif or bmp")
     def usage(msg: str) -> int:
@@ -223,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             _, meta = upscale_file(path, lambda bits, rel=rel: _out_path(rel, args.output, args.suffix, args.ext, bits),
                                    model, scale=args.scale, steps=args.steps, tile=args.tile, seed=args.seed,
-                                   color_fix=args.color_fix, overwrite=args.overwrite, protected=inputs)
+                                   color_fix=args.color_fix, overwrite=args.overwrite, protected=inputs,
+                                   refine_t=args.refine_t, jump=args.jump)
             written += 1
             for note in meta.notes:
                 tqdm.write(f"{rel}: {note}")

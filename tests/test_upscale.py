@@ -126,6 +126,40 @@ def test_tiled_matches_untiled_away_from_borders():
     assert inner.mean() < 3.0, inner.mean()  # out of 255: no seams
 
 
+def test_sampling_overrides_equal_a_model_that_samples_so(model_dir, tmp_path):
+    """``refine_t`` / ``jump`` (and the CLI's --refine-t / --jump) give what a model whose config says so gives, change
+    steps 2 and up only, and refuse bad values before anything runs."""
+    from mfsr_fast.model import MFSRTransformer
+    from training.distill import set_config
+
+    other = MFSRTransformer.from_pretrained(model_dir)
+    assert (other.cfg.refine_t, other.cfg.jump) == (0.0, "average")
+    set_config(other, refine_t=0.3, jump="endpoint")
+    other.save_pretrained(str(tmp_path / "other"))
+    img = _photo()
+    own = upscale(img, model=model_dir, steps=2)
+    over = upscale(img, model=model_dir, steps=2, refine_t=0.3, jump="endpoint")
+    assert not np.array_equal(own, over)
+    assert np.array_equal(over, upscale(img, model=str(tmp_path / "other"), steps=2))
+    assert np.array_equal(upscale(img, model=str(tmp_path / "other"), steps=2, refine_t=0.0, jump="average"), own)
+    half = upscale(img, model=model_dir, steps=2, jump="endpoint")  # the model's own grid kept
+    assert not np.array_equal(half, own) and not np.array_equal(half, over)
+    assert np.array_equal(upscale(img, model=model_dir, refine_t=0.3, jump="endpoint"), upscale(img, model=model_dir))
+    for kw, what in (({"refine_t": 1.0}, "refine_t"), ({"refine_t": True}, "refine_t"), ({"jump": "magic"}, "jump")):
+        with pytest.raises(ValueError, match=what):
+            upscale(img, model=model_dir, steps=2, **kw)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    cli = [sys.executable, "-m", "mfsr_fast", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model",
+           model_dir, "--steps", "2"]
+    r = subprocess.run([*cli, "--refine-t", "0.3", "--jump", "endpoint"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "out" / "a_x4.png") as im:
+        assert np.array_equal(np.asarray(im), over)
+    r = subprocess.run([*cli, "--refine-t", "1.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--refine-t must be in [0, 1)" in r.stderr
+
+
 def test_bad_inputs_have_clear_messages(model_dir, tmp_path, monkeypatch):
     with pytest.raises(imageio.ImageError, match="no such file"):
         upscale(str(tmp_path / "missing.png"), model=model_dir)
