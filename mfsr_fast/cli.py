@@ -92,7 +92,7 @@ def _out_path(rel: str, out_dir: str, suffix: str, ext: str | None, bits: int) -
 
 def upscale_file(path: str, out_for, model, *, scale: float, steps: int, tile: int | None = None, seed: int = 0,
                  color_fix: str | None = None, overwrite: bool = False, protected=(), progress=None,
-                 refine_t: float | None = None, jump: str | None = None):
+                 refine_t: float | None = None, jump: str | None = None, refine_side: str | None = None):
     """Read ``path``, upscale it and write it (atomically) to ``out_for(bits)``, keeping its bit depth, alpha and
     metadata; returns (output path, ImageMeta). Everything that is the file's fault, or the machine's (out of
     memory), is an ImageError with a message for the user; the CLI and the web page (``mfsr_fast.app``) both use it.
@@ -110,7 +110,7 @@ def upscale_file(path: str, out_for, model, *, scale: float, steps: int, tile: i
     try:
         res = upscale_array(arr, scale=scale, steps=steps, model=model, tile=tile, seed=seed, progress=progress,
                             color_fix_method=color_fix, out_dtype=np.uint16 if meta.bits == 16 else np.uint8,
-                            refine_t=refine_t, jump=jump)
+                            refine_t=refine_t, jump=jump, refine_side=refine_side)
     except torch.OutOfMemoryError:
         raise ImageError("out of GPU memory even at the smallest tile; try --tile 64 or --device cpu") from None
     except (MemoryError, RuntimeError) as e:  # the CPU allocator's failure is a RuntimeError
@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="steps 2-4: first jump from t = 1 to T, then equal ones to 0 (default: the model's own)")
     ap.add_argument("--jump", choices=("average", "endpoint"), default=None,  # meanflow.JUMPS (no torch import here)
                     help="steps 2-4: 'average' (MeanFlow's) or 'endpoint' jumps (default: the model's own)")
+    ap.add_argument("--refine-side", choices=("below", "above"), default=None,  # meanflow.REFINE_SIDES
+                    help="steps 2-4: equal steps below T after a first jump to it, or above it from 1 down to T "
+                    "and one jump to 0 (default: the model's own)")
     ap.add_argument("--tile", type=int, default=None, help="LR tile side in pixels (default: from free memory)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             _, meta = upscale_file(path, lambda bits, rel=rel: _out_path(rel, args.output, args.suffix, args.ext, bits),
                                    model, scale=args.scale, steps=args.steps, tile=args.tile, seed=args.seed,
                                    color_fix=args.color_fix, overwrite=args.overwrite, protected=inputs,
-                                   refine_t=args.refine_t, jump=args.jump)
+                                   refine_t=args.refine_t, jump=args.jump, refine_side=args.refine_side)
             written += 1
             for note in meta.notes:
                 tqdm.write(f"{rel}: {note}")

@@ -3,8 +3,9 @@
 DIR holds ``HR/`` and ``LR/`` (pairs matched by name, ignoring 'HR' / 'LR' tokens). Methods (``--methods``):
 ``bicubic``; ``realesrgan`` (Real-ESRGAN x4plus alone, ``mfsr_fast.restorer``); ``student:N`` (the MeanFlow student,
 N steps, NFE N, on its config's grid and jumps), optionally ``:refineT`` (another grid: the first jump to T, then
-N - 1 equal ones) and ``:endpoint`` or ``:average`` (the kind of jump, ``meanflow.sample``), e.g.
-``student:2:refine0.25:endpoint``; ``teacher:N`` (N Euler steps, NFE N) and ``teacher:N:cfgW`` (N steps with
+N - 1 equal ones; with ``:above`` the N - 1 equal ones go from 1 down to T, then one jump to 0) and ``:endpoint`` or
+``:average`` (the kind of jump, ``meanflow.sample``), e.g. ``student:2:refine0.25:endpoint`` or
+``student:4:refine0.7:endpoint:above``; ``teacher:N`` (N Euler steps, NFE N) and ``teacher:N:cfgW`` (N steps with
 guidance w against the negative prompt, NFE 2N), optionally ``:refineT`` (the first step from t = 1 straight to T,
 then N - 1 equal steps) and ``:aboveT`` (guidance only at the steps with t > T, the others one pass each), e.g.
 ``teacher:40:cfg1.5:refine0.5:above0.5`` (``guidance.TeacherSampling``). More students in the same run (one R(LR)
@@ -37,7 +38,7 @@ from PIL import Image
 
 from mfsr_fast import metrics
 from mfsr_fast.guidance import TeacherSampling
-from mfsr_fast.meanflow import JUMPS, StudentSampling
+from mfsr_fast.meanflow import JUMPS, REFINE_SIDES, StudentSampling
 
 
 def pairs(root: str) -> list[tuple[str, str]]:
@@ -65,9 +66,10 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 _TEACHER_OPTIONS = {"cfg": "guidance", "refine": "refine_t", "above": "above"}
-METHODS_HELP = ("bicubic, realesrgan, student:N[:refineT][:endpoint|:average], teacher:N[:cfgW][:refineT][:aboveT], "
-                "NAME:N[:refineT][:endpoint|:average] for a --student NAME=FOLDER, "
-                "e.g. student:2:refine0.25:endpoint, teacher:40:cfg1.5 or teacher:40:cfg1.5:refine0.5:above0.5")
+METHODS_HELP = ("bicubic, realesrgan, student:N[:refineT][:endpoint|:average][:below|:above], "
+                "teacher:N[:cfgW][:refineT][:aboveT], NAME:N[...] as student for a --student NAME=FOLDER, e.g. "
+                "student:2:refine0.25:endpoint, student:4:refine0.7:endpoint:above, teacher:40:cfg1.5 or "
+                "teacher:40:cfg1.5:refine0.5:above0.5")
 RESERVED = ("bicubic", "realesrgan", "student", "teacher")  # method kinds: not names of --student
 
 
@@ -85,14 +87,16 @@ def parse_sampling(parts: list[str]) -> TeacherSampling:
 
 
 def parse_student(parts: list[str]) -> dict:
-    """The student options ['refineT', 'endpoint' | 'average'] (any of them, each once) -> the ``StudentSampling``
-    fields they set (the others stay the model's own); ValueError otherwise."""
+    """The student options ['refineT', 'endpoint' | 'average', 'below' | 'above'] (any of them, each once) -> the
+    ``StudentSampling`` fields they set (the others stay the model's own); ValueError otherwise."""
     opts = {}
     for part in parts:
         if part.startswith("refine") and "refine_t" not in opts:
             opts["refine_t"] = float(part[len("refine"):])
         elif part in JUMPS and "jump" not in opts:
             opts["jump"] = part
+        elif part in REFINE_SIDES and "refine_side" not in opts:
+            opts["refine_side"] = part
         else:
             raise ValueError(part)
     StudentSampling(**opts)  # the values' ranges
@@ -100,7 +104,7 @@ def parse_student(parts: list[str]) -> dict:
 
 
 def parse_method(method: str, names=()) -> tuple[str, int, TeacherSampling | dict | None]:
-    """'bicubic' | 'realesrgan' | 'student:N[:refineT][:endpoint|:average]' | 'teacher:N[:cfgW][:refineT][:aboveT]'
+    """'bicubic' | 'realesrgan' | 'student:N[:refineT][:jump][:side]' | 'teacher:N[:cfgW][:refineT][:aboveT]'
     | 'NAME:N[...]' for a NAME in ``names`` (another student, options as for 'student')
     -> (kind, steps, how): for a teacher the ``TeacherSampling``, for a student the ``StudentSampling`` fields that
     replace its config's (``parse_student``), None for the others; SystemExit otherwise. ``cfgW``: guidance w

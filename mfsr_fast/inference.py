@@ -40,7 +40,7 @@ from mfsr_fast.loading import (  # noqa: F401  (re-exported: the names callers i
     resolve_dtype,
     restorer_of,
 )
-from mfsr_fast.meanflow import JUMPS, StudentSampling
+from mfsr_fast.meanflow import JUMPS, REFINE_SIDES, StudentSampling
 from mfsr_fast.model import MFSRTransformer
 from mfsr_fast.tiling import (  # noqa: F401  (lr_condition, _bicubic: re-exported)
     RowSink,
@@ -192,37 +192,44 @@ def _checked_unit(arr: np.ndarray, what: str) -> np.ndarray:
     return np.clip(arr, 0, 1).astype(np.float32, copy=False)
 
 
-def _check_sampling(refine_t, jump) -> None:
+def _check_sampling(refine_t, jump, refine_side) -> None:
     """``upscale``'s grid overrides, checked before a model loads: refine_t a real number in [0, 1) or None, jump
-    one of ``meanflow.JUMPS`` or None."""
+    one of ``meanflow.JUMPS`` or None, refine_side one of ``meanflow.REFINE_SIDES`` or None."""
     if refine_t is not None and (isinstance(refine_t, bool) or not isinstance(refine_t, numbers.Real)
                                  or not 0 <= float(refine_t) < 1):
         raise ValueError(f"refine_t must be a number in [0, 1), got {refine_t!r}")
     if jump is not None and jump not in JUMPS:
         raise ValueError(f"jump must be one of {', '.join(JUMPS)}, got {jump!r}")
+    if refine_side is not None and refine_side not in REFINE_SIDES:
+        raise ValueError(f"refine_side must be one of {', '.join(REFINE_SIDES)}, got {refine_side!r}")
 
 
-def student_sampling_for(model: MFSRTransformer, refine_t=None, jump=None) -> StudentSampling | None:
-    """The model's own grid and jumps with ``refine_t`` / ``jump`` put in where given; None where neither is."""
-    _check_sampling(refine_t, jump)
-    if refine_t is None and jump is None:
+def student_sampling_for(model: MFSRTransformer, refine_t=None, jump=None, refine_side=None
+                         ) -> StudentSampling | None:
+    """The model's own grid and jumps with ``refine_t`` / ``jump`` / ``refine_side`` put in where given; None where
+    none is."""
+    _check_sampling(refine_t, jump, refine_side)
+    if refine_t is None and jump is None and refine_side is None:
         return None
     own = StudentSampling.of(model.cfg)
-    return StudentSampling(refine_t=own.refine_t if refine_t is None else float(refine_t), jump=jump or own.jump)
+    return StudentSampling(refine_t=own.refine_t if refine_t is None else float(refine_t), jump=jump or own.jump,
+                           refine_side=refine_side or own.refine_side)
 
 
 def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="default", device=None, dtype=None,
                   tile: int | None = None, seed: int = 0, progress=None, color_fix_method: str | None = None,
-                  out_dtype=np.float32, refine_t: float | None = None, jump: str | None = None) -> np.ndarray:
+                  out_dtype=np.float32, refine_t: float | None = None, jump: str | None = None,
+                  refine_side: str | None = None) -> np.ndarray:
     """(H, W, C) float32 in [0, 1], C in 1..4 (grey, grey + alpha, RGB, RGBA) -> the upscaled array, same C, in
     ``out_dtype``: float32 in [0, 1], or uint8 / uint16 (rounded), which is what bounds memory for large images:
     the output is filled row band by row band (``tiling.RowSink``), so peak memory is the model, one row of tiles
-    and this array. ``refine_t`` / ``jump`` replace the model's own multi-step grid and kind of jump (``upscale``)."""
+    and this array. ``refine_t`` / ``jump`` / ``refine_side`` replace the model's own multi-step grid and kind of jump
+    (``upscale``)."""
     H, W, C = arr.shape
     if H < 1 or W < 1:
         raise ValueError(f"zero-size image ({W}x{H})")
     steps, scale = _check_steps_scale(steps, scale)
-    _check_sampling(refine_t, jump)
+    _check_sampling(refine_t, jump, refine_side)
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.uint16)):
         raise ValueError(f"out_dtype must be float32, uint8 or uint16, got {out_dtype}")
@@ -230,7 +237,7 @@ def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="d
         raise ValueError(f"color_fix must be None, 'wavelet' or 'adain', got {color_fix_method!r}")
     arr = _checked_unit(arr, "image")
     m = load_model(model, device, dtype)
-    sampling = student_sampling_for(m, refine_t, jump)
+    sampling = student_sampling_for(m, refine_t, jump, refine_side)
     dev = next(m.parameters()).device
     has_alpha = C in (2, 4)
     color = arr[..., : C - 1] if has_alpha else arr
@@ -279,20 +286,21 @@ def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="d
 
 def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=None, dtype=None,
             tile: int | None = None, seed: int = 0, progress=None, color_fix: str | None = None,
-            refine_t: float | None = None, jump: str | None = None):
+            refine_t: float | None = None, jump: str | None = None, refine_side: str | None = None):
     """Upscale ``image`` (path, PIL image, numpy array or torch tensor) by ``scale`` (the model's x4, then a
     high-quality resize for other factors) in ``steps`` MeanFlow steps (1 to 4 is the useful range).
 
     Returns a PIL image for path/PIL input (a uint16 numpy array for 16-bit files), otherwise the input's type.
     ``tile``: LR tile side in pixels (None: from free memory). ``progress``: True for a bar, or a callable
-    (done, total). ``color_fix``: None, 'wavelet' or 'adain' (match colours to the LR). ``refine_t`` and ``jump``
-    replace the model's own multi-step sampling (None: its ``info.json`` / config choice): the first jump goes from
-    t = 1 to ``refine_t`` and the other steps - 1 are equal ones down to 0 (0: a uniform grid), and ``jump`` is
-    'average' (MeanFlow's) or 'endpoint' (every jump aims at the one-step estimate); both change steps 2 and up only.
-    Deterministic for a seed.
+    (done, total). ``color_fix``: None, 'wavelet' or 'adain' (match colours to the LR). ``refine_t``, ``refine_side``
+    and ``jump`` replace the model's own multi-step sampling (None: its config's): with ``refine_side`` 'below' the
+    first jump goes from t = 1 to ``refine_t`` and the other steps - 1 are equal ones down to 0, with 'above' the
+    steps - 1 equal ones go from 1 down to ``refine_t`` and one jump from there to 0 (``refine_t`` 0: a uniform grid);
+    ``jump`` is 'average' (MeanFlow's) or 'endpoint' (every jump aims at the one-step estimate). They change steps 2
+    and up only. Deterministic for a seed.
     """
     kw = dict(scale=scale, steps=steps, model=model, device=device, dtype=dtype, tile=tile, seed=seed,
-              progress=progress, color_fix_method=color_fix, refine_t=refine_t, jump=jump)
+              progress=progress, color_fix_method=color_fix, refine_t=refine_t, jump=jump, refine_side=refine_side)
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):

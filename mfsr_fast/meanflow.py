@@ -105,15 +105,27 @@ def adaptive_loss(pred: torch.Tensor, target: torch.Tensor, *, p: float = 1.0, c
     return loss.mean() if reduce else loss
 
 
-def time_grid(steps: int, *, refine_t: float = 0.0, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Decreasing grid 1 = t_0 > t_1 > ... > t_N = 0 of N + 1 points: uniform, or with ``refine_t`` in (0, 1) a first
-    jump to t_1 = refine_t and N - 1 equal steps from there to 0 (for N = 1 both are [1, 0])."""
+REFINE_SIDES = ("below", "above")
+
+
+def time_grid(steps: int, *, refine_t: float = 0.0, refine_side: str = "below", device=None,
+              dtype=torch.float32) -> torch.Tensor:
+    """Decreasing grid 1 = t_0 > t_1 > ... > t_N = 0 of N + 1 points: uniform, or with ``refine_t`` in (0, 1)
+    - ``refine_side="below"``: a first jump to t_1 = refine_t, then N - 1 equal steps from there to 0;
+    - ``refine_side="above"``: N - 1 equal steps from 1 down to t_{N-1} = refine_t, then one jump to 0. With endpoint
+      jumps every step re-estimates the image from a noisier point of the one step's line, the last from refine_t.
+    For N = 1 both are [1, 0], for N = 2 both [1, refine_t, 0]."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 <= refine_t < 1.0:
         raise ValueError(f"refine_t must be in [0, 1), got {refine_t}")
+    if refine_side not in REFINE_SIDES:
+        raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {refine_side!r}")
     if refine_t == 0.0 or steps == 1:
         return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
+    if refine_side == "above":
+        head = torch.linspace(1.0, refine_t, steps, device=device, dtype=dtype)
+        return torch.cat([head, torch.zeros(1, device=device, dtype=dtype)])
     tail = torch.linspace(refine_t, 0.0, steps, device=device, dtype=dtype)
     return torch.cat([torch.ones(1, device=device, dtype=dtype), tail])
 
@@ -123,25 +135,28 @@ JUMPS = ("average", "endpoint")
 
 @dataclass(frozen=True)
 class StudentSampling:
-    """How a student takes its N steps: the grid (``time_grid``'s ``refine_t``) and the kind of jump (``sample``'s
-    ``jump``). A model's own comes from its config (``MFSRConfig.refine_t`` and ``.jump``, ``of``); evaluation can
-    try others without exporting a model."""
+    """How a student takes its N steps: the grid (``time_grid``'s ``refine_t`` and ``refine_side``) and the kind of
+    jump (``sample``'s ``jump``). A model's own comes from its config (``MFSRConfig.refine_t``, ``.refine_side`` and
+    ``.jump``, ``of``); evaluation can try others without exporting a model."""
 
     refine_t: float = 0.0
     jump: str = "average"
+    refine_side: str = "below"
 
     def __post_init__(self):
         if not 0.0 <= self.refine_t < 1.0:
             raise ValueError(f"refine_t must be in [0, 1), got {self.refine_t}")
         if self.jump not in JUMPS:
             raise ValueError(f"jump must be one of {JUMPS}, got {self.jump!r}")
+        if self.refine_side not in REFINE_SIDES:
+            raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {self.refine_side!r}")
 
     @classmethod
     def of(cls, cfg) -> StudentSampling:
-        return cls(refine_t=cfg.refine_t, jump=cfg.jump)
+        return cls(refine_t=cfg.refine_t, jump=cfg.jump, refine_side=cfg.refine_side)
 
     def grid(self, steps: int, device=None) -> torch.Tensor:
-        return time_grid(steps, refine_t=self.refine_t, device=device)
+        return time_grid(steps, refine_t=self.refine_t, refine_side=self.refine_side, device=device)
 
 
 @torch.no_grad()

@@ -112,6 +112,10 @@ class MFSRConfig:
     # (z_r = z_t - (t - r) u(z_t, 0, t): every jump aims at the one-step estimate from where it starts). One step is
     # the same either way.
     jump: str = "average"
+    # Where the N - 1 equal steps of a refine_t grid go (``meanflow.time_grid``): "below" refine_t (a first jump to it,
+    # then equal steps to 0) or "above" it (equal steps from 1 down to refine_t, then one jump to 0: with endpoint
+    # jumps, steps 2..N re-estimate the image from noisier points of the one step's line, the last from refine_t).
+    refine_side: str = "below"
     # > 0: a convolutional head that sees across patches. The read-out gives each model-space pixel ``conv_head``
     # feature channels beside its output; two 3 x 3 convolutions over both add a correction to the output (the
     # second zero-initialised). A linear read-out per token alone leaves a step at every patch edge (the patch grid
@@ -418,6 +422,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         residual_scale: float = 0.0,
         refine_t: float = 0.0,
         jump: str = "average",
+        refine_side: str = "below",
         conv_head: int = 0,
     ):
         # Keyword arguments mirror MFSRConfig field by field: diffusers' ConfigMixin reads the signature.

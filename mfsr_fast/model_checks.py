@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from mfsr_fast.meanflow import JUMPS
+from mfsr_fast.meanflow import JUMPS, REFINE_SIDES
 
 
 def check_inputs(model, z, lr, t, r, context, pooled):
@@ -118,6 +118,8 @@ def check_config(cfg) -> None:
         raise ValueError(f"refine_t must be in [0, 1), got {cfg.refine_t}")
     if cfg.jump not in JUMPS:
         raise ValueError(f"jump must be one of {JUMPS}, got {cfg.jump!r}")
+    if cfg.refine_side not in REFINE_SIDES:
+        raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {cfg.refine_side!r}")
     if cfg.codec not in ("sd3-vae", "pixel4"):
         raise ValueError(f"codec must be 'sd3-vae' or 'pixel4', got {cfg.codec!r}")
     if cfg.learned_prompts > 0 and cfg.context_dim <= 0:

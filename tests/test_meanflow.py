@@ -9,7 +9,7 @@ import torch
 from conftest import micro_inputs, micro_model
 
 from mfsr_fast import MFSRTransformer
-from mfsr_fast.meanflow import adaptive_loss, meanflow_target, sample, sample_t_r, time_grid
+from mfsr_fast.meanflow import StudentSampling, adaptive_loss, meanflow_target, sample, sample_t_r, time_grid
 
 
 class GaussianFlow:
@@ -188,6 +188,19 @@ def test_sampler_grid_and_validation():
     for bad in (-0.1, 1.0):
         with pytest.raises(ValueError, match="refine_t"):
             time_grid(2, refine_t=bad)
+    # refine_side "above": equal steps from 1 down to refine_t, then one jump to 0; the same as "below" for N <= 2
+    # and for refine_t 0 (uniform).
+    torch.testing.assert_close(time_grid(4, refine_t=0.7, refine_side="above"),
+                               torch.tensor([1.0, 0.9, 0.8, 0.7, 0.0]))
+    torch.testing.assert_close(time_grid(3, refine_t=0.5, refine_side="above"), torch.tensor([1.0, 0.75, 0.5, 0.0]))
+    for n in (1, 2):
+        torch.testing.assert_close(time_grid(n, refine_t=0.3, refine_side="above"), time_grid(n, refine_t=0.3))
+    torch.testing.assert_close(time_grid(4, refine_side="above"), time_grid(4))
+    with pytest.raises(ValueError, match="refine_side"):
+        time_grid(4, refine_t=0.5, refine_side="left")
+    assert StudentSampling(refine_t=0.7, refine_side="above").grid(4)[-2].item() == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="refine_side"):
+        StudentSampling(refine_side="middle")
     with pytest.raises(ValueError):
         sample(lambda z, t, r: z, torch.zeros(1, 1), timesteps=[0.0, 1.0])
     with pytest.raises(ValueError):

@@ -116,6 +116,11 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
     assert evaluate.parse_method("student:4:endpoint") == ("student", 4, {"jump": "endpoint"})
     assert evaluate.parse_method("student:2:refine0.25:endpoint") == ("student", 2, {"refine_t": 0.25,
                                                                                       "jump": "endpoint"})
+    assert evaluate.parse_method("student:4:refine0.7:endpoint:above") == (
+        "student", 4, {"refine_t": 0.7, "jump": "endpoint", "refine_side": "above"})
+    for bad in ("student:4:above:below", "student:4:sideways", "student:4:above0.5"):
+        with pytest.raises(SystemExit, match="unknown method"):
+            evaluate.parse_method(bad)
     # Named students (--student NAME=FOLDER) take the student's options; unknown names and reserved ones are refused.
     assert evaluate.parse_method("grown:2:endpoint", {"grown"}) == ("grown", 2, {"jump": "endpoint"})
     with pytest.raises(SystemExit, match="unknown method"):

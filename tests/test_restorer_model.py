@@ -83,8 +83,10 @@ def test_multi_step_sampling_follows_the_models_refine_grid(restorer_dir, monkey
     a = inference.upscale_rgb(end, x, steps=2)
     b = inference.upscale_rgb(end, x, steps=2, student_sampling=StudentSampling(refine_t=0.25))
     c = inference.upscale_rgb(end, x, steps=2, student_sampling=StudentSampling(refine_t=0.25, jump="endpoint"))
+    inference.upscale_rgb(_model(refine_t=0.7, jump="endpoint", refine_side="above"), x, steps=4)
     assert seen == [([1.0, 0.06, 0.04, 0.02, 0.0], "average"), ([1.0, 0.5, 0.0], "average"),
-                    ([1.0, 0.25, 0.0], "endpoint"), ([1.0, 0.25, 0.0], "average"), ([1.0, 0.25, 0.0], "endpoint")]
+                    ([1.0, 0.25, 0.0], "endpoint"), ([1.0, 0.25, 0.0], "average"), ([1.0, 0.25, 0.0], "endpoint"),
+                    ([1.0, 0.9, 0.8, 0.7, 0.0], "endpoint")]
     torch.testing.assert_close(a, c, rtol=0, atol=0)
     assert (a - b).abs().max() > 1e-4  # the model's output depends on r: the two kinds of jump differ
     with pytest.raises(TypeError, match="StudentSampling"):
@@ -93,6 +95,8 @@ def test_multi_step_sampling_follows_the_models_refine_grid(restorer_dir, monkey
         inference.upscale_rgb(end, x, steps=2, teacher_guidance=1.0, student_sampling=StudentSampling())
     with pytest.raises(ValueError, match="jump must be"):
         StudentSampling(jump="midpoint")
+    with pytest.raises(ValueError, match="refine_side must be"):
+        _model(refine_side="sideways")
 
 
 def test_flow_space_round_trip_and_field_base():
@@ -225,6 +229,11 @@ def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(res
     assert load_model(str(tmp_path / "exp")).cfg.jump == "average"
     assert export.main([str(tmp_path / "s"), str(tmp_path / "end"), "--no-restorer", "--jump", "endpoint"]) == 0
     assert load_model(str(tmp_path / "end")).cfg.jump == "endpoint"
+    assert load_model(str(tmp_path / "end")).cfg.refine_side == "below"
+    assert export.main([str(tmp_path / "s"), str(tmp_path / "up"), "--no-restorer", "--refine-t", "0.7",
+                        "--refine-side", "above"]) == 0
+    up = load_model(str(tmp_path / "up")).cfg
+    assert (up.refine_t, up.refine_side, up.jump) == (0.7, "above", "average")
     with pytest.raises(SystemExit, match="refine_t must be in"):
         export.main([str(tmp_path / "s"), str(tmp_path / "bad"), "--refine-t", "1.5"])
     assert not os.path.exists(tmp_path / "bad")

@@ -127,8 +127,8 @@ def test_tiled_matches_untiled_away_from_borders():
 
 
 def test_sampling_overrides_equal_a_model_that_samples_so(model_dir, tmp_path):
-    """``refine_t`` / ``jump`` (and the CLI's --refine-t / --jump) give what a model whose config says so gives, change
-    steps 2 and up only, and refuse bad values before anything runs."""
+    """``refine_t`` / ``jump`` / ``refine_side`` (and the CLI's --refine-t / --jump / --refine-side) give what a model
+    whose config says so gives, change steps 2 and up only, and refuse bad values before anything runs."""
     from mfsr_fast.model import MFSRTransformer
     from training.distill import set_config
 
@@ -145,7 +145,14 @@ def test_sampling_overrides_equal_a_model_that_samples_so(model_dir, tmp_path):
     half = upscale(img, model=model_dir, steps=2, jump="endpoint")  # the model's own grid kept
     assert not np.array_equal(half, own) and not np.array_equal(half, over)
     assert np.array_equal(upscale(img, model=model_dir, refine_t=0.3, jump="endpoint"), upscale(img, model=model_dir))
-    for kw, what in (({"refine_t": 1.0}, "refine_t"), ({"refine_t": True}, "refine_t"), ({"jump": "magic"}, "jump")):
+    above = MFSRTransformer.from_pretrained(model_dir)
+    set_config(above, refine_t=0.3, jump="endpoint", refine_side="above")
+    above.save_pretrained(str(tmp_path / "above"))
+    three = upscale(img, model=model_dir, steps=3, refine_t=0.3, jump="endpoint", refine_side="above")
+    assert not np.array_equal(three, upscale(img, model=model_dir, steps=3, refine_t=0.3, jump="endpoint"))
+    assert np.array_equal(three, upscale(img, model=str(tmp_path / "above"), steps=3))
+    for kw, what in (({"refine_t": 1.0}, "refine_t"), ({"refine_t": True}, "refine_t"), ({"jump": "magic"}, "jump"),
+                     ({"refine_side": "left"}, "refine_side")):
         with pytest.raises(ValueError, match=what):
             upscale(img, model=model_dir, steps=2, **kw)
     Image.fromarray(img).save(tmp_path / "a.png")
@@ -156,6 +163,11 @@ def test_sampling_overrides_equal_a_model_that_samples_so(model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     with Image.open(tmp_path / "out" / "a_x4.png") as im:
         assert np.array_equal(np.asarray(im), over)
+    r = subprocess.run([*cli, "--steps", "3", "--refine-t", "0.3", "--jump", "endpoint", "--refine-side", "above",
+                        "--suffix", "_3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with Image.open(tmp_path / "out" / "a_3.png") as im:
+        assert np.array_equal(np.asarray(im), three)
     r = subprocess.run([*cli, "--refine-t", "1.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--refine-t must be in [0, 1)" in r.stderr
 

@@ -24,7 +24,7 @@ import torch
 
 from mfsr_fast.inference import find_weights
 from mfsr_fast.integrity import apply_umask
-from mfsr_fast.meanflow import JUMPS
+from mfsr_fast.meanflow import JUMPS, REFINE_SIDES
 
 
 def _log_summary(run_dir: str) -> dict:
@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jump", choices=JUMPS, default=None, help="store this kind of multi-step "
                     "jump in the exported config (MFSRConfig.jump: 'average' is MeanFlow's u(z, r, t), 'endpoint' "
                     "asks u(z, 0, t) at every jump); default: keep the run's")
+    ap.add_argument("--refine-side", choices=REFINE_SIDES, default=None, help="where the grid's equal steps go "
+                    "(MFSRConfig.refine_side: 'below' refine_t after a first jump to it, 'above' it from 1 down to "
+                    "refine_t, then one jump to 0); default: keep the run's")
     args = ap.parse_args(argv)
     from mfsr_fast.model import MFSRTransformer
 
     src = find_weights(args.run)
-    overrides = {k: v for k, v in (("refine_t", args.refine_t), ("jump", args.jump)) if v is not None}
+    overrides = {k: v for k, v in (("refine_t", args.refine_t), ("jump", args.jump),
+                                   ("refine_side", args.refine_side)) if v is not None}
     try:
         model = MFSRTransformer.from_pretrained(src, low_cpu_mem_usage=False, torch_dtype=torch.float32,
                                                 **overrides)
