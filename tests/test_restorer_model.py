@@ -222,6 +222,7 @@ def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(res
     assert os.path.isfile(tmp_path / "exp" / "restorer" / "model.safetensors")
     info = json.load(open(tmp_path / "exp" / "info.json"))
     assert info["restorer"]["carried"] is True
+    assert info["student_run"]["step"] == info["student"]["steps"] and "teacher" in info["student_run"]
     assert export.main([str(tmp_path / "s"), str(tmp_path / "named"), "--no-restorer", "--refine-t", "0.06"]) == 0
     assert not os.path.exists(tmp_path / "named" / "restorer")
     assert load_model(str(tmp_path / "named")).cfg.refine_t == 0.06

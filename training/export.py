@@ -4,8 +4,10 @@ Takes the EMA weights of the run's newest checkpoint (or of the checkpoint folde
 ``save_pretrained`` (config.json + safetensors; the learned prompts travel inside) and an ``info.json`` with where
 they came from: the student run, its teacher, steps, wall time from the JSONL logs, and the machine. A student in SD3
 VAE latent space gets its VAE copied to ``OUT_DIR/vae`` (from ``--vae``, or the run's own ``vae`` setting), so that
-``upscale(..., model=OUT_DIR)`` finds everything in one folder. A restorer-conditioned student (DESIGN section 8)
-gets its restorer copied to ``OUT_DIR/restorer`` the same way; ``--no-restorer`` leaves it out, so the folder names
+``upscale(..., model=OUT_DIR)`` finds everything in one folder. From a checkpoint, what the run recorded beside the
+weights (its step, the teacher, the stored samples' provenance and digests, the anchor and init students) goes into
+``info.json`` as ``student_run``. A restorer-conditioned student (DESIGN section 8) gets its restorer copied to
+``OUT_DIR/restorer`` the same way; ``--no-restorer`` leaves it out, so the folder names
 the restorer (its config's ``restorer``) and finds it where the set-up installs it (the embedded default does this,
 so that the repository holds no restorer weights; ``make setup`` converts them from their released source).
 """
@@ -86,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--refine-t: {e}") from None
     info = {"source": os.path.abspath(src), "student": _log_summary(args.run),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    state = os.path.join(os.path.dirname(src), "trainer_state.json")  # src: a checkpoint's ema/ or model/ folder
+    if os.path.isfile(state):  # what the run recorded beside its weights: teacher, stored samples, anchor, init
+        recorded = json.load(open(state))
+        info["student_run"] = {"step": recorded.get("step"), **recorded.get("extra", {})}
     cfg_path = os.path.join(args.run, "config.json")
     if os.path.isfile(cfg_path):
         run_cfg = json.load(open(cfg_path))
