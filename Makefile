@@ -37,17 +37,29 @@ lint: $(STAMP)
 demo: setup
 	$(PY) -m mfsr_fast.demo
 
-# Regenerates the embedded default (mfsr_fast/weights/default) from ../shared/data/train: a pool of degraded crops
-# with Real-ESRGAN's outputs (R runs once per crop), the teacher, then the student; exported without the restorer's
-# weights (found by name where the set-up installs them), with the multi-step grid measured for it (refine_t 0.06:
-# steps 2..N refine from t = 0.06 instead of re-entering mid t, where this small model leaves grain).
+# Regenerates the embedded default (mfsr_fast/weights/default) from ../shared/data/train, about 2 h 10 min on 2 CPU
+# cores: a pool of degraded crops with Real-ESRGAN's outputs (R runs once per crop), the teacher, a first student (the
+# previous default's recipe: the anchor of the blend below), the teacher's 40-step guided samples on 1024 pool crops,
+# then the student distilled onto 0.75 x those samples + 0.25 x the anchor's one step, that regression weighted 10,
+# 600 steps. Exported without the restorer's weights (found by name where the set-up installs them), with the
+# multi-step sampler measured for it: endpoint jumps on a grid whose steps 2..N re-estimate the image from t = 1 down
+# to 0.7 (refine_side above), since jumps from small t smooth this student's texture away (benchmarks/RESULTS.md).
+# The shipped default's anchor was the previous embedded default itself (info.json: student_run); this recipe trains
+# its own, from the same commands.
 TRAIN_DATA ?= ../shared/data/train
 train-default: setup
 	$(PY) -m training.pool --data $(TRAIN_DATA) --out runs/default-pool --count 2048 --crop 128 --degradation mild
 	$(PY) -m training.teacher --preset tiny-r --pool runs/default-pool --output-dir runs/default-teacher
 	$(PY) -m training.distill --preset tiny-r --pool runs/default-pool --teacher runs/default-teacher \
-		--output-dir runs/default-student
-	$(PY) -m training.export runs/default-student mfsr_fast/weights/default --no-restorer --refine-t 0.06
+		--output-dir runs/default-anchor
+	$(PY) -m training.trajectories --out runs/default-traj40 --pool runs/default-pool --teacher runs/default-teacher \
+		--count 1024 --steps 40 --sampling cfg1.25:refine0.5:above0.5
+	$(PY) -m training.distill --preset tiny-r --pool runs/default-pool --teacher runs/default-teacher \
+		--output-dir runs/default-student --max-steps 600 --guidance 1.25 --guidance-above 0.5 \
+		--trajectories runs/default-traj40 --trajectory-anchor runs/default-anchor --trajectory-mix 0.75 \
+		--trajectory-batch 8 --trajectory-weight 10 --trajectory-refine 0.25 --trajectory-line 0.25 --sample-every 0
+	$(PY) -m training.export runs/default-student mfsr_fast/weights/default --no-restorer \
+		--refine-t 0.7 --refine-side above --jump endpoint
 
 # A wheel that works on its own: the embedded default and the restorer the set-up installed (dist/).
 wheel: setup
