@@ -16,6 +16,7 @@ half the tile (``upscale_rgb``).
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 import warnings
@@ -40,7 +41,7 @@ from mfsr_fast.loading import (  # noqa: F401  (re-exported: the names callers i
     resolve_dtype,
     restorer_of,
 )
-from mfsr_fast.meanflow import JUMPS, REFINE_SIDES, StudentSampling
+from mfsr_fast.meanflow import StudentSampling
 from mfsr_fast.model import MFSRTransformer
 from mfsr_fast.tiling import (  # noqa: F401  (lr_condition, _bicubic: re-exported)
     RowSink,
@@ -192,28 +193,23 @@ def _checked_unit(arr: np.ndarray, what: str) -> np.ndarray:
     return np.clip(arr, 0, 1).astype(np.float32, copy=False)
 
 
-def _check_sampling(refine_t, jump, refine_side) -> None:
-    """``upscale``'s grid overrides, checked before a model loads: refine_t a real number in [0, 1) or None, jump
-    one of ``meanflow.JUMPS`` or None, refine_side one of ``meanflow.REFINE_SIDES`` or None."""
-    if refine_t is not None and (isinstance(refine_t, bool) or not isinstance(refine_t, numbers.Real)
-                                 or not 0 <= float(refine_t) < 1):
+def _check_sampling(refine_t, jump, refine_side) -> dict:
+    """``upscale``'s grid overrides (None: the model's own), checked before a model loads -> the ``StudentSampling``
+    fields they set."""
+    if refine_t is not None and (isinstance(refine_t, bool) or not isinstance(refine_t, numbers.Real)):
         raise ValueError(f"refine_t must be a number in [0, 1), got {refine_t!r}")
-    if jump is not None and jump not in JUMPS:
-        raise ValueError(f"jump must be one of {', '.join(JUMPS)}, got {jump!r}")
-    if refine_side is not None and refine_side not in REFINE_SIDES:
-        raise ValueError(f"refine_side must be one of {', '.join(REFINE_SIDES)}, got {refine_side!r}")
+    given = {k: v for k, v in (("refine_t", None if refine_t is None else float(refine_t)), ("jump", jump),
+                               ("refine_side", refine_side)) if v is not None}
+    StudentSampling(**given)  # the ranges and names
+    return given
 
 
 def student_sampling_for(model: MFSRTransformer, refine_t=None, jump=None, refine_side=None
                          ) -> StudentSampling | None:
     """The model's own grid and jumps with ``refine_t`` / ``jump`` / ``refine_side`` put in where given; None where
     none is."""
-    _check_sampling(refine_t, jump, refine_side)
-    if refine_t is None and jump is None and refine_side is None:
-        return None
-    own = StudentSampling.of(model.cfg)
-    return StudentSampling(refine_t=own.refine_t if refine_t is None else float(refine_t), jump=jump or own.jump,
-                           refine_side=refine_side or own.refine_side)
+    given = _check_sampling(refine_t, jump, refine_side)
+    return dataclasses.replace(StudentSampling.of(model.cfg), **given) if given else None
 
 
 def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="default", device=None, dtype=None,
