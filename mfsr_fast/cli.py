@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale", type=float, default=4.0, help="output / input size (default 4)")
     ap.add_argument("--steps", type=int, default=1, help="MeanFlow steps, 1-4 useful (default 1)")
     ap.add_argument("--refine-t", type=float, default=None, metavar="T",
-                    help="steps 2-4: first jump from t = 1 to T, then equal ones to 0 (default: the model's own)")
+                    help="steps 2-4: the grid's turning point T, below or above which its equal steps go "
+                    "(--refine-side; default: the model's own)")
     ap.add_argument("--jump", choices=("average", "endpoint"), default=None,  # meanflow.JUMPS (no torch import here)
                     help="steps 2-4: 'average' (MeanFlow's) or 'endpoint' jumps (default: the model's own)")
     ap.add_argument("--refine-side", choices=("below", "above"), default=None,  # meanflow.REFINE_SIDES

@@ -155,6 +155,11 @@ def test_sampling_overrides_equal_a_model_that_samples_so(model_dir, tmp_path):
                      ({"refine_side": "left"}, "refine_side")):
         with pytest.raises(ValueError, match=what):
             upscale(img, model=model_dir, steps=2, **kw)
+    from mfsr_fast.cli import build_parser
+    from mfsr_fast.meanflow import JUMPS, REFINE_SIDES
+
+    choices = {a.dest: tuple(a.choices) for a in build_parser()._actions if a.choices}
+    assert choices["jump"] == JUMPS and choices["refine_side"] == REFINE_SIDES  # the CLI's copies, kept torch-free
     Image.fromarray(img).save(tmp_path / "a.png")
     cli = [sys.executable, "-m", "mfsr_fast", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model",
            model_dir, "--steps", "2"]
