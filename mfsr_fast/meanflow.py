@@ -113,7 +113,7 @@ def time_grid(steps: int, *, refine_t: float = 0.0, refine_side: str = "below", 
     """Decreasing grid 1 = t_0 > t_1 > ... > t_N = 0 of N + 1 points: uniform, or with ``refine_t`` in (0, 1)
     - ``refine_side="below"``: a first jump to t_1 = refine_t, then N - 1 equal steps from there to 0;
     - ``refine_side="above"``: N - 1 equal steps from 1 down to t_{N-1} = refine_t, then one jump to 0. With endpoint
-      jumps every step re-estimates the image from a noisier point of the one step's line, the last from refine_t.
+      jumps every step re-estimates the image from a noisier point with the same noise, the last from refine_t.
     For N = 1 both are [1, 0], for N = 2 both [1, refine_t, 0]."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")

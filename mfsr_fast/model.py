@@ -114,7 +114,8 @@ class MFSRConfig:
     jump: str = "average"
     # Where the N - 1 equal steps of a refine_t grid go (``meanflow.time_grid``): "below" refine_t (a first jump to it,
     # then equal steps to 0) or "above" it (equal steps from 1 down to refine_t, then one jump to 0: with endpoint
-    # jumps, steps 2..N re-estimate the image from noisier points of the one step's line, the last from refine_t).
+    # jumps, steps 2..N re-estimate the image from noisier points that keep the starting noise, the last from
+    # refine_t).
     refine_side: str = "below"
     # > 0: a convolutional head that sees across patches. The read-out gives each model-space pixel ``conv_head``
     # feature channels beside its output; two 3 x 3 convolutions over both add a correction to the output (the
