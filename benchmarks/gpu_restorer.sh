@@ -31,7 +31,7 @@
 # (and --teacher runs/model-teacher with teacher:40:cfg1.25:refine0.5:above0.5 on a few pairs: 50 s an image here).
 # Steps 2-4 as the embedded default takes them since 2026-12-04 (endpoint jumps, grid from 1 down to 0.7): methods
 # student:2:refine0.7:endpoint:above and student:4:refine0.7:endpoint:above (export --refine-t 0.7 --refine-side above
-# --jump endpoint stores it); the students here train the default's recipe at 300-step-equivalent minutes, not 600.
+# --jump endpoint stores it). The students here train for STUDENT_MIN minutes each, not the default's 600 CPU steps.
 # Prepare the call with benchmarks/gpu_restorer_prep.sh (wheels, a share of the training images in .gpudata/, the
 # device tool's carry list). DATA defaults to .gpudata/train (9 MB: about 110 of the 571 training images, all four
 # sources; fresh crops and degradations every step), else ../shared/data/train. Smoke-tested on the CPU with small
