@@ -90,9 +90,11 @@ def test_teacher_and_student_runs_show_samples_metrics_tensorboard_and_curves(tm
     # A student shows 1 and 4 steps; export's summary ignores the validation rows.
     args = ["--preset", "micro", "--teacher", str(tmp_path / "t"), "--data", data, "--crop", "32", "--max-steps", "2",
             "--batch-size", "2", "--output-dir", str(tmp_path / "s"), "--num-workers", "0", "--sample-every", "2",
-            "--sample-count", "1", "--refine-t", "0.05", "--jump", "endpoint"]
+            "--sample-count", "1", "--refine-t", "0.05", "--refine-side", "above", "--jump", "endpoint"]
     with pytest.raises(SystemExit, match="--refine-t must be in"):
-        distill.main([*args[:-3], "1.5"])
+        distill.main([*args[:-5], "1.5", *args[-4:]])
+    with pytest.raises(SystemExit, match="--refine-side must be one of below, above"):
+        distill.main([*args[:-3], "sideways", *args[-2:]])
     with pytest.raises(SystemExit, match="--jump must be one of"):
         distill.main([*args[:-1], "midpoint"])
     assert distill.main(args) == 0
@@ -108,6 +110,7 @@ def test_teacher_and_student_runs_show_samples_metrics_tensorboard_and_curves(tm
     # The student's grid (--refine-t) is in its checkpoints and exports from the start: its samples used it.
     assert json.load(open(tmp_path / "exp" / "config.json"))["refine_t"] == 0.05
     assert json.load(open(tmp_path / "exp" / "config.json"))["jump"] == "endpoint"
+    assert json.load(open(tmp_path / "exp" / "config.json"))["refine_side"] == "above"
     # On demand, and a sentence for a folder that is not a run.
     os.remove(tmp_path / "s" / "curves.png")
     assert plot_main([str(tmp_path / "s")]) == 0

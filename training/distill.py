@@ -11,8 +11,9 @@ Optionally mixed with the data velocity e - x (``data_mix``). ``--trajectories D
 pairs (e, x_T) of a noise and the teacher's many-step sample from it, trained as one-step jumps (t = 1, r = 0) with
 the target u = e - x_T in place of the MeanFlow one, in the same pass as the batch; ``--trajectory-anchor MODEL
 --trajectory-mix M`` blends x_T with a frozen student's one step from e (M x_T + (1 - M) x_A), and
-``--trajectory-refine S`` trains a share S of them as the multi-step grid's first jump (1 -> refine_t) and
-``--trajectory-line S`` a share S at points of the straight line from e to x_T (steps 2-4's jumps). The student
+``--trajectory-refine S`` trains a share S of them as the jump 1 -> refine_t (a multi-step grid's first) and
+``--trajectory-line S`` a share S at points of the straight line from e to x_T (steps 2-4's jumps). ``--refine-t``,
+``--jump`` and ``--refine-side`` store the multi-step grid in the student's config from the start. The student
 keeps the teacher's learned prompts and is conditioned on ``positive`` alone, so inference needs no text encoder and
 no guidance pass.
 
@@ -40,7 +41,7 @@ import torch
 from mfsr_fast.convert import load_teacher
 from mfsr_fast.guidance import TeacherSampling, guided_velocity
 from mfsr_fast.inference import lr_condition
-from mfsr_fast.meanflow import JUMPS, adaptive_loss, meanflow_target, pair_t_r
+from mfsr_fast.meanflow import JUMPS, REFINE_SIDES, adaptive_loss, meanflow_target, pair_t_r
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
 from training import engine
@@ -77,6 +78,10 @@ class DistillConfig(engine.TrainConfig):
     # "average" | "endpoint": the kind of multi-step jump (MFSRConfig.jump, meanflow.sample) stored in the student's
     # config from the start, as refine_t; "": the teacher's (export --jump overrides).
     jump: str = ""
+    # "below" | "above": which side of refine_t the multi-step grid's equal steps lie on (MFSRConfig.refine_side,
+    # meanflow.time_grid) stored in the student's config from the start, as refine_t; "": the teacher's (or the
+    # --init student's; export --refine-side overrides).
+    refine_side: str = ""
     # A folder of the teacher's many-step samples (python -m training.trajectories): each step adds a regression of
     # the student's one step from a stored noise onto the teacher's sample from it, weighted trajectory_weight,
     # over trajectory_batch pairs drawn from the folder (per rank).
@@ -89,7 +94,8 @@ class DistillConfig(engine.TrainConfig):
     # The anchor: a student folder (run, checkpoint, save_pretrained) or "default", in the student's flow space.
     trajectory_anchor: str = ""
     trajectory_mix: float = 1.0
-    # Share of the stored pairs trained as the multi-step grid's first jump (1 -> refine_t) onto the same straight
+    # Share of the stored pairs trained as the jump 1 -> refine_t (the first of a "below" grid, the first of 2 steps on
+    # an "above" one) onto the same straight
     # line (its velocity is e - x for every r), meant to start steps 2-4 from the one step's texture (on the
     # default's pair they still came out smoother: RESULTS.md); needs refine_t.
     trajectory_refine: float = 0.0
@@ -102,8 +108,8 @@ class DistillConfig(engine.TrainConfig):
     trajectory_line: float = 0.0
     # A student folder (run, checkpoint, save_pretrained) or "default" whose weights the student starts from instead
     # of the teacher's: fine-tune an existing student (towards --trajectories, say) rather than distil from scratch.
-    # Its architecture and flow must be the teacher's; its sampling grid (refine_t, jump) is kept unless
-    # --refine-t / --jump set one.
+    # Its architecture and flow must be the teacher's; its sampling grid (refine_t, jump, refine_side) is kept unless
+    # --refine-t / --jump / --refine-side set one.
     init: str = ""
 
 
@@ -363,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--grow-layers must be >= 0, got {cfg.grow_layers}")
     if cfg.jump not in ("", *JUMPS):
         raise SystemExit(f"--jump must be one of {', '.join(JUMPS)}, got {cfg.jump!r}")
+    if cfg.refine_side not in ("", *REFINE_SIDES):
+        raise SystemExit(f"--refine-side must be one of {', '.join(REFINE_SIDES)}, got {cfg.refine_side!r}")
     if cfg.teacher_dtype not in ("auto", "float32", "bfloat16"):
         raise SystemExit(f"--teacher-dtype must be auto, float32 or bfloat16, got {cfg.teacher_dtype!r}")
     teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema, cfg.prompts, cfg.norm_k_bug, cfg.lr_conv_scale)
@@ -375,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         set_config(student, refine_t=cfg.refine_t)
     if cfg.jump:
         set_config(student, jump=cfg.jump)
+    if cfg.refine_side:
+        set_config(student, refine_side=cfg.refine_side)
     if frozen_prompts:  # embeddings of a text encoder: conditioning, not weights to learn
         student.prompt_context.requires_grad_(False)
         if student.prompt_pooled is not None:
