@@ -20,7 +20,10 @@
 #      "grown" (GROW=4, off by default): "line" with GROW more blocks than the teacher (--grow-layers; 8 blocks, 5.8 M
 #      parameters), which on the CPU ended 0.5 dB farther from its target than "line" at equal steps. Its 22 MB tar
 #      and p05's together pass the 64 MiB a call brings back: with GROW=4, set LOSS_P=1;
-#   4. export of the teacher and the students (without the restorer's weights, which the set-up installs).
+#   4. export of the teacher and the students (without the restorer's weights, which the set-up installs); "line",
+#      "p05" and "grown" with the embedded default's sampler stored (--refine-t 0.7 --refine-side above --jump
+#      endpoint, as `make train-default` exports it), so that model-line can replace mfsr_fast/weights/default as it
+#      is; "endpoint" keeps the grid it trained with.
 # Evaluation runs afterwards on the CPU machine, where all 93 DRealSR pairs and Real-ESRGAN's row are (the HR images
 # do not fit beside the restorer in a call's 64 MiB): untar the model folders into runs/ and run all of them in one
 # table (one R(LR) per image for every row), for example
@@ -29,9 +32,9 @@
 #     --methods realesrgan,student:1,student:4,endpoint:1,endpoint:2,p05:1,p05:4 \
 #     --niqe-params ../shared/data/metrics/niqe_pris_params.npz --per-image runs/gpu.csv
 # (and --teacher runs/model-teacher with teacher:40:cfg1.25:refine0.5:above0.5 on a few pairs: 50 s an image here).
-# Steps 2-4 as the embedded default takes them since 2026-12-04 (endpoint jumps, grid from 1 down to 0.7): methods
-# student:2:refine0.7:endpoint:above and student:4:refine0.7:endpoint:above (export --refine-t 0.7 --refine-side above
-# --jump endpoint stores it). The students here train for STUDENT_MIN minutes each, not the default's 600 CPU steps.
+# Steps 2-4 of line, p05 and grown are taken as the embedded default takes them since 2026-12-04 (endpoint jumps, grid
+# from 1 down to 0.7, stored by their export); evaluate's student:N:refineT:endpoint[:above] tries other grids. The
+# students here train for STUDENT_MIN minutes each, not the default's 600 CPU steps.
 # Prepare the call with benchmarks/gpu_restorer_prep.sh (wheels, a share of the training images in .gpudata/, the
 # device tool's carry list). DATA defaults to .gpudata/train (9 MB: about 110 of the 571 training images, all four
 # sources; fresh crops and degradations every step), else ../shared/data/train. Smoke-tested on the CPU with small
@@ -131,7 +134,9 @@ for m in "${students[@]}"; do grep -E "reached|done:|Error" "$W/$m.log" | tail -
 
 stamp "export"
 for m in teacher "${students[@]}"; do
-    timeout 20 "$PY" -m training.export "$W/$m" "$W/model-$m" --no-restorer >>"$W/export.log" 2>&1
+    grid=()  # the default's sampler for the default's recipe and its variants (Makefile train-default)
+    case "$m" in line | p05 | grown) grid=(--refine-t 0.7 --refine-side above --jump endpoint) ;; esac
+    timeout 20 "$PY" -m training.export "$W/$m" "$W/model-$m" --no-restorer "${grid[@]}" >>"$W/export.log" 2>&1
     echo "export $m exit $?"
 done
 stamp "done"
