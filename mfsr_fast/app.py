@@ -1,9 +1,9 @@
 """A local web page for upscaling: ``mfsr-upscale --serve`` or ``python -m mfsr_fast.app`` (Gradio, the ``web`` extra).
 
-Upload one or several images, choose steps / scale / seed / colour fix, compare before and after with a slider and
-download the full-resolution results (same format, bit depth, alpha and metadata as the CLI writes). Each file goes
-through the CLI's own reader and writer (``cli.upscale_file``), so a bad file gets the CLI's message and the others
-still run. Bound to 127.0.0.1 unless ``--host`` says otherwise; uploads are limited in size and in pixels; one
+Upload one or several images, choose steps / scale / seed / colour fix (and the detail kept, for a model over
+Real-ESRGAN such as the default), compare before and after with a slider and download the full-resolution results
+(same format, bit depth, alpha and metadata as the CLI writes). Each file goes through the CLI's own reader and
+writer (``cli.upscale_file``), so a bad file gets the CLI's message and the others still run. Bound to 127.0.0.1 unless ``--host`` says otherwise; uploads are limited in size and in pixels; one
 upscaling runs at a time (the model is shared), with a progress bar over tiles.
 """
 
@@ -111,13 +111,19 @@ class Upscaler:
             raise ImageError(f"{name}: {w}x{h} is larger than this page's limit of {self.max_pixels / 1e6:g} "
                              "megapixels (the server's --max-megapixels; the mfsr-upscale command line has none)")
 
-    def run(self, files, steps=1, scale=4.0, seed=0, color_fix="none", progress=None):
+    @property
+    def has_base(self) -> bool:
+        """Whether the model's flow runs over a base (R(LR)), so that ``detail`` below 1 means something."""
+        return self.model.cfg.residual_scale > 0
+
+    def run(self, files, steps=1, scale=4.0, seed=0, color_fix="none", progress=None, detail=1.0):
         """Upscale each of ``files`` (paths); returns (results, failures as (name, reason), seconds).
-        ``progress(fraction, text)`` is called as tiles finish."""
+        ``progress(fraction, text)`` is called as tiles finish; ``detail`` as ``upscale``'s."""
         from mfsr_fast.cli import _out_path, upscale_file
-        from mfsr_fast.inference import _check_steps_scale
+        from mfsr_fast.inference import _check_steps_scale, student_sampling_for
 
         steps, scale = _check_steps_scale(int(steps), float(scale))  # the library's own check (ValueError)
+        student_sampling_for(self.model, detail=detail)  # likewise: its range, and that the model has a base
         seed = int(seed)
         if color_fix not in COLOR_FIX:
             raise ImageError(f"colour fix must be one of {', '.join(COLOR_FIX)}, got {color_fix!r}")
@@ -141,7 +147,8 @@ class Upscaler:
                 self._check_size(path, name)
                 out, _ = upscale_file(path, lambda bits, name=name, folder=folder: _out_path(
                     name, folder, "_x4" if scale == 4 else f"_x{scale:g}", None, bits), self.model, scale=scale,
-                    steps=steps, seed=seed, color_fix=None if color_fix == "none" else color_fix, progress=tiles)
+                    steps=steps, seed=seed, color_fix=None if color_fix == "none" else color_fix, progress=tiles,
+                    detail=detail)
                 before, after = _previews(path, out, folder)
                 results.append(Result(name, before, after, out))
             except (ImageError, ValueError, OSError) as e:
@@ -177,6 +184,9 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                 fix = gr.Radio(list(COLOR_FIX), value="none", label="Colour fix (match colours to the input)",
                                elem_id="color-fix")
+                detail = gr.Slider(0, 1, value=1, step=0.05, elem_id="detail", visible=up.has_base,
+                                   label="Detail: the model's texture over Real-ESRGAN's output (lower: smoother "
+                                   "skin)")
                 go = gr.Button("Upscale", variant="primary", elem_id="upscale")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")
@@ -184,12 +194,12 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
                 slider = gr.ImageSlider(label="Before / after", type="filepath", format="png", elem_id="compare")
                 downloads = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="downloads")
 
-        def on_upscale(paths, steps, scale, seed, fix, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+        def on_upscale(paths, steps, scale, seed, fix, detail, progress=gr.Progress()):  # noqa: B008 (Gradio's)
             if not paths:
                 raise gr.Error("Upload one or more images first.")
             try:
                 res, failed, seconds = up.run(paths, steps, scale, seed if seed is not None else 0, fix,
-                                              progress=lambda f, text: progress(f, desc=text))
+                                              progress=lambda f, text: progress(f, desc=text), detail=detail)
             except ValueError as e:  # settings the page's own controls should not allow (ImageError included)
                 raise gr.Error(str(e)) from None
             for name, why in failed:
@@ -205,7 +215,7 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
         def on_pick(k, pairs):
             return pairs[k] if k is not None and 0 <= k < len(pairs) else None
 
-        go.click(on_upscale, [files, steps, scale, seed, fix], [status, pick, slider, downloads, results],
+        go.click(on_upscale, [files, steps, scale, seed, fix, detail], [status, pick, slider, downloads, results],
                  concurrency_limit=1)
         pick.change(on_pick, [pick, results], slider)
     return page

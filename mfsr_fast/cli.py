@@ -92,7 +92,8 @@ def _out_path(rel: str, out_dir: str, suffix: str, ext: str | None, bits: int) -
 
 def upscale_file(path: str, out_for, model, *, scale: float, steps: int, tile: int | None = None, seed: int = 0,
                  color_fix: str | None = None, overwrite: bool = False, protected=(), progress=None,
-                 refine_t: float | None = None, jump: str | None = None, refine_side: str | None = None):
+                 refine_t: float | None = None, jump: str | None = None, refine_side: str | None = None,
+                 detail: float | None = None):
     """Read ``path``, upscale it and write it (atomically) to ``out_for(bits)``, keeping its bit depth, alpha and
     metadata; returns (output path, ImageMeta). Everything that is the file's fault, or the machine's (out of
     memory), is an ImageError with a message for the user; the CLI and the web page (``mfsr_fast.app``) both use it.
@@ -110,7 +111,7 @@ def upscale_file(path: str, out_for, model, *, scale: float, steps: int, tile: i
     try:
         res = upscale_array(arr, scale=scale, steps=steps, model=model, tile=tile, seed=seed, progress=progress,
                             color_fix_method=color_fix, out_dtype=np.uint16 if meta.bits == 16 else np.uint8,
-                            refine_t=refine_t, jump=jump, refine_side=refine_side)
+                            refine_t=refine_t, jump=jump, refine_side=refine_side, detail=detail)
     except torch.OutOfMemoryError:
         raise ImageError("out of GPU memory even at the smallest tile; try --tile 64 or --device cpu") from None
     except (MemoryError, RuntimeError) as e:  # the CPU allocator's failure is a RuntimeError
@@ -139,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--refine-side", choices=("below", "above"), default=None,  # meanflow.REFINE_SIDES
                     help="steps 2-4: equal steps below T after a first jump to it, or above it from 1 down to T "
                     "and one jump to 0 (default: the model's own)")
+    ap.add_argument("--detail", type=float, default=None, metavar="D",
+                    help="how much of the model's texture over Real-ESRGAN's output to keep, 0-1 (default 1: all; "
+                    "0.5 for smoother skin; restorer-conditioned models such as the default)")
     ap.add_argument("--tile", type=int, default=None, help="LR tile side in pixels (default: from free memory)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
@@ -173,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from mfsr_fast.inference import load_model
+    from mfsr_fast.inference import load_model, student_sampling_for
 
     if args.steps < 1 or args.steps > 64:
         ap.error("--steps must be in 1..64")
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--scale must be in (0, 16]")
     if args.refine_t is not None and not 0 <= args.refine_t < 1:
         ap.error("--refine-t must be in [0, 1)")
+    if args.detail is not None and not 0 <= args.detail <= 1:
+        ap.error("--detail must be in [0, 1]")
     if args.ext and args.ext.lower().lstrip(".") not in ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"):
         ap.error(f"--ext {args.ext}: use png, jpg, webp, tif or bmp")
     def usage(msg: str) -> int:
@@ -221,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model = load_model(args.model, args.device, dtype)
+        student_sampling_for(model, args.refine_t, args.jump, args.refine_side, args.detail)  # e.g. detail's base
     except (ImageError, ValueError) as e:
         return usage(str(e))
     from tqdm import tqdm
@@ -236,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             _, meta = upscale_file(path, lambda bits, rel=rel: _out_path(rel, args.output, args.suffix, args.ext, bits),
                                    model, scale=args.scale, steps=args.steps, tile=args.tile, seed=args.seed,
                                    color_fix=args.color_fix, overwrite=args.overwrite, protected=inputs,
-                                   refine_t=args.refine_t, jump=args.jump, refine_side=args.refine_side)
+                                   refine_t=args.refine_t, jump=args.jump, refine_side=args.refine_side,
+                                   detail=args.detail)
             written += 1
             for note in meta.notes:
                 tqdm.write(f"{rel}: {note}")

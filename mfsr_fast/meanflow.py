@@ -20,6 +20,7 @@ Caution:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -137,11 +138,15 @@ JUMPS = ("average", "endpoint")
 class StudentSampling:
     """How a student takes its N steps: the grid (``time_grid``'s ``refine_t`` and ``refine_side``) and the kind of
     jump (``sample``'s ``jump``). A model's own comes from its config (``MFSRConfig.refine_t``, ``.refine_side`` and
-    ``.jump``, ``of``); evaluation can try others without exporting a model."""
+    ``.jump``, ``of``); evaluation can try others without exporting a model.
+    ``detail`` (not stored in a config; 1 for every model) scales what a residual model adds to its base, R(LR) for a
+    restorer-conditioned one: the output is base + detail (model's output - base), decoded (``inference``). 1 is the
+    model's own output, 0 its base alone, 0.5 half of its texture (on smooth skin, say)."""
 
     refine_t: float = 0.0
     jump: str = "average"
     refine_side: str = "below"
+    detail: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.refine_t < 1.0:
@@ -150,6 +155,8 @@ class StudentSampling:
             raise ValueError(f"jump must be one of {JUMPS}, got {self.jump!r}")
         if self.refine_side not in REFINE_SIDES:
             raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {self.refine_side!r}")
+        if isinstance(self.detail, bool) or not isinstance(self.detail, numbers.Real) or not 0 <= self.detail <= 1:
+            raise ValueError(f"detail must be a number in [0, 1], got {self.detail!r}")
 
     @classmethod
     def of(cls, cfg) -> StudentSampling:

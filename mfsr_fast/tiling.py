@@ -365,7 +365,8 @@ def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, step
     MeanFlow jumps (``student_sampling``, default the model's own: ``StudentSampling.of(model.cfg)``); with
     ``teacher_guidance`` (a weight w or a ``TeacherSampling``) the model is sampled as a teacher
     (Euler steps of the guided velocity).
-    The flow runs in the model's space (``to_flow``: a scaled residual over R(LR) for residual models)."""
+    The flow runs in the model's space (``to_flow``: a scaled residual over R(LR) for residual models); a student's
+    ``detail`` below 1 scales that residual before it is added back."""
     codec = codec_of(model)
     B = lr.shape[0]
     dtype = next(model.parameters()).dtype
@@ -386,6 +387,8 @@ def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, step
 
         how = student_sampling or StudentSampling.of(model.cfg)
         y = sample(fn, noise.to(dtype), timesteps=how.grid(steps, device=noise.device), jump=how.jump)
+        if how.detail != 1:  # base + detail (output - base): upscale_rgb checked that the model has a base
+            y = y * how.detail
     return codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
 
 

@@ -60,6 +60,13 @@ def test_upscaler_equals_the_library_and_lists_bad_files(model_dir, tmp_path):
         assert np.array_equal(np.asarray(o), np.asarray(upscale(good, model=model_dir, scale=2.5, color_fix="adain")))
     with pytest.raises(ValueError, match="colour fix"):
         up.run([good], color_fix="magic")
+    # detail (upscale's; tested with a restorer-conditioned model in test_restorer_model) is checked before any file:
+    # this model's flow has no base to blend towards.
+    assert not up.has_base
+    with pytest.raises(ValueError, match="no base"):
+        up.run([good], detail=0.5)
+    with pytest.raises(ValueError, match="detail must be"):
+        up.run([good], detail=2)
 
 
 def test_sixteen_bit_grey_keeps_its_depth_and_previews_scaled(model_dir, tmp_path):

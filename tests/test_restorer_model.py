@@ -99,6 +99,61 @@ def test_multi_step_sampling_follows_the_models_refine_grid(restorer_dir, monkey
         _model(refine_side="sideways")
 
 
+def test_detail_scales_what_the_model_adds_to_r(restorer_dir, tmp_path):
+    """detail d: the output is R(LR) + d (model's output - R(LR)), at 1 and at 4 steps, through upscale_rgb, upscale,
+    evaluate's ``:detailD`` and the CLI's --detail; 1 is the model's own output, 0 R(LR). A model whose flow has no
+    base refuses d < 1, and bad values are sentences before anything runs."""
+    from PIL import Image
+
+    from mfsr_fast import evaluate, inference
+    from mfsr_fast.cli import main as cli_main
+    from mfsr_fast.meanflow import StudentSampling
+
+    model = randomize_(_model(refine_t=0.7, jump="endpoint", refine_side="above"))
+    x = torch.rand(1, 3, 8, 12)
+    r = inference.restorer_of(model)(x)
+    for steps in (1, 4):
+        own = inference.upscale_rgb(model, x, steps=steps)
+        sampling = dataclasses.replace(StudentSampling.of(model.cfg), detail=1.0)
+        torch.testing.assert_close(inference.upscale_rgb(model, x, steps=steps, student_sampling=sampling), own,
+                                   rtol=0, atol=0)
+        zero = dataclasses.replace(sampling, detail=0.0)
+        torch.testing.assert_close(inference.upscale_rgb(model, x, steps=steps, student_sampling=zero), r,
+                                   rtol=0, atol=2e-6)
+        half = inference.upscale_rgb(model, x, steps=steps, student_sampling=dataclasses.replace(sampling, detail=0.5))
+        inside = (own > 0) & (own < 1)  # where the model's own output was not clamped
+        assert inside.float().mean() > 0.5 and (own - r).abs().max() > 0.05  # a model that adds something
+        torch.testing.assert_close(half[inside], ((r + own) / 2)[inside], rtol=0, atol=2e-6)
+    model.save_pretrained(str(tmp_path / "m"))
+    img = (np.random.default_rng(0).random((8, 12, 3)) * 255).astype(np.uint8)
+    full = inference.upscale(img, model=str(tmp_path / "m"))
+    half = inference.upscale(img, model=str(tmp_path / "m"), detail=0.5)
+    base = inference.upscale(img, model=str(tmp_path / "m"), detail=0)
+    inside = (full > 0) & (full < 255)  # not clamped
+    assert inside.mean() > 0.5
+    assert np.abs(half.astype(int) - (full.astype(int) + base.astype(int)) / 2)[inside].max() <= 1  # rounding
+    assert not np.array_equal(half, full) and not np.array_equal(half, base)
+    for bad in (1.5, -0.1, float("nan"), True, "half"):
+        with pytest.raises(ValueError, match="detail must be"):
+            inference.upscale(img, model=str(tmp_path / "m"), detail=bad)
+    plain = MFSRTransformer.from_preset("tiny", **MICRO)  # bicubic LR stream, flow over x itself: no base
+    plain.save_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="no base"):
+        inference.upscale(img, model=str(tmp_path / "plain"), detail=0.5)
+    assert evaluate.parse_method("student:1:detail0.5") == ("student", 1, {"detail": 0.5})
+    with pytest.raises(SystemExit, match="unknown method"):
+        evaluate.parse_method("student:1:detail2")
+    Image.fromarray(img).save(tmp_path / "a.png")
+    cli = [str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model"]
+    assert cli_main([*cli, str(tmp_path / "m"), "--detail", "0.5"]) == 0
+    with Image.open(tmp_path / "out" / "a_x4.png") as im:
+        assert np.array_equal(np.asarray(im), half)
+    assert cli_main([*cli, str(tmp_path / "plain"), "--detail", "0.5", "--suffix", "_p"]) == 2  # before any image
+    assert not os.path.exists(tmp_path / "out" / "a_p.png")
+    with pytest.raises(SystemExit):
+        cli_main([*cli, str(tmp_path / "m"), "--detail", "2"])
+
+
 def test_flow_space_round_trip_and_field_base():
     m = randomize_(_model(lr_source="both"))
     C = m.cfg.in_channels
