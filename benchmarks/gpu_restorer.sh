@@ -38,8 +38,9 @@
 # Prepare the call with benchmarks/gpu_restorer_prep.sh (wheels, a share of the training images in .gpudata/, the
 # device tool's carry list). DATA defaults to .gpudata/train (9 MB: about 110 of the 571 training images, all four
 # sources; fresh crops and degradations every step), else ../shared/data/train. Smoke-tested on the CPU with small
-# settings (DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2: 147 s; also under the GPU
-# machine's Python, torch and Triton versions: benchmarks/device_env.sh smoke), not yet run on a GPU:
+# settings (PYTHON=.venv/bin/python DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2: 117 s on
+# 2026-12-04, line exported with the default's sampler; also under the GPU machine's Python, torch and Triton
+# versions: benchmarks/device_env.sh smoke), not yet run on a GPU:
 # the minutes per stage are estimates; the stages' limits add up to 560 s at the defaults, inside a call's 600 s.
 # Out (${OUT:-/tmp/mfsr_gpu_restorer}): logs.tar.gz (logs and JSON) and model-teacher.tar, model-line.tar,
 # model-endpoint.tar, model-p05.tar (each 12.5 MB, under the 16 MB a returned file may have; 5 files, about
