@@ -3,8 +3,9 @@
 Upload one or several images, choose steps / scale / seed / colour fix (and the detail kept, for a model over
 Real-ESRGAN such as the default), compare before and after with a slider and download the full-resolution results
 (same format, bit depth, alpha and metadata as the CLI writes). Each file goes through the CLI's own reader and
-writer (``cli.upscale_file``), so a bad file gets the CLI's message and the others still run. Bound to 127.0.0.1 unless ``--host`` says otherwise; uploads are limited in size and in pixels; one
-upscaling runs at a time (the model is shared), with a progress bar over tiles.
+writer (``cli.upscale_file``), so a bad file gets the CLI's message and the others still run. Bound to 127.0.0.1
+unless ``--host`` says otherwise; uploads are limited in size and in pixels; one upscaling runs at a time (the model
+is shared), with a progress bar over tiles.
 """
 
 from __future__ import annotations
