@@ -38,14 +38,14 @@ demo: setup
 	$(PY) -m mfsr_fast.demo
 
 # Regenerates the embedded default (mfsr_fast/weights/default) from ../shared/data/train, about 2 h 10 min on 2 CPU
-# cores (the sum of its pieces' measured times; not run end to end): a pool of degraded crops with Real-ESRGAN's outputs (R runs once per crop), the teacher, a first student (the
-# previous default's recipe: the anchor of the blend below), the teacher's 40-step guided samples on 1024 pool crops,
-# then the student distilled onto 0.75 x those samples + 0.25 x the anchor's one step, that regression weighted 10,
-# 600 steps. Exported without the restorer's weights (found by name where the set-up installs them), with the
-# multi-step sampler measured for it: endpoint jumps on a grid whose steps 2..N re-estimate the image from t = 1 down
-# to 0.7 (refine_side above), since jumps from small t smooth this student's texture away (benchmarks/RESULTS.md).
-# The shipped default's anchor was the previous embedded default itself (info.json: student_run); this recipe trains
-# its own, from the same commands.
+# cores (the sum of its pieces' measured times; not run end to end): a pool of degraded crops with Real-ESRGAN's
+# outputs (R runs once per crop), the teacher, a first student (the previous default's recipe: the anchor of the blend
+# below), the teacher's 40-step guided samples on 1024 pool crops, then the student distilled onto 0.75 x those
+# samples + 0.25 x the anchor's one step, that regression weighted 10, 600 steps. Exported without the restorer's
+# weights (found by name where the set-up installs them), with the multi-step sampler measured for it: endpoint jumps
+# on a grid whose steps 2..N re-estimate the image from t = 1 down to 0.7 (refine_side above), since jumps from small
+# t smooth this student's texture away (benchmarks/RESULTS.md). The shipped default's anchor was the previous embedded
+# default itself (info.json: student_run); this recipe trains its own, from the same commands.
 TRAIN_DATA ?= ../shared/data/train
 train-default: setup
 	$(PY) -m training.pool --data $(TRAIN_DATA) --out runs/default-pool --count 2048 --crop 128 --degradation mild

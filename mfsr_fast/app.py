@@ -114,8 +114,10 @@ class Upscaler:
 
     @property
     def has_base(self) -> bool:
-        """Whether the model's flow runs over a base (R(LR)), so that ``detail`` below 1 means something."""
-        return self.model.cfg.residual_scale > 0
+        """``inference.has_base`` of the page's model: whether its Detail slider is shown."""
+        from mfsr_fast.inference import has_base
+
+        return has_base(self.model)
 
     def run(self, files, steps=1, scale=4.0, seed=0, color_fix="none", progress=None, detail=1.0):
         """Upscale each of ``files`` (paths); returns (results, failures as (name, reason), seconds).

@@ -310,8 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{', '.join(RESERVED)}")
         named[name] = folder
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:  # a typo fails before any model loads
-        parse_method(m, named)
+    parsed = {m: parse_method(m, named) for m in methods}  # a typo fails before any model loads
     student = load_model(args.model, args.device) if any(m.split(":")[0] == "student" for m in methods) else None
     others = {}
     for name, folder in named.items():
@@ -319,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             others[name] = load_model(folder, args.device)
         except ValueError as e:
             raise SystemExit(f"--student {name}={folder}: {e}") from None
-    for m in methods:  # a detail below 1 needs a model whose flow has a base (R(LR))
-        kind, _, how = parse_method(m, named)
+    for m, (kind, _, how) in parsed.items():  # a detail below 1 needs a model whose flow has a base (R(LR))
         if kind not in ("bicubic", "realesrgan", "teacher") and how and "detail" in how:
             try:
                 _check_detail(others.get(kind, student), how["detail"])

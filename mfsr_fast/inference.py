@@ -208,8 +208,14 @@ def _check_sampling(refine_t, jump, refine_side, detail=None) -> dict:
     return given
 
 
+def has_base(model: MFSRTransformer) -> bool:
+    """Whether the model's flow runs over a base (R(LR) for a restorer-conditioned one), so that a ``detail`` below 1
+    means something."""
+    return model.cfg.residual_scale > 0
+
+
 def _check_detail(model: MFSRTransformer, detail: float) -> None:
-    if detail != 1 and not model.cfg.residual_scale > 0:
+    if detail != 1 and not has_base(model):
         raise ValueError(f"detail {detail} scales what a model adds to its base (R(LR)): this model's flow has no base "
                          "(residual_scale 0); use detail 1")
 
