@@ -488,6 +488,30 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
         i = int(((samples - x_back) ** 2).flatten(1).sum(1).argmin())
         torch.testing.assert_close(x_back, samples[i], rtol=0, atol=1e-4)
         torch.testing.assert_close(e_back, noises[i], rtol=0, atol=1e-4)
+    # --trajectory-anchor teacher: the teacher's own one Euler step (r = t = 1) blended in, on a teacher whose field
+    # depends on r, so a call at r = 0 (a student's one step) would give another target.
+    r_teacher = copy.deepcopy(teacher)
+    with torch.no_grad():
+        r_teacher.h_embed.linear_2.weight.normal_()
+    c = dataclasses.replace(cfg, trajectory_anchor="teacher", trajectory_mix=0.25)
+    assert distill.load_anchor(c, student, "cpu", r_teacher) is r_teacher
+    seen.clear()
+    with torch.no_grad():
+        distill.make_loss(c, r_teacher, codec, traj, r_teacher)(student.field, student, batch, 0, engine.Dist())
+    (z, t, r, v), = seen
+    e2, v2 = z[2:], v[2:]
+    assert (t[2:] == 1).all()
+    idx = torch.stack([((noises - e_) ** 2).flatten(1).sum(1).argmin() for e_ in e2])
+    e_, x_, lr_, restored_ = traj.take(idx)
+    c2 = lr_condition(r_teacher, codec, lr_, restored_)
+    ones = torch.ones(len(idx))
+    with torch.no_grad():
+        x_a = e_ - r_teacher.field(e_, c2, ones, ones, prompt="positive")
+        x_r0 = e_ - r_teacher.field(e_, c2, ones, torch.zeros_like(ones), prompt="positive")
+    assert (x_a - x_r0).abs().max() > 1e-2
+    torch.testing.assert_close(v2, e_ - (0.25 * x_ + 0.75 * x_a), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        distill.load_anchor(c, student, "cpu")
     for bad, match in ((dict(trajectory_mix=0.5), "give --trajectory-anchor"),
                        (dict(trajectory_line=0.6, trajectory_refine=0.5, refine_t=0.1), "sum must be <= 1"),
                        (dict(trajectory_line=-0.1), "trajectory-line must be in"),

@@ -10,7 +10,7 @@ with the teacher's guided velocity as both the target velocity and the JVP tange
 Optionally mixed with the data velocity e - x (``data_mix``). ``--trajectories DIR`` (training.trajectories) adds
 pairs (e, x_T) of a noise and the teacher's many-step sample from it, trained as one-step jumps (t = 1, r = 0) with
 the target u = e - x_T in place of the MeanFlow one, in the same pass as the batch; ``--trajectory-anchor MODEL
---trajectory-mix M`` blends x_T with a frozen student's one step from e (M x_T + (1 - M) x_A), and
+--trajectory-mix M`` blends x_T with a frozen student's (or the teacher's) one step from e (M x_T + (1 - M) x_A), and
 ``--trajectory-refine S`` trains a share S of them as the jump 1 -> refine_t (a multi-step grid's first) and
 ``--trajectory-line S`` a share S at points of the straight line from e to x_T (steps 2-4's jumps). ``--refine-t``,
 ``--jump`` and ``--refine-side`` store the multi-step grid in the student's config from the start. The student
@@ -91,7 +91,9 @@ class DistillConfig(engine.TrainConfig):
     # The stored samples' target blended with an anchor student's one step from the same noise:
     # x = mix x_T + (1 - mix) x_anchor (1: the teacher's samples alone). An output blend keeps the teacher's texture
     # where it is, at a lower amplitude (RESULTS.md: such blends of the default and the teacher's 40 steps).
-    # The anchor: a student folder (run, checkpoint, save_pretrained) or "default", in the student's flow space.
+    # The anchor: a student folder (run, checkpoint, save_pretrained) or "default", in the student's flow space, or
+    # "teacher": the --teacher's own one Euler step from the noise (unguided, r = t = 1), its estimate of the posterior
+    # mean, so the blend shrinks the sample's texture towards the teacher's fidelity rather than another model's.
     trajectory_anchor: str = ""
     trajectory_mix: float = 1.0
     # Share of the stored pairs trained as the jump 1 -> refine_t (the first of a "below" grid, the first of 2 steps on
@@ -203,8 +205,13 @@ FLOW_FIELDS = ("codec", "in_channels", "prediction", "lr_stream", "lr_source", "
 LINE_T_MIN = 0.01  # the smallest t of --trajectory-line's points (a 4-step grid at refine_t 0.06 ends at 0.02)
 
 
-def load_anchor(cfg: DistillConfig, student: MFSRTransformer, device) -> MFSRTransformer | None:
-    """``--trajectory-anchor`` loaded (frozen) and checked against the student's flow space; None without a blend."""
+ANCHOR_TEACHER = "teacher"  # --trajectory-anchor's name for the --teacher's own one step
+
+
+def load_anchor(cfg: DistillConfig, student: MFSRTransformer, device,
+                teacher: MFSRTransformer | None = None) -> MFSRTransformer | None:
+    """``--trajectory-anchor`` loaded (frozen) and checked against the student's flow space; None without a blend.
+    "teacher" gives ``teacher`` itself (the student's flow by construction)."""
     if not 0.0 <= cfg.trajectory_mix <= 1.0:
         raise SystemExit(f"--trajectory-mix must be in [0, 1], got {cfg.trajectory_mix}")
     if not 0.0 <= cfg.trajectory_refine <= 1.0:
@@ -222,12 +229,16 @@ def load_anchor(cfg: DistillConfig, student: MFSRTransformer, device) -> MFSRTra
         raise SystemExit("--trajectory-anchor, --trajectory-mix, --trajectory-refine and --trajectory-line need "
                          "--trajectories")
     if cfg.trajectory_mix < 1 and not cfg.trajectory_anchor:
-        raise SystemExit("--trajectory-mix < 1 blends the stored samples with an anchor student's one step: give "
-                         "--trajectory-anchor (a student folder or 'default')")
+        raise SystemExit("--trajectory-mix < 1 blends the stored samples with an anchor's one step: give "
+                         "--trajectory-anchor (a student folder, 'default' or 'teacher')")
     if not cfg.trajectory_anchor:
         return None
     if cfg.trajectory_mix == 1:
         raise SystemExit("--trajectory-anchor is blended in with --trajectory-mix < 1 (1: the teacher's samples alone)")
+    if cfg.trajectory_anchor == ANCHOR_TEACHER:
+        if teacher is None:
+            raise ValueError("load_anchor: --trajectory-anchor teacher needs the teacher passed in")
+        return teacher
     from mfsr_fast.loading import load_model
     try:
         anchor = load_model(cfg.trajectory_anchor, device=device, dtype=torch.float32)
@@ -313,7 +324,10 @@ def make_loss(cfg: DistillConfig, teacher: MFSRTransformer, codec, traj=None, an
             one, r2 = torch.ones(n, device=x.device), torch.zeros(n, device=x.device)
             if anchor is not None:  # the anchor's one step, blended in (load_anchor: only with mix < 1)
                 with torch.no_grad():
-                    x_a = e2 - anchor.field(e2, c2, one, r2, prompt="positive").float()
+                    if anchor is teacher:  # one Euler step of the velocity field: r = t
+                        x_a = e2 - teacher.field(e2.to(tdt), c2.to(tdt), one, one, prompt="positive").float()
+                    else:
+                        x_a = e2 - anchor.field(e2, c2, one, r2, prompt="positive").float()
                 x2 = cfg.trajectory_mix * x2 + (1 - cfg.trajectory_mix) * x_a
             t2 = one
             if cfg.trajectory_refine > 0 or cfg.trajectory_line > 0:  # on the same line: velocity e - x again
@@ -396,13 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     teacher.to(device=device, dtype=tdt)
     codec = engine.codec_for(student, cfg.vae)
     traj = load_trajectories(cfg, student)
-    anchor = load_anchor(cfg, student, device)
+    anchor = load_anchor(cfg, student, device, teacher)
     engine.train(cfg, student, make_loss(cfg, teacher, codec, traj, anchor), name="distill",
                  extra={"teacher": os.path.abspath(cfg.teacher), "guidance": cfg.guidance,
                         "guidance_above": cfg.guidance_above,
                         "trajectories": traj.meta if traj is not None else None,
                         "trajectory_anchor": (os.path.abspath(cfg.trajectory_anchor) if cfg.trajectory_anchor not in
-                                              ("", "default") else cfg.trajectory_anchor),
+                                              ("", "default", ANCHOR_TEACHER) else cfg.trajectory_anchor),
                         "trajectory_anchor_weights": weights_digest(anchor) if anchor is not None else "",
                         "init": (os.path.abspath(cfg.init) if cfg.init not in ("", "default") else cfg.init),
                         "init_weights": init,
