@@ -445,6 +445,8 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
     assert "another teacher" not in capsys.readouterr().err
     distill.load_trajectories(cfg, other)
     assert "another teacher" in capsys.readouterr().err
+    distill.load_trajectories(cfg, other, distill.weights_digest(teacher))  # --init: other weights, the same teacher
+    assert "another teacher" not in capsys.readouterr().err
     # An anchor's one step blended into the target: the teacher as its own anchor changes nothing; another anchor
     # adds (1 - mix)^2 |x_anchor - x_T|^2 over the same drawn pairs, so two mixes' excesses stand as (1 - mix)^2.
     traj = distill.load_trajectories(cfg, student)

@@ -171,9 +171,10 @@ def resolve_teacher(path: str, use_ema: bool = True, prompts: str = "", norm_k_b
     return teacher
 
 
-def load_trajectories(cfg: DistillConfig, student: MFSRTransformer):
+def load_trajectories(cfg: DistillConfig, student: MFSRTransformer, teacher_digest: str | None = None):
     """``--trajectories`` checked against the run (the flow's channels, the crop; a notice when its samples come from
-    other teacher weights than ``student``, the teacher's untrained copy); None when not given."""
+    other teacher weights than ``teacher_digest``, by default that of ``student`` as the teacher's untrained copy:
+    pass the teacher's digest when --init replaced the student's weights); None when not given."""
     if not cfg.trajectories:
         return None
     if cfg.trajectory_batch < 1 or not cfg.trajectory_weight > 0:
@@ -188,11 +189,14 @@ def load_trajectories(cfg: DistillConfig, student: MFSRTransformer):
     if channels != student.cfg.in_channels or side != cfg.crop:
         raise SystemExit(f"--trajectories {cfg.trajectories}: {channels}-channel samples of {side} px crops; this "
                          f"run trains a {student.cfg.in_channels}-channel model on {cfg.crop} px crops")
-    # The student starts as the teacher's fp32 copy, so its weights say which teacher this run distils (folders
-    # built before the builder recorded the weights: their teacher's path).
+    # The teacher's weights say which teacher this run distils (folders built before the builder recorded the
+    # weights: their teacher's path).
     digest = traj.meta.get("teacher_weights")
-    if (digest != weights_digest(student) if digest else
-            os.path.abspath(traj.meta["teacher"]) != os.path.abspath(cfg.teacher)):
+    if digest:
+        other = digest != (teacher_digest if teacher_digest is not None else weights_digest(student))
+    else:
+        other = os.path.abspath(traj.meta["teacher"]) != os.path.abspath(cfg.teacher)
+    if other:
         print(f"--trajectories: its samples come from another teacher ({traj.meta['teacher']}) than --teacher "
               f"{cfg.teacher}", file=sys.stderr, flush=True)
     return traj
@@ -390,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = resolve_teacher(cfg.teacher, cfg.teacher_ema, cfg.prompts, cfg.norm_k_bug, cfg.lr_conv_scale)
     frozen_prompts = bool(cfg.prompts)
     student = copy.deepcopy(teacher).float().requires_grad_(True)  # fp32 master weights
+    teacher_digest = weights_digest(student) if cfg.trajectories else ""  # the teacher's, before --init replaces them
     init = load_init(cfg, student)
     if cfg.grow_layers:
         student = student.grown(cfg.grow_layers)
@@ -409,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
            "bfloat16": torch.bfloat16}[cfg.teacher_dtype]
     teacher.to(device=device, dtype=tdt)
     codec = engine.codec_for(student, cfg.vae)
-    traj = load_trajectories(cfg, student)
+    traj = load_trajectories(cfg, student, teacher_digest)
     anchor = load_anchor(cfg, student, device, teacher)
     engine.train(cfg, student, make_loss(cfg, teacher, codec, traj, anchor), name="distill",
                  extra={"teacher": os.path.abspath(cfg.teacher), "guidance": cfg.guidance,
