@@ -278,6 +278,20 @@ def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(res
     info = json.load(open(tmp_path / "exp" / "info.json"))
     assert info["restorer"]["carried"] is True
     assert info["student_run"]["step"] == info["student"]["steps"] and "teacher" in info["student_run"]
+    # A fine-tuned student (--init) exports its starting student's record too: a run's, nested, or a folder's info.
+    def fine_tune(out, init):
+        return distill.main([str(out) if a == str(tmp_path / "s") else a for a in args]
+                            + ["--init", str(init), "--max-steps", "1"])
+
+    assert fine_tune(tmp_path / "ft", tmp_path / "s") == 0
+    assert export.main([str(tmp_path / "ft"), str(tmp_path / "ft_exp"), "--no-restorer"]) == 0
+    ft = json.load(open(tmp_path / "ft_exp" / "info.json"))
+    assert ft["student"]["steps"] == 1 and ft["student_config"]["init"] == str(tmp_path / "s")
+    assert ft["init"]["student_run"] == info["student_run"] and ft["init"]["student"] == info["student"]
+    assert ft["init"]["student_config"]["output_dir"] == str(tmp_path / "s") and "init" not in ft["init"]
+    assert fine_tune(tmp_path / "ft2", tmp_path / "exp") == 0
+    assert export.main([str(tmp_path / "ft2"), str(tmp_path / "ft2_exp"), "--no-restorer"]) == 0
+    assert json.load(open(tmp_path / "ft2_exp" / "info.json"))["init"] == info
     assert export.main([str(tmp_path / "s"), str(tmp_path / "named"), "--no-restorer", "--refine-t", "0.06"]) == 0
     assert not os.path.exists(tmp_path / "named" / "restorer")
     assert load_model(str(tmp_path / "named")).cfg.refine_t == 0.06

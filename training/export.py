@@ -46,6 +46,49 @@ def _log_summary(run_dir: str) -> dict:
             **{f"final_{k}": v for k, v in rows[-1].items() if k.startswith("mse")}}  # distill's raw errors
 
 
+def _run_record(run: str, src: str) -> dict:
+    """What a student run left about itself: its log's summary (``student``), what it recorded beside the weights
+    ``src`` (``student_run``: teacher, stored samples, anchor, init) and its settings (``student_config``)."""
+    rec = {"student": _log_summary(run)}
+    state = os.path.join(os.path.dirname(src), "trainer_state.json")  # src: a checkpoint's ema/ or model/ folder
+    if os.path.isfile(state):
+        recorded = json.load(open(state))
+        rec["student_run"] = {"step": recorded.get("step"), **recorded.get("extra", {})}
+    cfg_path = os.path.join(run, "config.json")
+    if os.path.isfile(cfg_path):
+        cfg = json.load(open(cfg_path))
+        if "max_steps" in cfg:  # a run's settings, not a model folder's architecture
+            rec["student_config"] = cfg
+    return rec
+
+
+INIT_DEPTH = 4  # how many --init generations an export records
+
+
+def _init_record(init: str, depth: int = INIT_DEPTH) -> dict:
+    """The provenance of the student an ``--init`` run started from, so that a fine-tuned model's info.json holds its
+    whole recipe: an exported folder's (or the embedded default's) own info.json, or a run's record with its own
+    init nested in turn; {} where the folder is gone (the path alone stays in ``student_config``)."""
+    if not init or depth == 0:
+        return {}
+    if init == "default":
+        from mfsr_fast.inference import DEFAULT_MODEL
+        init = DEFAULT_MODEL
+    if not os.path.isdir(init):
+        return {}
+    if os.path.isfile(os.path.join(init, "info.json")):
+        return json.load(open(os.path.join(init, "info.json")))
+    try:
+        src = find_weights(init)
+    except (ValueError, FileNotFoundError, OSError):
+        return {}
+    rec = {"source": os.path.abspath(src), **_run_record(init, src)}
+    nested = _init_record(rec.get("student_config", {}).get("init", ""), depth - 1)
+    if nested:
+        rec["init"] = nested
+    return rec
+
+
 def _portable(value):
     """Paths under the working folder become relative ones, so info.json does not record the exporting machine's
     layout; other values pass through (recursively for dicts)."""
@@ -86,16 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         if not overrides:
             raise
         raise SystemExit(f"--refine-t: {e}") from None
-    info = {"source": os.path.abspath(src), "student": _log_summary(args.run),
+    info = {"source": os.path.abspath(src), **_run_record(args.run, src),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}
-    state = os.path.join(os.path.dirname(src), "trainer_state.json")  # src: a checkpoint's ema/ or model/ folder
-    if os.path.isfile(state):  # what the run recorded beside its weights: teacher, stored samples, anchor, init
-        recorded = json.load(open(state))
-        info["student_run"] = {"step": recorded.get("step"), **recorded.get("extra", {})}
-    cfg_path = os.path.join(args.run, "config.json")
-    if os.path.isfile(cfg_path):
-        run_cfg = json.load(open(cfg_path))
-        info["student_config"] = run_cfg
+    init = _init_record(info.get("student_config", {}).get("init", ""))
+    if init:
+        info["init"] = init
+    if "student_config" in info:
+        run_cfg = info["student_config"]
         teacher = run_cfg.get("teacher")
         if teacher and os.path.isdir(teacher):
             info["teacher"] = _log_summary(teacher)
