@@ -8,7 +8,8 @@
 #   2. the teacher's 40-step samples on the pool (training.trajectories --device cuda; the sampler that meets issue
 #      16's teacher targets, evaluate's teacher:40:cfg1.25:refine0.5:above0.5);
 #   3. three students side by side for STUDENT_MIN minutes each, all regressing onto the teacher's samples blended
-#      with the embedded default's one step (--trajectory-anchor default --trajectory-mix MIX), that regression
+#      with that teacher's own one Euler step (--trajectory-anchor teacher --trajectory-mix MIX, default 0.8: the
+#      embedded default's last stage since 2026-12-04, eighteenth session), that regression
 #      weighted TRAJ_WEIGHT (default 10; on the CPU, fifteenth session, 10 brought the one step 2.6 dB closer to its
 #      target than weight 1 at equal steps, 3 brought it 2.2 dB closer, 30 1.9 dB: RESULTS.md):
 #      "line": --trajectory-refine 0.25 --trajectory-line 0.25 on the default's grid (refine_t 0.06, average jumps);
@@ -21,7 +22,7 @@
 #      parameters), which on the CPU ended 0.5 dB farther from its target than "line" at equal steps. Its 22 MB tar
 #      and p05's together pass the 64 MiB a call brings back: with GROW=4, set LOSS_P=1;
 #   4. export of the teacher and the students (without the restorer's weights, which the set-up installs); "line",
-#      "p05" and "grown" with the embedded default's sampler stored (--refine-t 0.7 --refine-side above --jump
+#      "p05" and "grown" with the embedded default's sampler stored (--refine-t 0.8 --refine-side above --jump
 #      endpoint, as `make train-default` exports it), so that model-line can replace mfsr_fast/weights/default as it
 #      is; "endpoint" keeps the grid it trained with.
 # Evaluation runs afterwards on the CPU machine, where all 93 DRealSR pairs and Real-ESRGAN's row are (the HR images
@@ -33,14 +34,14 @@
 #     --niqe-params ../shared/data/metrics/niqe_pris_params.npz --per-image runs/gpu.csv
 # (and --teacher runs/model-teacher with teacher:40:cfg1.25:refine0.5:above0.5 on a few pairs: 50 s an image here).
 # Steps 2-4 of line, p05 and grown are taken as the embedded default takes them since 2026-12-04 (endpoint jumps, grid
-# from 1 down to 0.7, stored by their export); evaluate's student:N:refineT:endpoint[:above] tries other grids. The
+# from 1 down to 0.8, stored by their export); evaluate's student:N:refineT:endpoint[:above] tries other grids. The
 # students here train for STUDENT_MIN minutes each, not the default's 600 CPU steps.
 # Prepare the call with benchmarks/gpu_restorer_prep.sh (wheels, a share of the training images in .gpudata/, the
 # device tool's carry list). DATA defaults to .gpudata/train (9 MB: about 110 of the 571 training images, all four
 # sources; fresh crops and degradations every step), else ../shared/data/train. Smoke-tested on the CPU with small
-# settings (PYTHON=.venv/bin/python DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2: 117 s on
-# 2026-12-04, line exported with the default's sampler; also under the GPU machine's Python, torch and Triton
-# versions: benchmarks/device_env.sh smoke), not yet run on a GPU:
+# settings (PYTHON=.venv/bin/python DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2: 121 s on
+# 2026-12-04, eighteenth session: anchor teacher, mix 0.8, line exported with refine_t 0.8; under the GPU machine's
+# Python, torch and Triton versions in an earlier session: benchmarks/device_env.sh smoke), not yet run on a GPU:
 # the minutes per stage are estimates; the stages' limits add up to 560 s at the defaults, inside a call's 600 s.
 # Out (${OUT:-/tmp/mfsr_gpu_restorer}): logs.tar.gz (logs and JSON) and model-teacher.tar, model-line.tar,
 # model-endpoint.tar, model-p05.tar (each 12.5 MB, under the 16 MB a returned file may have; 5 files, about
@@ -57,7 +58,7 @@ BATCH="${BATCH:-64}"  # the teacher's and the students' MeanFlow batch (the CPU 
 TRAJ_BATCH="${TRAJ_BATCH:-16}"  # stored pairs per student step (the CPU runs: 8)
 POOL="${POOL:-2048}"  # crops with the teacher's 40-step samples
 POOL_LIMIT="${POOL_LIMIT:-$(awk -v m="$TEACHER_MIN" 'BEGIN { printf "%d", m * 60 + 60 }')}"  # the pool, beside the teacher
-MIX="${MIX:-0.75}"
+MIX="${MIX:-0.8}"
 TRAJ_WEIGHT="${TRAJ_WEIGHT:-10}"  # --trajectory-weight (the regression onto the stored samples; 1 before)
 GROW="${GROW:-0}"
 LOSS_P="${LOSS_P:-0.5}"
@@ -104,7 +105,7 @@ timeout 90 "$PY" -m training.trajectories --pool "$W/pool" --teacher "$W/teacher
 echo "trajectories exit $?"; tail -1 "$W/traj40.log"
 
 stamp "students, $STUDENT_MIN min each, side by side (grown: $GROW more blocks; p05: --loss-p $LOSS_P)"
-common=(--preset tiny-r --data "$DATA" --teacher "$W/teacher" --trajectories "$W/traj40" --trajectory-anchor default
+common=(--preset tiny-r --data "$DATA" --teacher "$W/teacher" --trajectories "$W/traj40" --trajectory-anchor teacher
         --trajectory-mix "$MIX" --trajectory-batch "$TRAJ_BATCH" --trajectory-weight "$TRAJ_WEIGHT"
         --guidance 1.25 --guidance-above 0.5
         --device "$DEVICE" --degrade-on device --num-workers $(( NW / 2 > 0 ? NW / 2 : 1 )) --batch-size "$BATCH"
@@ -136,7 +137,7 @@ for m in "${students[@]}"; do grep -E "reached|done:|Error" "$W/$m.log" | tail -
 stamp "export"
 for m in teacher "${students[@]}"; do
     grid=()  # the default's sampler for the default's recipe and its variants (Makefile train-default)
-    case "$m" in line | p05 | grown) grid=(--refine-t 0.7 --refine-side above --jump endpoint) ;; esac
+    case "$m" in line | p05 | grown) grid=(--refine-t 0.8 --refine-side above --jump endpoint) ;; esac
     timeout 20 "$PY" -m training.export "$W/$m" "$W/model-$m" --no-restorer "${grid[@]}" >>"$W/export.log" 2>&1
     echo "export $m exit $?"
 done
