@@ -37,15 +37,16 @@ lint: $(STAMP)
 demo: setup
 	$(PY) -m mfsr_fast.demo
 
-# Regenerates the embedded default (mfsr_fast/weights/default) from ../shared/data/train, about 2 h 10 min on 2 CPU
+# Regenerates the embedded default (mfsr_fast/weights/default) from ../shared/data/train, about 2 h 30 min on 2 CPU
 # cores (the sum of its pieces' measured times; not run end to end): a pool of degraded crops with Real-ESRGAN's
 # outputs (R runs once per crop), the teacher, a first student (the previous default's recipe: the anchor of the blend
-# below), the teacher's 40-step guided samples on 1024 pool crops, then the student distilled onto 0.75 x those
-# samples + 0.25 x the anchor's one step, that regression weighted 10, 600 steps. Exported without the restorer's
-# weights (found by name where the set-up installs them), with the multi-step sampler measured for it: endpoint jumps
-# on a grid whose steps 2..N re-estimate the image from t = 1 down to 0.7 (refine_side above), since jumps from small
-# t smooth this student's texture away (benchmarks/RESULTS.md). The shipped default's anchor was the previous embedded
-# default itself (info.json: student_run); this recipe trains its own, from the same commands.
+# below), the teacher's 40-step guided samples on 1024 pool crops, then a student distilled onto 0.75 x those
+# samples + 0.25 x the anchor's one step, that regression weighted 10, 600 steps, and fine-tuned 300 steps onto
+# 0.8 x the samples + 0.2 x the teacher's own one Euler step. Exported without the restorer's weights (found by name
+# where the set-up installs them), with the multi-step sampler measured for it: endpoint jumps on a grid whose steps
+# 2..N re-estimate the image from t = 1 down to 0.7 (refine_side above), since jumps from small t smooth this
+# student's texture away (benchmarks/RESULTS.md). The shipped default's first anchor was the previous embedded
+# default itself (info.json: init.student_run); this recipe trains its own, from the same commands.
 TRAIN_DATA ?= ../shared/data/train
 train-default: setup
 	$(PY) -m training.pool --data $(TRAIN_DATA) --out runs/default-pool --count 2048 --crop 128 --degradation mild
@@ -58,8 +59,12 @@ train-default: setup
 		--output-dir runs/default-student --max-steps 600 --guidance 1.25 --guidance-above 0.5 \
 		--trajectories runs/default-traj40 --trajectory-anchor runs/default-anchor --trajectory-mix 0.75 \
 		--trajectory-batch 8 --trajectory-weight 10 --trajectory-refine 0.25 --trajectory-line 0.25 --sample-every 0
-	$(PY) -m training.export runs/default-student mfsr_fast/weights/default --no-restorer \
-		--refine-t 0.7 --refine-side above --jump endpoint
+	$(PY) -m training.distill --preset tiny-r --pool runs/default-pool --teacher runs/default-teacher \
+		--output-dir runs/default-finetune --init runs/default-student --max-steps 300 --guidance 1.25 \
+		--guidance-above 0.5 --trajectories runs/default-traj40 --trajectory-anchor teacher --trajectory-mix 0.8 \
+		--trajectory-batch 8 --trajectory-weight 10 --trajectory-refine 0.25 --trajectory-line 0.25 --sample-every 0
+	$(PY) -m training.export runs/default-finetune mfsr_fast/weights/default --no-restorer \
+		--refine-t 0.8 --refine-side above --jump endpoint
 
 # A wheel that works on its own: the embedded default and the restorer the set-up installed (dist/).
 wheel: setup
