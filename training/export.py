@@ -80,7 +80,7 @@ def _init_record(init: str, depth: int = INIT_DEPTH) -> dict:
         return json.load(open(os.path.join(init, "info.json")))
     try:
         src = find_weights(init)
-    except (ValueError, FileNotFoundError, OSError):
+    except (ValueError, OSError):
         return {}
     rec = {"source": os.path.abspath(src), **_run_record(init, src)}
     nested = _init_record(rec.get("student_config", {}).get("init", ""), depth - 1)
