@@ -548,6 +548,32 @@ def test_trajectories_build_resume_and_the_distillation_regression(restorer_dir,
     with pytest.raises(SystemExit, match="residual_scale 0.5"):
         distill.load_anchor(dataclasses.replace(cfg, trajectory_anchor=str(tmp_path / "t_flat"), trajectory_mix=0.5),
                             student, "cpu")
+    # --trajectory-texture-cap: the blended target's difference from the anchor scaled down where it is busier than
+    # the HR crop its LR was made from (distill.cap_texture, tested on its own in test_texture_cap.py).
+    c = dataclasses.replace(c, trajectory_texture_cap=5)
+    capped = distill.load_trajectories(c, student)
+    from training.pool import Pool
+    torch.testing.assert_close(capped.hr(torch.tensor([2, 0])), torch.stack([Pool(cfg.pool)[i][0] for i in (2, 0)]),
+                               rtol=0, atol=0)
+    seen.clear()
+    with torch.no_grad():
+        distill.make_loss(c, r_teacher, codec, capped, r_teacher)(student.field, student, batch, 0, engine.Dist())
+    (z, t, r, v), = seen
+    e2, v2 = z[2:], v[2:]
+    idx = torch.stack([((noises - e_) ** 2).flatten(1).sum(1).argmin() for e_ in e2])
+    e_, x_, lr_, restored_ = capped.take(idx)
+    x_mix = 0.25 * x_ + 0.75 * x_a  # the same draws as above: the same pairs
+    want = distill.cap_texture(x_mix, x_a, capped.hr(idx), student, codec, c2, 5)
+    assert (want - x_mix).abs().max() > 1e-3  # the cap takes something out of these targets
+    torch.testing.assert_close(v2, e_ - want, rtol=0, atol=1e-4)
+    build_pool(str(tmp_path / "pool1"), data=data, count=3, crop=32, degradation="dit4sr", seed=1, shard=2)
+    for bad, match in ((dict(trajectory_texture_cap=4), "odd and > 0"),
+                       (dict(trajectory_texture_cap=-3), "odd and > 0"),
+                       (dict(trajectory_anchor=""), "needs --trajectories and --trajectory-anchor"),
+                       (dict(pool=""), "pass it as --pool"),
+                       (dict(pool=str(tmp_path / "pool1")), "is not the pool of --trajectories")):
+        with pytest.raises(SystemExit, match=match):
+            distill.load_trajectories(dataclasses.replace(c, **bad), student)
     traj.tensors["sample"] = traj.tensors["sample"].roll(1, 0)  # each noise paired with another sample's target
     assert loss(traj) - plain > 1.0
     os.remove(out / "shard_00000.safetensors")

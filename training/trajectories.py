@@ -150,6 +150,25 @@ class Trajectories:
         return (t["noise"][idx].float(), t["sample"][idx].float(), t["lr"][idx].float() / 255,
                 t["restored"][idx].float())
 
+    def attach_hr(self, pool) -> None:
+        """Keep the HR crops of ``pool`` (a ``training.pool.Pool``) the samples were made from (sample i from crop i),
+        for ``hr(idx)``. ValueError when the pool is not theirs: another seed or count, or other LR crops."""
+        if pool.meta.get("seed") != self.meta.get("pool_seed") or pool.count != self.meta.get("pool_count"):
+            raise ValueError(f"the samples were made from a pool of {self.meta.get('pool_count')} crops with seed "
+                             f"{self.meta.get('pool_seed')}; this one holds {pool.count} with seed "
+                             f"{pool.meta.get('seed')}")
+        n = len(self)
+        for i in sorted({0, n // 2, n - 1}):  # the LR crops, byte for byte
+            if not torch.equal((pool[i][1] * 255).round().to(torch.uint8), self.tensors["lr"][i]):
+                raise ValueError(f"its crop {i} is not the LR crop sample {i} was made from")
+        self.tensors["hr"] = torch.stack([pool[i][0].half() for i in range(n)])  # as the pool stores them
+
+    def hr(self, idx: torch.Tensor) -> torch.Tensor:
+        """The HR crops (float in [0, 1]) of the samples ``idx``; needs ``attach_hr``."""
+        if "hr" not in self.tensors:
+            raise ValueError("no HR crops: call attach_hr(pool) first")
+        return self.tensors["hr"][idx].float()
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
