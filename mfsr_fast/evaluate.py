@@ -13,7 +13,9 @@ then N - 1 equal steps) and ``:aboveT`` (guidance only at the steps with t > T, 
 per image for all, one table): ``--student NAME=FOLDER`` (repeatable), measured as ``NAME:N[:refineT][:jump]``
 like ``student:N``, e.g. ``--student grown=runs/gpu-grown --methods realesrgan,student:1,grown:1``. For each:
 NFE, seconds per image, PSNR and SSIM (RGB and Y, ``--border`` pixels cropped, 4 by default as for x4 in the
-literature) and NIQE (Y, whole image, lower is better), as a Markdown table. ``--save-images DIR`` keeps every
+literature), the texture against the photo (``metrics.texture_ratios``: on the HR's flattest quarter, above 1 is
+grain or mottle NIQE can reward; on its busiest, below 1 is blur NIQE barely sees) and NIQE (Y, whole image, lower
+is better), as a Markdown table. ``--save-images DIR`` keeps every
 output to look at (the numbers alone can hide grain or blur), ``--per-image CSV`` each image's numbers (for paired
 comparisons; written as they are measured); ``--skip`` and ``--limit`` pick a run of pairs.
 Restorer-conditioned models share one R(LR) per image within a run: it is computed once (timed) and its time is
@@ -332,13 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     from mfsr_fast.inference import resolve_device
 
     cache = RestoredCache(resolve_device(args.device))
-    accs = {m: {"psnr": [], "ssim": [], "psnr_y": [], "ssim_y": [], "niqe": [], "lpips": [], "dists": [], "sec": []}
-            for m in methods}
+    accs = {m: {"psnr": [], "ssim": [], "psnr_y": [], "ssim_y": [], "tex_flat": [], "tex_busy": [], "niqe": [],
+                "lpips": [], "dists": [], "sec": []} for m in methods}
     nfes = dict.fromkeys(methods, 0)
     b = args.border
     # --per-image: one row per image and method, flushed as it is measured, so that a long run stopped early
     # keeps what it measured.
-    measures = ["sec", "psnr", "ssim", "psnr_y", "ssim_y"] + (["niqe"] if params is not None else []) + show
+    measures = (["sec", "psnr", "ssim", "psnr_y", "ssim_y", "tex_flat", "tex_busy"]
+                + (["niqe"] if params is not None else []) + show)
     rows_out = open(args.per_image, "w", newline="") if args.per_image else None
     writer = csv.writer(rows_out) if rows_out else None
     if writer:
@@ -362,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
             acc["ssim"].append(metrics.ssim(sr, hr, border=b))
             acc["psnr_y"].append(metrics.psnr(sr, hr, border=b, y=True))
             acc["ssim_y"].append(metrics.ssim(sr, hr, border=b, y=True))
+            flat, busy = metrics.texture_ratios(sr, hr, border=b)
+            acc["tex_flat"].append(flat)
+            acc["tex_busy"].append(busy)
             if params is not None:
                 acc["niqe"].append(metrics.niqe_rgb(sr, params))
             if perceptual is not None:
@@ -380,12 +386,16 @@ def main(argv: list[str] | None = None) -> int:
               f"({mean['sec']:.2f} s/img)", file=sys.stderr, flush=True)
     extra = "".join(f" {k.upper()} |" for k in show)
     lines = [f"{os.path.basename(os.path.normpath(args.data))}, {len(items)} images, PSNR / SSIM with {b} px border "
-             "cropped",
-             "", f"| method | NFE | s / image | PSNR | SSIM | PSNR-Y | SSIM-Y | NIQE |{extra}",
-             "| --- " * (8 + len(show)) + "|"]
+             "cropped; texture, flat / busy: the output's RMS high-frequency amplitude (Y) over the HR's on the HR's "
+             "flattest / busiest quarter of pixels, mean over images (1: the photo's; flat above 1: grain or mottle "
+             "the photo does not have; busy below 1: detail lost)",
+             "", "| method | NFE | s / image | PSNR | SSIM | PSNR-Y | SSIM-Y | texture, flat | texture, busy | NIQE |"
+             + extra,
+             "| --- " * (10 + len(show)) + "|"]
     for method, nfe, m in rows:
         lines.append(f"| {method} | {nfe} | {m['sec']:.2f} | {m['psnr']:.2f} | {m['ssim']:.4f} | {m['psnr_y']:.2f} "
-                     f"| {m['ssim_y']:.4f} | {m['niqe']:.3f} |" + "".join(f" {m[k]:.4f} |" for k in show))
+                     f"| {m['ssim_y']:.4f} | {m['tex_flat']:.2f} | {m['tex_busy']:.2f} | {m['niqe']:.3f} |"
+                     + "".join(f" {m[k]:.4f} |" for k in show))
     table = "\n".join(lines)
     print(table)
     if args.output:

@@ -2,6 +2,10 @@
 
 - PSNR / SSIM come from scikit-image (``skimage.metrics``), on 8-bit values; SSIM with the Gaussian window of the
   original paper (sigma 1.5, population covariance), which is MATLAB's ``ssim``. Y is MATLAB's ``rgb2ycbcr`` luma.
+- Texture against the photo (``texture_ratios``, this project's own guard, not a literature measure): the RMS
+  high-frequency amplitude of the output's Y over that of the HR's, on the HR's flattest quarter of pixels (above 1:
+  texture the photo does not have there, grain or mottle, which NIQE can reward) and on its busiest quarter (below 1:
+  detail lost, blur, which NIQE barely sees).
 - NIQE (Mittal, Soundararajan, Bovik 2013) is implemented here from the published algorithm: MSCN coefficients,
   asymmetric generalised Gaussian fits of them and of their four pairwise products, on 96 x 96 blocks at two scales
   (the second after MATLAB's antialiased bicubic ``imresize`` by 1/2), compared with a pristine multivariate Gaussian
@@ -52,6 +56,50 @@ def ssim(a: np.ndarray, b: np.ndarray, border: int = 4, y: bool = False) -> floa
     if y:
         return float(structural_similarity(rgb_to_y(a), rgb_to_y(b), **kw))
     return float(structural_similarity(a, b, channel_axis=2, **kw))
+
+
+# Texture against the photo.
+
+TEXTURE_SIGMA = 1.5  # px: the high-pass is the image minus its Gaussian blur of this sigma
+TEXTURE_WINDOW = 17  # px: the side of the neighbourhood the high-frequency energy is averaged over
+
+
+def _gaussian_blur(x, sigma: float):
+    import torch
+    import torch.nn.functional as F
+
+    k = 2 * int(3 * sigma) + 1
+    g = torch.exp(-(torch.arange(k, dtype=x.dtype, device=x.device) - k // 2) ** 2 / (2 * sigma * sigma))
+    g = g / g.sum()
+    C = x.shape[1]
+    x = F.pad(x, (k // 2,) * 4, mode="reflect")
+    x = F.conv2d(x, g.view(1, 1, 1, k).expand(C, 1, 1, k).contiguous(), groups=C)
+    return F.conv2d(x, g.view(1, 1, k, 1).expand(C, 1, k, 1).contiguous(), groups=C)
+
+
+def local_texture(img, window: int = TEXTURE_WINDOW):
+    """(B, C, H, W) float tensor -> (B, 1, H, W): the high-frequency energy (the image minus its Gaussian blur of
+    TEXTURE_SIGMA px, squared, mean over channels) averaged over a window x window neighbourhood (shrunk at the
+    borders). Images at least 3 sigma + 1 pixels on a side."""
+    import torch.nn.functional as F
+
+    hf = (img - _gaussian_blur(img, TEXTURE_SIGMA)).pow(2).mean(1, keepdim=True)
+    return F.avg_pool2d(hf, window, 1, window // 2, count_include_pad=False)
+
+
+def texture_ratios(sr: np.ndarray, hr: np.ndarray, border: int = 0, quarter: float = 0.25) -> tuple[float, float]:
+    """(flat, busy) of two uint8 RGB images of one size: RMS ``local_texture`` of ``sr``'s Y over ``hr``'s, on the
+    ``quarter`` of pixels where ``hr``'s is lowest and on the quarter where it is highest. 1: the photo's texture;
+    flat > 1: texture the photo does not have where it is flat; busy < 1: detail lost where it is busy."""
+    import torch
+
+    if sr.shape != hr.shape:
+        raise ValueError(f"texture_ratios: images of different shapes, {sr.shape} and {hr.shape}")
+    y = [torch.from_numpy(rgb_to_y(crop_border(a, border)))[None, None] for a in (sr, hr)]
+    t_sr, t_hr = (local_texture(a).flatten() for a in y)
+    lo, hi = t_hr <= t_hr.quantile(quarter), t_hr >= t_hr.quantile(1 - quarter)
+    eps = 1e-6  # (Y levels)^2, far below a photograph's: two textureless areas compare as equal, not 0 / 0
+    return tuple(float(((t_sr[m].mean() + eps) / (t_hr[m].mean() + eps)).sqrt()) for m in (lo, hi))
 
 
 # MATLAB-compatible imresize (bicubic, antialiased when shrinking).

@@ -53,6 +53,27 @@ def test_psnr_ssim_conventions():
     np.testing.assert_allclose(y, [[235.0, 16.0]])
 
 
+def test_texture_ratios_see_grain_on_flat_areas_and_blur_on_busy_ones():
+    """A photo nearly flat on its left half (a faint grain) and finely textured on its right: the photo itself gives
+    (1, 1); noise added on the flat half raises the flat ratio, not the busy one; a blur lowers the busy ratio; the
+    images must match in shape."""
+    rng = np.random.default_rng(0)
+    hr = 120.0 + rng.normal(0, 1.5, (64, 64, 1)).repeat(3, axis=2)
+    hr[:, 32:] += rng.normal(0, 20, (64, 32, 1))
+    hr = hr.clip(0, 255).round().astype(np.uint8)
+    assert metrics.texture_ratios(hr, hr) == pytest.approx((1.0, 1.0))
+    grain = hr.astype(np.float64)
+    grain[:, :24] += rng.normal(0, 4, (64, 24, 1))
+    flat, busy = metrics.texture_ratios(grain.clip(0, 255).round().astype(np.uint8), hr)
+    assert flat > 2 and busy == pytest.approx(1.0, abs=0.02)
+    blurred = np.asarray(Image.fromarray(hr).resize((16, 16), Image.BOX).resize((64, 64), Image.BICUBIC))
+    flat, busy = metrics.texture_ratios(blurred, hr)
+    assert busy < 0.5 and flat < 1
+    assert metrics.texture_ratios(hr, hr, border=4) == pytest.approx((1.0, 1.0))
+    with pytest.raises(ValueError, match="different shapes"):
+        metrics.texture_ratios(hr[:32], hr)
+
+
 def test_matlab_imresize_half():
     # MATLAB: imresize(magic-free ramp, 0.5) of a linear ramp is the ramp at the new sample centres.
     x = np.tile(np.arange(16, dtype=np.float64), (16, 1))
@@ -88,7 +109,7 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
     expect = np.asarray(Image.open(tmp_path / "LR" / "img_1_LR.png").resize((96, 96), Image.BICUBIC))
     np.testing.assert_array_equal(saved, expect)
     rows = csv_path.read_text().strip().splitlines()
-    assert rows[0] == "image,method,nfe,seconds,psnr,ssim,psnr_y,ssim_y" and len(rows) == 2
+    assert rows[0] == "image,method,nfe,seconds,psnr,ssim,psnr_y,ssim_y,tex_flat,tex_busy" and len(rows) == 2
     name, method, nfe, _, psnr1, *_ = rows[1].split(",")
     assert (name, method, nfe) == ("img_1_HR", "bicubic", "0")
     assert float(psnr1) == pytest.approx(float(out.read_text().strip().splitlines()[-1].split("|")[4]), abs=0.006)

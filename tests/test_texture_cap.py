@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from mfsr_fast.codec import PixelCodec
+from mfsr_fast.metrics import local_texture
 from mfsr_fast.model import MFSRTransformer
-from training.distill import cap_texture, local_texture, texture_cap_scale
+from training.distill import cap_texture, texture_cap_scale
 
 
 def _checker(h: int, w: int, amp: float) -> torch.Tensor:

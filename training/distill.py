@@ -37,12 +37,12 @@ import sys
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mfsr_fast.convert import load_teacher
 from mfsr_fast.guidance import TeacherSampling, guided_velocity
 from mfsr_fast.inference import lr_condition
 from mfsr_fast.meanflow import JUMPS, REFINE_SIDES, adaptive_loss, meanflow_target, pair_t_r
+from mfsr_fast.metrics import local_texture
 from mfsr_fast.model import MFSRTransformer
 from training import checkpoint as ckpt
 from training import engine
@@ -110,8 +110,8 @@ class DistillConfig(engine.TrainConfig):
     # the rest are one-step jumps.
     trajectory_line: float = 0.0
     # Window side in pixels (odd; 0: off) over which the stored targets' texture is capped at the HR crop's: where the
-    # blended target carries more high-frequency energy (the image minus its Gaussian blur of TEXTURE_SIGMA px, per
-    # pixel, averaged over the window) than the HR crop its LR was made from, its difference from the anchor's one
+    # blended target carries more high-frequency energy (metrics.local_texture: the image minus its Gaussian blur,
+    # per pixel, averaged over the window) than the HR crop its LR was made from, its difference from the anchor's one
     # step is scaled down to match. It takes out the mottle the teacher's samples put on what is flat in the photo
     # (sky, walls, skin, defocused backgrounds) and keeps their texture where the photo has as much. Needs
     # --trajectory-anchor, the pixel codec and the pool the samples were made from (--pool). Measured on the default's
@@ -232,26 +232,6 @@ def load_trajectories(cfg: DistillConfig, student: MFSRTransformer, teacher_dige
             raise SystemExit(f"--trajectory-texture-cap: --pool {cfg.pool} is not the pool of --trajectories "
                              f"{cfg.trajectories}: {e}") from None
     return traj
-
-
-TEXTURE_SIGMA = 1.5  # px: --trajectory-texture-cap's high-pass, the image minus its Gaussian blur of this sigma
-
-
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    k = 2 * int(3 * sigma) + 1
-    g = torch.exp(-(torch.arange(k, dtype=x.dtype, device=x.device) - k // 2) ** 2 / (2 * sigma * sigma))
-    g = g / g.sum()
-    C = x.shape[1]
-    x = F.pad(x, (k // 2,) * 4, mode="reflect")
-    x = F.conv2d(x, g.view(1, 1, 1, k).expand(C, 1, 1, k).contiguous(), groups=C)
-    return F.conv2d(x, g.view(1, 1, k, 1).expand(C, 1, k, 1).contiguous(), groups=C)
-
-
-def local_texture(img: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, C, H, W) images -> (B, 1, H, W): the high-frequency energy (image minus its Gaussian blur of TEXTURE_SIGMA
-    px, squared, mean over channels) averaged over a window x window neighbourhood (shrunk at the borders)."""
-    hf = (img - _gaussian_blur(img, TEXTURE_SIGMA)).pow(2).mean(1, keepdim=True)
-    return F.avg_pool2d(hf, window, 1, window // 2, count_include_pad=False)
 
 
 def texture_cap_scale(target: torch.Tensor, hr: torch.Tensor, window: int, eps: float = 1e-10) -> torch.Tensor:
