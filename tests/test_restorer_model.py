@@ -255,7 +255,8 @@ def test_pool_build_resume_and_batches(restorer_dir, tmp_path):
         engine.StepBatches(engine.TrainConfig(pool=str(out), crop=64, batch_size=2, max_steps=1), 0, 1)
 
 
-def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(restorer_dir, tmp_path, monkeypatch):
+def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(restorer_dir, tmp_path, monkeypatch,
+                                                                            capsys):
     from mfsr_fast import loading
     from mfsr_fast import restorer as rs
     from mfsr_fast.inference import load_model, upscale
@@ -294,6 +295,14 @@ def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(res
     assert fine_tune(tmp_path / "ft2", tmp_path / "exp") == 0
     assert export.main([str(tmp_path / "ft2"), str(tmp_path / "ft2_exp"), "--no-restorer"]) == 0
     assert json.load(open(tmp_path / "ft2_exp" / "info.json"))["init"] == info
+    # The folder it started from now holds other weights: its record would describe another model, so it is left out.
+    shutil.copytree(tmp_path / "exp", tmp_path / "exp_copy")
+    assert fine_tune(tmp_path / "ft3", tmp_path / "exp_copy") == 0
+    assert export.main([str(tmp_path / "ft"), str(tmp_path / "exp_copy"), "--no-restorer"]) == 0
+    capsys.readouterr()
+    assert export.main([str(tmp_path / "ft3"), str(tmp_path / "ft3_exp"), "--no-restorer"]) == 0
+    assert "init" not in json.load(open(tmp_path / "ft3_exp" / "info.json"))
+    assert "no longer holds the weights the run started from" in capsys.readouterr().err
     assert export.main([str(tmp_path / "s"), str(tmp_path / "named"), "--no-restorer", "--refine-t", "0.06"]) == 0
     assert not os.path.exists(tmp_path / "named" / "restorer")
     assert load_model(str(tmp_path / "named")).cfg.refine_t == 0.06

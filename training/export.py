@@ -65,17 +65,31 @@ def _run_record(run: str, src: str) -> dict:
 INIT_DEPTH = 4  # how many --init generations an export records
 
 
-def _init_record(init: str, depth: int = INIT_DEPTH) -> dict:
+def _init_record(init: str, depth: int = INIT_DEPTH, digest: str = "") -> dict:
     """The provenance of the student an ``--init`` run started from, so that a fine-tuned model's info.json holds its
     whole recipe: an exported folder's (or the embedded default's) own info.json, or a run's record with its own
-    init nested in turn; {} where the folder is gone (the path alone stays in ``student_config``)."""
+    init nested in turn; {} where the folder is gone (the path alone stays in ``student_config``) or, given the run's
+    ``init_weights`` ``digest``, no longer holds the weights the run started from (a notice says so)."""
     if not init or depth == 0:
         return {}
+    name = init
     if init == "default":
         from mfsr_fast.inference import DEFAULT_MODEL
         init = DEFAULT_MODEL
     if not os.path.isdir(init):
         return {}
+    if digest:
+        from mfsr_fast.model import MFSRTransformer
+        from training.trajectories import weights_digest
+        try:  # read afresh (not through load_model's cache of what a path held earlier)
+            now = weights_digest(MFSRTransformer.from_pretrained(find_weights(init), low_cpu_mem_usage=False,
+                                                                 torch_dtype=torch.float32))
+        except (ValueError, OSError):
+            return {}
+        if now != digest:
+            print(f"export: --init {name} no longer holds the weights the run started from (digest {now[:12]}..., "
+                  f"the run's {digest[:12]}...): its record is left out", file=sys.stderr)
+            return {}
     if os.path.isfile(os.path.join(init, "info.json")):
         return json.load(open(os.path.join(init, "info.json")))
     try:
@@ -83,7 +97,8 @@ def _init_record(init: str, depth: int = INIT_DEPTH) -> dict:
     except (ValueError, OSError):
         return {}
     rec = {"source": os.path.abspath(src), **_run_record(init, src)}
-    nested = _init_record(rec.get("student_config", {}).get("init", ""), depth - 1)
+    nested = _init_record(rec.get("student_config", {}).get("init", ""), depth - 1,
+                          rec.get("student_run", {}).get("init_weights", ""))
     if nested:
         rec["init"] = nested
     return rec
@@ -131,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--refine-t: {e}") from None
     info = {"source": os.path.abspath(src), **_run_record(args.run, src),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}
-    init = _init_record(info.get("student_config", {}).get("init", ""))
+    init = _init_record(info.get("student_config", {}).get("init", ""), INIT_DEPTH,
+                        info.get("student_run", {}).get("init_weights", ""))
     if init:
         info["init"] = init
     if "student_config" in info:
