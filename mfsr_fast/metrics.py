@@ -96,8 +96,12 @@ def texture_ratios(sr: np.ndarray, hr: np.ndarray, border: int = 0, quarter: flo
     if sr.shape != hr.shape:
         raise ValueError(f"texture_ratios: images of different shapes, {sr.shape} and {hr.shape}")
     y = [torch.from_numpy(rgb_to_y(crop_border(a, border)))[None, None] for a in (sr, hr)]
+    if min(y[0].shape[-2:]) <= 3 * TEXTURE_SIGMA:
+        raise ValueError(f"texture_ratios: {tuple(y[0].shape[-2:])} px after the border crop; the high-pass needs "
+                         f"more than {3 * TEXTURE_SIGMA:g} px on a side")
     t_sr, t_hr = (local_texture(a).flatten() for a in y)
-    lo, hi = t_hr <= t_hr.quantile(quarter), t_hr >= t_hr.quantile(1 - quarter)
+    q_lo, q_hi = np.quantile(t_hr.numpy(), [quarter, 1 - quarter])  # (torch.quantile stops at 2^24 pixels)
+    lo, hi = t_hr <= q_lo, t_hr >= q_hi
     eps = 1e-6  # (Y levels)^2, far below a photograph's: two textureless areas compare as equal, not 0 / 0
     return tuple(float(((t_sr[m].mean() + eps) / (t_hr[m].mean() + eps)).sqrt()) for m in (lo, hi))
 

@@ -72,6 +72,8 @@ def test_texture_ratios_see_grain_on_flat_areas_and_blur_on_busy_ones():
     assert metrics.texture_ratios(hr, hr, border=4) == pytest.approx((1.0, 1.0))
     with pytest.raises(ValueError, match="different shapes"):
         metrics.texture_ratios(hr[:32], hr)
+    with pytest.raises(ValueError, match="more than 4.5 px"):
+        metrics.texture_ratios(hr, hr, border=30)
 
 
 def test_matlab_imresize_half():
