@@ -416,3 +416,20 @@ def test_diagnose_teacher_table(teacher_run, tmp_path):
                 ["--sampling", "refine1.5"]):
         with pytest.raises(SystemExit):
             diagnose.main(["--teacher", teacher_dir, "--data", str(tmp_path / "pairs"), *bad])
+
+
+def test_export_summary_counts_the_exported_checkpoint_steps(tmp_path):
+    """info.json's step count is the exported checkpoint's: a run stopped by --max-minutes between two log lines
+    (the log ends at 200, the checkpoint is step 241) and an earlier checkpoint of a run that went on."""
+    from training.export import _log_summary
+
+    rows = [{"step": s, "loss": 1.0 / s, "steps_per_s": 2.0} for s in (50, 100, 150, 200)]
+    rows.insert(2, {"kind": "val", "step": 100, "psnr": 20.0})
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    whole = _log_summary(str(tmp_path))
+    assert whole == {"steps": 200, "train_seconds": 100.0, "final_loss": 1.0 / 200}
+    stopped = _log_summary(str(tmp_path), upto=241)
+    assert stopped["steps"] == 241 and stopped["logged_to"] == 200 and stopped["train_seconds"] == 100.0
+    earlier = _log_summary(str(tmp_path), upto=100)
+    assert earlier == {"steps": 100, "train_seconds": 50.0, "final_loss": 1.0 / 100}
+    assert _log_summary(str(tmp_path), upto=10) == {"steps": 10}

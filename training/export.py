@@ -29,31 +29,39 @@ from mfsr_fast.integrity import apply_umask
 from mfsr_fast.meanflow import JUMPS, REFINE_SIDES
 
 
-def _log_summary(run_dir: str) -> dict:
+def _log_summary(run_dir: str, upto: int | None = None) -> dict:
+    """A run's log.jsonl in brief: steps, training seconds (from the logged rates), the last logged loss. ``upto``: the
+    step of the checkpoint exported, which counts as the steps; rows after it (a run that went on) are left out, and
+    ``logged_to`` says where the log stops short of it (a run stopped by --max-minutes between two log lines)."""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
         return {}
     rows = [json.loads(line) for line in open(path) if line.strip()]
     rows = [r for r in rows if r.get("kind") != "val"]  # --sample-every's validation rows
+    if upto is not None:
+        rows = [r for r in rows if r["step"] <= upto]
     if not rows:
-        return {}
-    steps = rows[-1]["step"]
+        return {"steps": upto} if upto is not None else {}
+    steps = rows[-1]["step"] if upto is None else upto
+    short = {"logged_to": rows[-1]["step"]} if rows[-1]["step"] != steps else {}
     prev, wall = 0, 0.0
     for r in rows:  # each row's rate covers the steps since the previous row
         wall += (r["step"] - prev) / max(r["steps_per_s"], 1e-9)
         prev = r["step"]
-    return {"steps": steps, "train_seconds": round(wall, 1), "final_loss": rows[-1]["loss"],
+    return {"steps": steps, **short, "train_seconds": round(wall, 1), "final_loss": rows[-1]["loss"],
             **{f"final_{k}": v for k, v in rows[-1].items() if k.startswith("mse")}}  # distill's raw errors
 
 
 def _run_record(run: str, src: str) -> dict:
     """What a student run left about itself: its log's summary (``student``), what it recorded beside the weights
     ``src`` (``student_run``: teacher, stored samples, anchor, init) and its settings (``student_config``)."""
-    rec = {"student": _log_summary(run)}
+    rec, step = {}, None
     state = os.path.join(os.path.dirname(src), "trainer_state.json")  # src: a checkpoint's ema/ or model/ folder
     if os.path.isfile(state):
         recorded = json.load(open(state))
-        rec["student_run"] = {"step": recorded.get("step"), **recorded.get("extra", {})}
+        step = recorded.get("step")
+        rec["student_run"] = {"step": step, **recorded.get("extra", {})}
+    rec = {"student": _log_summary(run, step if isinstance(step, int) else None), **rec}
     cfg_path = os.path.join(run, "config.json")
     if os.path.isfile(cfg_path):
         cfg = json.load(open(cfg_path))
