@@ -2,6 +2,8 @@
 # Issue 16 on one GPU, in one call of about 8 minutes: the restorer-conditioned chain of the embedded default
 # (`make train-default`), trained several times longer than the CPU recipe, with the texture students of
 # benchmarks/RESULTS.md (ninth and tenth sessions) beside each other. Stages, each with a time limit:
+#   0. benchmarks/gpu_pipeline.py: each part of a teacher step timed on its own (CPU batch, restorer, optimizer step),
+#      so that the log says what bounds the steps per second (the first run on a GPU did not; see below);
 #   1. the `tiny-r` teacher for TEACHER_MIN minutes of training on CUDA: fresh degraded 128 px crops of DATA every
 #      step, degraded and restored (Real-ESRGAN x4plus) on the GPU; at the same time a pool of POOL crops
 #      (training.pool, R on the GPU) for the next stage;
@@ -41,8 +43,16 @@
 # sources; fresh crops and degradations every step), else ../shared/data/train. Smoke-tested on the CPU with small
 # settings (PYTHON=.venv/bin/python DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2: 121 s on
 # 2026-12-04, eighteenth session: anchor teacher, mix 0.8, line exported with refine_t 0.8; under the GPU machine's
-# Python, torch and Triton versions in an earlier session: benchmarks/device_env.sh smoke), not yet run on a GPU:
-# the minutes per stage are estimates; the stages' limits add up to 560 s at the defaults, inside a call's 600 s.
+# Python, torch and Triton versions in an earlier session: benchmarks/device_env.sh smoke).
+# First run on a GPU (2026-12-04, twentieth session, NVIDIA H200, commit 3f5fa50, 464 s; benchmarks/RESULTS.md): every
+# stage exited 0 but trained far too little. Degrading on the device (one sample at a time), the teacher made 74 steps
+# of batch 64 in 3 min (0.41 steps/s) and the students 18-20 steps in 1.5 min; the four exports ran into their 20 s
+# limits (cold imports; only the last one's folder was whole). A second call, the teacher alone with 12 data-loading
+# processes degrading on the CPU, made 241 steps in 3 min (1.39 steps/s, 89 images/s; 15 k crops against the CPU
+# teacher's 32 k: worse on DRealSR). Since then the crops are degraded in NW (12) data-loading processes
+# (--degrade-on workers), the exports run side by side with 90 s each, and stage 0 times the parts of a step: the
+# first steps, with batches already waiting, still took about 0.6 s each, so the main process (restorer or step),
+# not the data, looks like the bound. The stages' limits add up to 575 s at the defaults, inside a call's 600 s.
 # Out (${OUT:-/tmp/mfsr_gpu_restorer}): logs.tar.gz (logs and JSON) and model-teacher.tar, model-line.tar,
 # model-endpoint.tar, model-p05.tar (each 12.5 MB, under the 16 MB a returned file may have; 5 files, about
 # 50 MB, under the 64 MiB a call brings back); with GROW=4 model-grown.tar in parts of 15 MB (model-grown.tar.part-aa,
@@ -66,14 +76,14 @@ LOSS_P="${LOSS_P:-0.5}"
 P05=$(awk -v p="$LOSS_P" 'BEGIN { if (p !~ /^[0-9.eE+-]+$/) print "bad"; else print (p + 0 != 1) }')
 [ "$P05" = bad ] && { echo "LOSS_P must be a number, got '$LOSS_P'" >&2; exit 2; }
 DEVICE="${DEVICE:-cuda}"
-NW="${NW:-4}"
+NW="${NW:-12}"  # data-loading processes degrading the crops on the CPU (the GPU machine has 16 cores)
 source benchmarks/gpu_env.sh
 rm -rf "$W" && mkdir -p "$W" "$OUT_DIR"
 start=$SECONDS
 stamp() { echo "== $1 ($((SECONDS - start)) s)"; }
 "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)'); data $DATA ($(find "$DATA" -type f | wc -l) files)"
-secs() { awk -v m="$1" 'BEGIN { printf "%d", m * 60 + 60 }'; }  # a stage's limit: its training minutes + start-up
+secs() { awk -v m="$1" 'BEGIN { printf "%d", m * 60 + 40 }'; }  # a stage's limit: its training minutes + start-up
 
 pack() {  # whatever exists, even after a stage timed out
     (cd "$W" && find . -maxdepth 2 \( -name '*.log' -o -name '*.json' -o -name '*.jsonl' \) -print0 \
@@ -88,18 +98,23 @@ pack() {  # whatever exists, even after a stage timed out
 }
 trap pack EXIT
 
+stamp "where a teacher step's time goes (benchmarks/gpu_pipeline.py)"
+timeout 75 "$PY" benchmarks/gpu_pipeline.py --data "$DATA" --batch "$BATCH" --workers "$NW" --device "$DEVICE" \
+    >"$W/pipeline.log" 2>&1
+echo "pipeline exit $?"; grep -E "^\\||ceiling|Error" "$W/pipeline.log"
+
 stamp "teacher, $TEACHER_MIN min, batch $BATCH; pool of $POOL crops beside it"
 timeout "$POOL_LIMIT" "$PY" -m training.pool --data "$DATA" --out "$W/pool" \
     --count "$POOL" --crop 128 --degradation mild --device "$DEVICE" --shard 256 >"$W/pool.log" 2>&1 &
 pool_pid=$!
 timeout "$(secs "$TEACHER_MIN")" "$PY" -m training.teacher --preset tiny-r --data "$DATA" --output-dir "$W/teacher" \
-    --device "$DEVICE" --degrade-on device --num-workers "$NW" --batch-size "$BATCH" --max-minutes "$TEACHER_MIN" \
+    --device "$DEVICE" --degrade-on workers --num-workers "$NW" --batch-size "$BATCH" --max-minutes "$TEACHER_MIN" \
     --max-steps 1000000 --ckpt-every 1000 --log-every 100 >"$W/teacher.log" 2>&1
 echo "teacher exit $?"; grep -E "reached|done:|Error|error" "$W/teacher.log" | tail -3; tail -1 "$W/teacher/log.jsonl"
 wait "$pool_pid"; echo "pool exit $?"; tail -1 "$W/pool.log"
 
 stamp "the teacher's 40-step samples on the pool"
-timeout 90 "$PY" -m training.trajectories --pool "$W/pool" --teacher "$W/teacher" --out "$W/traj40" \
+timeout 60 "$PY" -m training.trajectories --pool "$W/pool" --teacher "$W/teacher" --out "$W/traj40" \
     --count "$POOL" --steps 40 --sampling cfg1.25:refine0.5:above0.5 --batch 256 --shard 512 --device "$DEVICE" \
     >"$W/traj40.log" 2>&1
 echo "trajectories exit $?"; tail -1 "$W/traj40.log"
@@ -108,7 +123,7 @@ stamp "students, $STUDENT_MIN min each, side by side (grown: $GROW more blocks; 
 common=(--preset tiny-r --data "$DATA" --teacher "$W/teacher" --trajectories "$W/traj40" --trajectory-anchor teacher
         --trajectory-mix "$MIX" --trajectory-batch "$TRAJ_BATCH" --trajectory-weight "$TRAJ_WEIGHT"
         --guidance 1.25 --guidance-above 0.5
-        --device "$DEVICE" --degrade-on device --num-workers $(( NW / 2 > 0 ? NW / 2 : 1 )) --batch-size "$BATCH"
+        --device "$DEVICE" --degrade-on workers --num-workers $(( NW / 3 > 0 ? NW / 3 : 1 )) --batch-size "$BATCH"
         --max-minutes "$STUDENT_MIN" --max-steps 1000000 --ckpt-every 1000 --log-every 50)
 timeout "$(secs "$STUDENT_MIN")" "$PY" -m training.distill "${common[@]}" --output-dir "$W/line" \
     --trajectory-refine 0.25 --trajectory-line 0.25 >"$W/line.log" 2>&1 &
@@ -134,11 +149,13 @@ wait "$p1"; echo "line exit $?"; wait "$p2"; echo "endpoint exit $?"
 [ "$P05" = 1 ] && { wait "$p4"; echo "p05 exit $?"; }
 for m in "${students[@]}"; do grep -E "reached|done:|Error" "$W/$m.log" | tail -2; tail -1 "$W/$m/log.jsonl"; done
 
-stamp "export"
+stamp "export, side by side"
+exports=()
 for m in teacher "${students[@]}"; do
     grid=()  # the default's sampler for the default's recipe and its variants (Makefile train-default)
     case "$m" in line | p05 | grown) grid=(--refine-t 0.8 --refine-side above --jump endpoint) ;; esac
-    timeout 20 "$PY" -m training.export "$W/$m" "$W/model-$m" --no-restorer "${grid[@]}" >>"$W/export.log" 2>&1
-    echo "export $m exit $?"
+    timeout 90 "$PY" -m training.export "$W/$m" "$W/model-$m" --no-restorer "${grid[@]}" >"$W/export-$m.log" 2>&1 &
+    exports+=("$m:$!")
 done
+for e in "${exports[@]}"; do wait "${e#*:}"; echo "export ${e%%:*} exit $?"; tail -1 "$W/export-${e%%:*}.log"; done
 stamp "done"
