@@ -119,14 +119,14 @@ class Upscaler:
 
         return has_base(self.model)
 
-    def run(self, files, steps=1, scale=4.0, seed=0, color_fix="none", progress=None, detail=1.0):
+    def run(self, files, steps=1, scale=4.0, seed=0, color_fix="none", progress=None, detail=1.0, flat_detail=1.0):
         """Upscale each of ``files`` (paths); returns (results, failures as (name, reason), seconds).
-        ``progress(fraction, text)`` is called as tiles finish; ``detail`` as ``upscale``'s."""
+        ``progress(fraction, text)`` is called as tiles finish; ``detail`` and ``flat_detail`` as ``upscale``'s."""
         from mfsr_fast.cli import _out_path, upscale_file
         from mfsr_fast.inference import _check_steps_scale, student_sampling_for
 
         steps, scale = _check_steps_scale(int(steps), float(scale))  # the library's own check (ValueError)
-        student_sampling_for(self.model, detail=detail)  # likewise: its range, and that the model has a base
+        student_sampling_for(self.model, detail=detail, flat_detail=flat_detail)  # likewise: ranges, R
         seed = int(seed)
         if color_fix not in COLOR_FIX:
             raise ImageError(f"colour fix must be one of {', '.join(COLOR_FIX)}, got {color_fix!r}")
@@ -151,7 +151,7 @@ class Upscaler:
                 out, _ = upscale_file(path, lambda bits, name=name, folder=folder: _out_path(
                     name, folder, "_x4" if scale == 4 else f"_x{scale:g}", None, bits), self.model, scale=scale,
                     steps=steps, seed=seed, color_fix=None if color_fix == "none" else color_fix, progress=tiles,
-                    detail=detail)
+                    detail=detail, flat_detail=flat_detail)
                 before, after = _previews(path, out, folder)
                 results.append(Result(name, before, after, out))
             except (ImageError, ValueError, OSError) as e:
@@ -190,6 +190,10 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
                 detail = gr.Slider(0, 1, value=1, step=0.05, elem_id="detail", visible=up.has_base,
                                    label="Detail: the model's texture over Real-ESRGAN's output (lower: smoother "
                                    "skin)")
+                flat = gr.Slider(0, 1, value=1, step=0.05, elem_id="flat-detail",
+                                 visible=up.has_base and up.model.needs_restorer,
+                                 label="Flat-area detail: the same, only where Real-ESRGAN's output is flat (walls, "
+                                 "skies, skin)")
                 go = gr.Button("Upscale", variant="primary", elem_id="upscale")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")
@@ -197,12 +201,13 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
                 slider = gr.ImageSlider(label="Before / after", type="filepath", format="png", elem_id="compare")
                 downloads = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="downloads")
 
-        def on_upscale(paths, steps, scale, seed, fix, detail, progress=gr.Progress()):  # noqa: B008 (Gradio's)
+        def on_upscale(paths, steps, scale, seed, fix, detail, flat, progress=gr.Progress()):  # noqa: B008 (Gradio's)
             if not paths:
                 raise gr.Error("Upload one or more images first.")
             try:
                 res, failed, seconds = up.run(paths, steps, scale, seed if seed is not None else 0, fix,
-                                              progress=lambda f, text: progress(f, desc=text), detail=detail)
+                                              progress=lambda f, text: progress(f, desc=text), detail=detail,
+                                              flat_detail=flat)
             except ValueError as e:  # settings the page's own controls should not allow (ImageError included)
                 raise gr.Error(str(e)) from None
             for name, why in failed:
@@ -218,7 +223,7 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
         def on_pick(k, pairs):
             return pairs[k] if k is not None and 0 <= k < len(pairs) else None
 
-        go.click(on_upscale, [files, steps, scale, seed, fix, detail], [status, pick, slider, downloads, results],
+        go.click(on_upscale, [files, steps, scale, seed, fix, detail, flat], [status, pick, slider, downloads, results],
                  concurrency_limit=1)
         pick.change(on_pick, [pick, results], slider)
     return page

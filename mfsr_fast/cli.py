@@ -93,7 +93,7 @@ def _out_path(rel: str, out_dir: str, suffix: str, ext: str | None, bits: int) -
 def upscale_file(path: str, out_for, model, *, scale: float, steps: int, tile: int | None = None, seed: int = 0,
                  color_fix: str | None = None, overwrite: bool = False, protected=(), progress=None,
                  refine_t: float | None = None, jump: str | None = None, refine_side: str | None = None,
-                 detail: float | None = None):
+                 detail: float | None = None, flat_detail: float | None = None):
     """Read ``path``, upscale it and write it (atomically) to ``out_for(bits)``, keeping its bit depth, alpha and
     metadata; returns (output path, ImageMeta). Everything that is the file's fault, or the machine's (out of
     memory), is an ImageError with a message for the user; the CLI and the web page (``mfsr_fast.app``) both use it.
@@ -111,7 +111,8 @@ def upscale_file(path: str, out_for, model, *, scale: float, steps: int, tile: i
     try:
         res = upscale_array(arr, scale=scale, steps=steps, model=model, tile=tile, seed=seed, progress=progress,
                             color_fix_method=color_fix, out_dtype=np.uint16 if meta.bits == 16 else np.uint8,
-                            refine_t=refine_t, jump=jump, refine_side=refine_side, detail=detail)
+                            refine_t=refine_t, jump=jump, refine_side=refine_side, detail=detail,
+                            flat_detail=flat_detail)
     except torch.OutOfMemoryError:
         raise ImageError("out of GPU memory even at the smallest tile; try --tile 64 or --device cpu") from None
     except (MemoryError, RuntimeError) as e:  # the CPU allocator's failure is a RuntimeError
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--detail", type=float, default=None, metavar="D",
                     help="how much of the model's texture over Real-ESRGAN's output to keep, 0-1 (default 1: all; "
                     "0.5 for smoother skin; restorer-conditioned models such as the default)")
+    ap.add_argument("--flat-detail", type=float, default=None, metavar="D",
+                    help="likewise, only where Real-ESRGAN's output is flat (walls, skies, skin), full texture "
+                    "elsewhere (default 1: off; 0.25 takes most of the mottle off flat areas)")
     ap.add_argument("--tile", type=int, default=None, help="LR tile side in pixels (default: from free memory)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
@@ -187,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--refine-t must be in [0, 1)")
     if args.detail is not None and not 0 <= args.detail <= 1:
         ap.error("--detail must be in [0, 1]")
+    if args.flat_detail is not None and not 0 <= args.flat_detail <= 1:
+        ap.error("--flat-detail must be in [0, 1]")
     if args.ext and args.ext.lower().lstrip(".") not in ("png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"):
         ap.error(f"--ext {args.ext}: use png, jpg, webp, tif or bmp")
     def usage(msg: str) -> int:
@@ -227,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         model = load_model(args.model, args.device, dtype)
-        student_sampling_for(model, args.refine_t, args.jump, args.refine_side, args.detail)  # e.g. detail's base
+        student_sampling_for(model, args.refine_t, args.jump, args.refine_side, args.detail,  # e.g. detail's base
+                             args.flat_detail)
     except (ImageError, ValueError) as e:
         return usage(str(e))
     from tqdm import tqdm
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                                    model, scale=args.scale, steps=args.steps, tile=args.tile, seed=args.seed,
                                    color_fix=args.color_fix, overwrite=args.overwrite, protected=inputs,
                                    refine_t=args.refine_t, jump=args.jump, refine_side=args.refine_side,
-                                   detail=args.detail)
+                                   detail=args.detail, flat_detail=args.flat_detail)
             written += 1
             for note in meta.notes:
                 tqdm.write(f"{rel}: {note}")

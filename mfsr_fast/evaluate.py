@@ -4,9 +4,10 @@ DIR holds ``HR/`` and ``LR/`` (pairs matched by name, ignoring 'HR' / 'LR' token
 ``bicubic``; ``realesrgan`` (Real-ESRGAN x4plus alone, ``mfsr_fast.restorer``); ``student:N`` (the MeanFlow student,
 N steps, NFE N, on its config's grid and jumps), optionally ``:refineT`` (another grid: the first jump to T, then
 N - 1 equal ones; with ``:above`` the N - 1 equal ones go from 1 down to T, then one jump to 0) and ``:endpoint`` or
-``:average`` (the kind of jump, ``meanflow.sample``) and ``:detailD`` (the share D of its texture over R(LR) kept,
-``upscale(detail=)``), e.g. ``student:2:refine0.25:endpoint``, ``student:4:refine0.7:endpoint:above`` or
-``student:1:detail0.5``; ``teacher:N`` (N Euler steps, NFE N) and ``teacher:N:cfgW`` (N steps with
+``:average`` (the kind of jump, ``meanflow.sample``), ``:detailD`` (the share D of its texture over R(LR) kept,
+``upscale(detail=)``) and ``:flatD`` (that share where R(LR) is flat only, ``upscale(flat_detail=)``), e.g.
+``student:2:refine0.25:endpoint``, ``student:4:refine0.7:endpoint:above``, ``student:1:detail0.5`` or
+``student:1:flat0.25``; ``teacher:N`` (N Euler steps, NFE N) and ``teacher:N:cfgW`` (N steps with
 guidance w against the negative prompt, NFE 2N), optionally ``:refineT`` (the first step from t = 1 straight to T,
 then N - 1 equal steps) and ``:aboveT`` (guidance only at the steps with t > T, the others one pass each), e.g.
 ``teacher:40:cfg1.5:refine0.5:above0.5`` (``guidance.TeacherSampling``). More students in the same run (one R(LR)
@@ -69,9 +70,10 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 _TEACHER_OPTIONS = {"cfg": "guidance", "refine": "refine_t", "above": "above"}
-METHODS_HELP = ("bicubic, realesrgan, student:N[:refineT][:endpoint|:average][:below|:above][:detailD], "
+METHODS_HELP = ("bicubic, realesrgan, student:N[:refineT][:endpoint|:average][:below|:above][:detailD][:flatD], "
                 "teacher:N[:cfgW][:refineT][:aboveT], NAME:N[...] as student for a --student NAME=FOLDER, e.g. "
                 "student:2:refine0.25:endpoint, student:4:refine0.7:endpoint:above, student:1:detail0.5, "
+                "student:1:flat0.25, "
                 "teacher:40:cfg1.5 or "
                 "teacher:40:cfg1.5:refine0.5:above0.5")
 RESERVED = ("bicubic", "realesrgan", "student", "teacher")  # method kinds: not names of --student
@@ -91,7 +93,7 @@ def parse_sampling(parts: list[str]) -> TeacherSampling:
 
 
 def parse_student(parts: list[str]) -> dict:
-    """The student options ['refineT', 'endpoint' | 'average', 'below' | 'above', 'detailD'] (any of them, each
+    """The student options ['refineT', 'endpoint' | 'average', 'below' | 'above', 'detailD', 'flatD'] (any of them, each
     once) -> the ``StudentSampling`` fields they set (the others stay the model's own); ValueError otherwise."""
     opts = {}
     for part in parts:
@@ -99,6 +101,8 @@ def parse_student(parts: list[str]) -> dict:
             opts["refine_t"] = float(part[len("refine"):])
         elif part.startswith("detail") and "detail" not in opts:
             opts["detail"] = float(part[len("detail"):])
+        elif part.startswith("flat") and "flat_detail" not in opts:
+            opts["flat_detail"] = float(part[len("flat"):])
         elif part in JUMPS and "jump" not in opts:
             opts["jump"] = part
         elif part in REFINE_SIDES and "refine_side" not in opts:
@@ -110,7 +114,7 @@ def parse_student(parts: list[str]) -> dict:
 
 
 def parse_method(method: str, names=()) -> tuple[str, int, TeacherSampling | dict | None]:
-    """'bicubic' | 'realesrgan' | 'student:N[:refineT][:jump][:side][:detailD]'
+    """'bicubic' | 'realesrgan' | 'student:N[:refineT][:jump][:side][:detailD][:flatD]'
     | 'teacher:N[:cfgW][:refineT][:aboveT]'
     | 'NAME:N[...]' for a NAME in ``names`` (another student, options as for 'student')
     -> (kind, steps, how): for a teacher the ``TeacherSampling``, for a student the ``StudentSampling`` fields that
@@ -321,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             raise SystemExit(f"--student {name}={folder}: {e}") from None
     for m, (kind, _, how) in parsed.items():  # a detail below 1 needs a model whose flow has a base (R(LR))
-        if kind not in ("bicubic", "realesrgan", "teacher") and how and "detail" in how:
+        if kind not in ("bicubic", "realesrgan", "teacher") and how and ("detail" in how or "flat_detail" in how):
             try:
-                _check_detail(others.get(kind, student), how["detail"])
+                _check_detail(others.get(kind, student), how.get("detail", 1.0), how.get("flat_detail", 1.0))
             except ValueError as e:
                 raise SystemExit(f"method {m}: {e}") from None
     teacher = None

@@ -129,7 +129,7 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
     if student_sampling is not None and not isinstance(student_sampling, StudentSampling):
         raise TypeError(f"student_sampling must be a StudentSampling, got {type(student_sampling).__name__}")
     if student_sampling is not None:
-        _check_detail(model, student_sampling.detail)
+        _check_detail(model, student_sampling.detail, student_sampling.flat_detail)
     tile = tile or auto_tile(model, rgb.device)
     group = tile_batch or auto_tile_batch(model, rgb.device, tile)
     while True:
@@ -195,15 +195,15 @@ def _checked_unit(arr: np.ndarray, what: str) -> np.ndarray:
     return np.clip(arr, 0, 1).astype(np.float32, copy=False)
 
 
-def _check_sampling(refine_t, jump, refine_side, detail=None) -> dict:
+def _check_sampling(refine_t, jump, refine_side, detail=None, flat_detail=None) -> dict:
     """``upscale``'s sampling overrides (None: the model's own), checked before a model loads -> the
     ``StudentSampling`` fields they set."""
-    for name, v in (("refine_t", refine_t), ("detail", detail)):
+    numbers_given = (("refine_t", refine_t), ("detail", detail), ("flat_detail", flat_detail))
+    for name, v in numbers_given:
         if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
             raise ValueError(f"{name} must be a number, got {v!r}")
-    given = {k: v for k, v in (("refine_t", None if refine_t is None else float(refine_t)), ("jump", jump),
-                               ("refine_side", refine_side), ("detail", None if detail is None else float(detail)))
-             if v is not None}
+    given = {k: float(v) for k, v in numbers_given if v is not None}
+    given.update({k: v for k, v in (("jump", jump), ("refine_side", refine_side)) if v is not None})
     StudentSampling(**given)  # the ranges and names
     return given
 
@@ -214,36 +214,39 @@ def has_base(model: MFSRTransformer) -> bool:
     return model.cfg.residual_scale > 0
 
 
-def _check_detail(model: MFSRTransformer, detail: float) -> None:
+def _check_detail(model: MFSRTransformer, detail: float, flat_detail: float = 1.0) -> None:
     if detail != 1 and not has_base(model):
         raise ValueError(f"detail {detail} scales what a model adds to its base (R(LR)): this model's flow has no base "
                          "(residual_scale 0); use detail 1")
+    if flat_detail != 1 and not (has_base(model) and model.needs_restorer):
+        raise ValueError(f"flat_detail {flat_detail} scales what a model adds to Real-ESRGAN's output where that is "
+                         "flat: this model is not restorer-conditioned; use flat_detail 1")
 
 
-def student_sampling_for(model: MFSRTransformer, refine_t=None, jump=None, refine_side=None, detail=None
-                         ) -> StudentSampling | None:
-    """The model's own grid and jumps with ``refine_t`` / ``jump`` / ``refine_side`` / ``detail`` put in where given;
-    None where none is."""
-    given = _check_sampling(refine_t, jump, refine_side, detail)
-    if "detail" in given:
-        _check_detail(model, given["detail"])
+def student_sampling_for(model: MFSRTransformer, refine_t=None, jump=None, refine_side=None, detail=None,
+                         flat_detail=None) -> StudentSampling | None:
+    """The model's own grid and jumps with ``refine_t`` / ``jump`` / ``refine_side`` / ``detail`` / ``flat_detail``
+    put in where given; None where none is."""
+    given = _check_sampling(refine_t, jump, refine_side, detail, flat_detail)
+    _check_detail(model, given.get("detail", 1.0), given.get("flat_detail", 1.0))
     return dataclasses.replace(StudentSampling.of(model.cfg), **given) if given else None
 
 
 def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="default", device=None, dtype=None,
                   tile: int | None = None, seed: int = 0, progress=None, color_fix_method: str | None = None,
                   out_dtype=np.float32, refine_t: float | None = None, jump: str | None = None,
-                  refine_side: str | None = None, detail: float | None = None) -> np.ndarray:
+                  refine_side: str | None = None, detail: float | None = None,
+                  flat_detail: float | None = None) -> np.ndarray:
     """(H, W, C) float32 in [0, 1], C in 1..4 (grey, grey + alpha, RGB, RGBA) -> the upscaled array, same C, in
     ``out_dtype``: float32 in [0, 1], or uint8 / uint16 (rounded), which is what bounds memory for large images:
     the output is filled row band by row band (``tiling.RowSink``), so peak memory is the model, one row of tiles
     and this array. ``refine_t`` / ``jump`` / ``refine_side`` replace the model's own multi-step grid and kind of jump,
-    ``detail`` scales its texture (``upscale``)."""
+    ``detail`` and ``flat_detail`` scale its texture (``upscale``)."""
     H, W, C = arr.shape
     if H < 1 or W < 1:
         raise ValueError(f"zero-size image ({W}x{H})")
     steps, scale = _check_steps_scale(steps, scale)
-    _check_sampling(refine_t, jump, refine_side, detail)
+    _check_sampling(refine_t, jump, refine_side, detail, flat_detail)
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.uint16)):
         raise ValueError(f"out_dtype must be float32, uint8 or uint16, got {out_dtype}")
@@ -251,7 +254,7 @@ def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="d
         raise ValueError(f"color_fix must be None, 'wavelet' or 'adain', got {color_fix_method!r}")
     arr = _checked_unit(arr, "image")
     m = load_model(model, device, dtype)
-    sampling = student_sampling_for(m, refine_t, jump, refine_side, detail)
+    sampling = student_sampling_for(m, refine_t, jump, refine_side, detail, flat_detail)
     dev = next(m.parameters()).device
     has_alpha = C in (2, 4)
     color = arr[..., : C - 1] if has_alpha else arr
@@ -301,7 +304,7 @@ def upscale_array(arr: np.ndarray, *, scale: float = 4, steps: int = 1, model="d
 def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=None, dtype=None,
             tile: int | None = None, seed: int = 0, progress=None, color_fix: str | None = None,
             refine_t: float | None = None, jump: str | None = None, refine_side: str | None = None,
-            detail: float | None = None):
+            detail: float | None = None, flat_detail: float | None = None):
     """Upscale ``image`` (path, PIL image, numpy array or torch tensor) by ``scale`` (the model's x4, then a
     high-quality resize for other factors) in ``steps`` MeanFlow steps (1 to 4 is the useful range).
 
@@ -314,11 +317,14 @@ def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=
     ``jump`` is 'average' (MeanFlow's) or 'endpoint' (every jump aims at the one-step estimate). They change steps 2
     and up only. ``detail`` in [0, 1] (None: 1) scales what a restorer-conditioned model adds to R(LR): the output is
     R(LR) + detail (model's output - R(LR)), computed before decoding; 1 is the model's own output, lower values
-    trade its texture for R's smoothness (0.5 on faces, say). Deterministic for a seed.
+    trade its texture for R's smoothness (0.5 on faces, say). ``flat_detail`` in [0, 1] (None: 1) does the same only
+    where R(LR) is flat (``meanflow.flat_weight``): walls, skies and skin lose their mottle, textured areas keep their
+    detail (0.25 on DRealSR: a quarter less texture on the photos' flattest areas for a third of ``detail=0.5``'s NIQE
+    cost; benchmarks/RESULTS.md). Deterministic for a seed.
     """
     kw = dict(scale=scale, steps=steps, model=model, device=device, dtype=dtype, tile=tile, seed=seed,
               progress=progress, color_fix_method=color_fix, refine_t=refine_t, jump=jump, refine_side=refine_side,
-              detail=detail)
+              detail=detail, flat_detail=flat_detail)
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):

@@ -134,6 +134,26 @@ def time_grid(steps: int, *, refine_t: float = 0.0, refine_side: str = "below", 
 JUMPS = ("average", "endpoint")
 
 
+# RMS local texture of R(LR)'s Y (0-255 levels; metrics.local_texture, 17 px windows) at or below which
+# ``flat_detail`` applies in full, and at or above which not at all. Set on DRealSR's first 46 pairs (R's texture
+# there: about 1.3 levels on the HR's flattest quarter, 7 on its busiest), checked on the other 47
+# (benchmarks/RESULTS.md, twentieth session).
+FLAT_TEXTURE = (1.5, 4.0)
+
+
+def flat_weight(restored: torch.Tensor, flat_detail: float) -> torch.Tensor:
+    """(B, 3, H, W) R(LR) in [0, 1] -> (B, 1, H, W): the share of a model's texture over it that ``flat_detail`` keeps,
+    ``flat_detail`` where R's RMS local texture (Y, 0-255 levels) is at most FLAT_TEXTURE[0], rising linearly to 1 at
+    FLAT_TEXTURE[1]."""
+    from mfsr_fast.metrics import local_texture
+
+    r = restored.float()
+    y = 65.481 * r[:, 0:1] + 128.553 * r[:, 1:2] + 24.966 * r[:, 2:3]  # BT.601 Y without its offset
+    lo, hi = FLAT_TEXTURE
+    s = ((local_texture(y).sqrt() - lo) / (hi - lo)).clamp(0, 1)
+    return flat_detail + (1 - flat_detail) * s
+
+
 @dataclass(frozen=True)
 class StudentSampling:
     """How a student takes its N steps: the grid (``time_grid``'s ``refine_t`` and ``refine_side``) and the kind of
@@ -141,12 +161,17 @@ class StudentSampling:
     ``.jump``, ``of``); evaluation can try others without exporting a model.
     ``detail`` (not stored in a config; 1 for every model) scales what a residual model adds to its base, R(LR) for a
     restorer-conditioned one: the output is base + detail (model's output - base), decoded (``inference``). 1 is the
-    model's own output, 0 its base alone, 0.5 half of its texture (on smooth skin, say)."""
+    model's own output, 0 its base alone, 0.5 half of its texture (on smooth skin, say).
+    ``flat_detail`` (likewise not stored; 1: off) does so only where the base is flat, for a restorer-conditioned
+    model: the share kept goes from ``flat_detail`` where R(LR)'s local texture is at most ``FLAT_TEXTURE[0]`` to all
+    of it at ``FLAT_TEXTURE[1]`` and above (``flat_weight``), so texture stays where R sees detail and mottle on walls,
+    skies and skin goes."""
 
     refine_t: float = 0.0
     jump: str = "average"
     refine_side: str = "below"
     detail: float = 1.0
+    flat_detail: float = 1.0
 
     def __post_init__(self):
         if not 0.0 <= self.refine_t < 1.0:
@@ -155,8 +180,10 @@ class StudentSampling:
             raise ValueError(f"jump must be one of {JUMPS}, got {self.jump!r}")
         if self.refine_side not in REFINE_SIDES:
             raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {self.refine_side!r}")
-        if isinstance(self.detail, bool) or not isinstance(self.detail, numbers.Real) or not 0 <= self.detail <= 1:
-            raise ValueError(f"detail must be a number in [0, 1], got {self.detail!r}")
+        for name in ("detail", "flat_detail"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
+                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
 
     @classmethod
     def of(cls, cfg) -> StudentSampling:

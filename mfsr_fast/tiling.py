@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mfsr_fast.codec import VAECodec
 from mfsr_fast.guidance import TeacherSampling, sample_teacher
 from mfsr_fast.loading import MODEL_SCALE, codec_of, restorer_of
-from mfsr_fast.meanflow import StudentSampling, sample
+from mfsr_fast.meanflow import StudentSampling, flat_weight, sample
 from mfsr_fast.model import MFSRTransformer
 
 NOISE_BLOCK = 64  # latent cells per side of one independently seeded noise block
@@ -389,6 +389,10 @@ def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, step
         y = sample(fn, noise.to(dtype), timesteps=how.grid(steps, device=noise.device), jump=how.jump)
         if how.detail != 1:  # base + detail (output - base): upscale_rgb checked that the model has a base
             y = y * how.detail
+        if how.flat_detail != 1:  # likewise, with R(LR) (checked), in pixels, where R is flat
+            out = codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
+            base = restored.to(out)
+            return (base + flat_weight(base, how.flat_detail) * (out - base)).clamp(0, 1)
     return codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
 
 

@@ -67,6 +67,10 @@ def test_upscaler_equals_the_library_and_lists_bad_files(model_dir, tmp_path):
         up.run([good], detail=0.5)
     with pytest.raises(ValueError, match="detail must be"):
         up.run([good], detail=2)
+    with pytest.raises(ValueError, match="not restorer-conditioned"):
+        up.run([good], flat_detail=0.5)
+    with pytest.raises(ValueError, match="flat_detail must be"):
+        up.run([good], flat_detail=2)
 
 
 def test_sixteen_bit_grey_keeps_its_depth_and_previews_scaled(model_dir, tmp_path):

@@ -154,6 +154,70 @@ def test_detail_scales_what_the_model_adds_to_r(restorer_dir, tmp_path):
         cli_main([*cli, str(tmp_path / "m"), "--detail", "2"])
 
 
+def test_flat_detail_takes_texture_off_where_r_is_flat(restorer_dir, tmp_path, monkeypatch):
+    """flat_detail f: the output is R(LR) + w (model's output - R(LR)) with w = meanflow.flat_weight(R(LR), f): f
+    where R's local texture is low, 1 where it is high; 1 is the model's own output. Through upscale_rgb, upscale,
+    evaluate's ``:flatD`` and the CLI's --flat-detail; a model without a restorer refuses f < 1, and bad values are
+    sentences before anything runs."""
+    from PIL import Image
+
+    from mfsr_fast import evaluate, inference, meanflow
+    from mfsr_fast.cli import main as cli_main
+    from mfsr_fast.meanflow import FLAT_TEXTURE, StudentSampling, flat_weight
+    from mfsr_fast.metrics import local_texture
+
+    # the weight: flat_detail on a flat half, 1 on a busy half (away from the seam), all 1 at f = 1
+    img = torch.full((1, 3, 48, 96), 0.5)
+    img[..., 48:] = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    w = flat_weight(img, 0.25)
+    assert w.shape == (1, 1, 48, 96) and FLAT_TEXTURE[0] < FLAT_TEXTURE[1]
+    torch.testing.assert_close(w[..., :30], torch.full_like(w[..., :30], 0.25))
+    torch.testing.assert_close(w[..., 66:], torch.ones_like(w[..., 66:]))
+    torch.testing.assert_close(flat_weight(img, 1.0), torch.ones_like(w))
+
+    model = randomize_(_model())
+    x = torch.rand(1, 3, 8, 12)
+    x[..., :6] = 0.4  # a flat left half: R(x) is flat there
+    r = inference.restorer_of(model)(x)
+    # the small test restorer's texture is far below a photo's: thresholds at its own quantiles, so that this image
+    # has both kinds of area
+    y = 65.481 * r[:, 0:1] + 128.553 * r[:, 1:2] + 24.966 * r[:, 2:3]
+    t = local_texture(y).sqrt().flatten()
+    monkeypatch.setattr(meanflow, "FLAT_TEXTURE", (float(t.quantile(0.3)), float(t.quantile(0.7))))
+    own = inference.upscale_rgb(model, x)
+    sampling = StudentSampling.of(model.cfg)
+    same = inference.upscale_rgb(model, x, student_sampling=dataclasses.replace(sampling, flat_detail=1.0))
+    torch.testing.assert_close(same, own, rtol=0, atol=0)
+    flat = inference.upscale_rgb(model, x, student_sampling=dataclasses.replace(sampling, flat_detail=0.25))
+    wr = flat_weight(r, 0.25)
+    assert wr.min() < 0.5 and wr.max() == 1  # both kinds of area in this image (one tile: the same map)
+    torch.testing.assert_close(flat, (r + wr * (own - r)).clamp(0, 1), rtol=0, atol=2e-6)
+    model.save_pretrained(str(tmp_path / "m"))
+    arr = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    out = inference.upscale(arr, model=str(tmp_path / "m"), flat_detail=0.25)
+    assert not np.array_equal(out, inference.upscale(arr, model=str(tmp_path / "m")))
+    for bad in (1.5, -0.1, float("nan"), True, "half"):
+        with pytest.raises(ValueError, match="flat_detail must be"):
+            inference.upscale(arr, model=str(tmp_path / "m"), flat_detail=bad)
+    plain = MFSRTransformer.from_preset("tiny", **MICRO)  # bicubic LR stream: no R to look at
+    plain.save_pretrained(str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="not restorer-conditioned"):
+        inference.upscale(arr, model=str(tmp_path / "plain"), flat_detail=0.5)
+    assert evaluate.parse_method("student:1:flat0.25") == ("student", 1, {"flat_detail": 0.25})
+    assert evaluate.parse_method("student:2:detail0.5:flat0.5") == ("student", 2, {"detail": 0.5, "flat_detail": 0.5})
+    with pytest.raises(SystemExit, match="unknown method"):
+        evaluate.parse_method("student:1:flat2")
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    cli = [str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model"]
+    assert cli_main([*cli, str(tmp_path / "m"), "--flat-detail", "0.25"]) == 0
+    with Image.open(tmp_path / "out" / "a_x4.png") as im:
+        assert np.array_equal(np.asarray(im), out)
+    assert cli_main([*cli, str(tmp_path / "plain"), "--flat-detail", "0.5", "--suffix", "_p"]) == 2  # before any image
+    assert not os.path.exists(tmp_path / "out" / "a_p.png")
+    with pytest.raises(SystemExit):
+        cli_main([*cli, str(tmp_path / "m"), "--flat-detail", "2"])
+
+
 def test_flow_space_round_trip_and_field_base():
     m = randomize_(_model(lr_source="both"))
     C = m.cfg.in_channels
