@@ -192,8 +192,8 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
                                    "skin)")
                 flat = gr.Slider(0, 1, value=1, step=0.05, elem_id="flat-detail",
                                  visible=up.has_base and up.model.needs_restorer,
-                                 label="Flat-area detail: the same, only where Real-ESRGAN's output is flat (walls, "
-                                 "skies, skin)")
+                                 label="Flat-area detail: the same, only where Real-ESRGAN's output is flat (skies, "
+                                 "walls)")
                 go = gr.Button("Upscale", variant="primary", elem_id="upscale")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")

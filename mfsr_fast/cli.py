@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how much of the model's texture over Real-ESRGAN's output to keep, 0-1 (default 1: all; "
                     "0.5 for smoother skin; restorer-conditioned models such as the default)")
     ap.add_argument("--flat-detail", type=float, default=None, metavar="D",
-                    help="likewise, only where Real-ESRGAN's output is flat (walls, skies, skin), full texture "
+                    help="likewise, only where Real-ESRGAN's output is flat (skies, walls), full texture "
                     "elsewhere (default 1: off; 0.25 takes most of the mottle off flat areas)")
     ap.add_argument("--tile", type=int, default=None, help="LR tile side in pixels (default: from free memory)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")

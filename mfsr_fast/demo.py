@@ -3,9 +3,11 @@
 The photographs are scikit-image's bundled sample photos (astronaut, coffee, chelsea, rocket, motorcycle), which
 ship inside the installed package: no download. Each is shrunk by 4 (area average) to make the low-resolution input,
 then upscaled back by bicubic interpolation, by Real-ESRGAN x4plus (the reference every picture here is shown
-beside, ``mfsr_fast.restorer``) and by MFSR in 1 and 4 steps. Written to ``outputs/demo/``: the outputs, a
-side-by-side comparison per photo (LR | bicubic | Real-ESRGAN | MFSR 1 step | MFSR 4 steps | original) and the time
-per image of each method (MFSR's includes the restorer it runs, for a restorer-conditioned model).
+beside, ``mfsr_fast.restorer``) and by MFSR in 1 and 4 steps, and in 1 step with ``flat_detail=0.25`` (its texture
+taken off where Real-ESRGAN's output is flat; restorer-conditioned models such as the default). Written to
+``outputs/demo/``: the outputs, a side-by-side comparison per photo (LR | bicubic | Real-ESRGAN | MFSR 1 step |
+MFSR 1 step, flat 0.25 | MFSR 4 steps | original) and the time per image of each method (MFSR's includes the restorer
+it runs, for a restorer-conditioned model).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
+FLAT_DETAIL = 0.25  # the comparison's flat_detail column (upscale's; README)
 
 
 def _photo(name: str, side: int) -> np.ndarray:
@@ -77,24 +80,33 @@ def main(argv: list[str] | None = None) -> int:
             outs[steps] = upscale(lr, steps=steps, model=model)
             times[steps] = time.perf_counter() - t
             outs[steps].save(os.path.join(args.output, f"{name}_mfsr_{steps}step.png"))
+        if model.needs_restorer:
+            t = time.perf_counter()
+            outs["flat"] = upscale(lr, steps=1, model=model, flat_detail=FLAT_DETAIL)
+            times["flat"] = time.perf_counter() - t
+            outs["flat"].save(os.path.join(args.output, f"{name}_mfsr_1step_flat{FLAT_DETAIL:g}.png"))
         lr.save(os.path.join(args.output, f"{name}_lr.png"))
         bic.save(os.path.join(args.output, f"{name}_bicubic.png"))
         outs["realesrgan"].save(os.path.join(args.output, f"{name}_realesrgan.png"))
         panels = [lr.resize(hr.size, Image.NEAREST), bic, outs["realesrgan"], outs[1], outs[4], hr]
         names = ["LR (nearest)", "bicubic", "Real-ESRGAN x4plus", "MFSR 1 step", "MFSR 4 steps", "original"]
+        if "flat" in outs:
+            panels.insert(4, outs["flat"])
+            names.insert(4, f"MFSR 1 step, flat {FLAT_DETAIL:g}")
         side = Image.new("RGB", (hr.width * len(panels), hr.height))
         for i, (p, n) in enumerate(zip(panels, names)):
             side.paste(_label(p.convert("RGB").copy(), n), (i * hr.width, 0))
         path = os.path.join(args.output, f"{name}_comparison.png")
         side.save(path)
-        rows.append((name, lr.size, times["realesrgan"], times[1], times[4]))
+        tf = f"{times['flat']:.2f}" if "flat" in times else "-"
+        rows.append((name, lr.size, times["realesrgan"], times[1], tf, times[4]))
         print(f"{name}: {lr.width}x{lr.height} -> {hr.width}x{hr.height}: Real-ESRGAN {times['realesrgan']:.2f} s, "
-              f"MFSR 1 step {times[1]:.2f} s, 4 steps {times[4]:.2f} s -> {path}")
+              f"MFSR 1 step {times[1]:.2f} s (flat {FLAT_DETAIL:g}: {tf} s), 4 steps {times[4]:.2f} s -> {path}")
     with open(os.path.join(args.output, "times.md"), "w") as f:
-        f.write("| photo | LR size | Real-ESRGAN (s) | MFSR 1 step (s) | MFSR 4 steps (s) |\n"
-                "| --- | --- | --- | --- | --- |\n")
-        for name, size, tr, t1, t4 in rows:
-            f.write(f"| {name} | {size[0]}x{size[1]} | {tr:.2f} | {t1:.2f} | {t4:.2f} |\n")
+        f.write(f"| photo | LR size | Real-ESRGAN (s) | MFSR 1 step (s) | MFSR 1 step, flat {FLAT_DETAIL:g} (s) | "
+                "MFSR 4 steps (s) |\n| --- | --- | --- | --- | --- | --- |\n")
+        for name, size, tr, t1, tf, t4 in rows:
+            f.write(f"| {name} | {size[0]}x{size[1]} | {tr:.2f} | {t1:.2f} | {tf} | {t4:.2f} |\n")
     print(f"outputs, comparisons and times.md in {os.path.abspath(args.output)}")
     return 0
 

@@ -318,7 +318,7 @@ def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=
     and up only. ``detail`` in [0, 1] (None: 1) scales what a restorer-conditioned model adds to R(LR): the output is
     R(LR) + detail (model's output - R(LR)), computed before decoding; 1 is the model's own output, lower values
     trade its texture for R's smoothness (0.5 on faces, say). ``flat_detail`` in [0, 1] (None: 1) does the same only
-    where R(LR) is flat (``meanflow.flat_weight``): walls, skies and skin lose their mottle, textured areas keep their
+    where R(LR) is flat (``meanflow.flat_weight``): skies and walls lose their mottle, textured areas keep their
     detail (0.25 on DRealSR: a quarter less texture on the photos' flattest areas for a third of ``detail=0.5``'s NIQE
     cost; benchmarks/RESULTS.md). Deterministic for a seed.
     """

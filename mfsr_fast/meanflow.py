@@ -164,8 +164,8 @@ class StudentSampling:
     model's own output, 0 its base alone, 0.5 half of its texture (on smooth skin, say).
     ``flat_detail`` (likewise not stored; 1: off) does so only where the base is flat, for a restorer-conditioned
     model: the share kept goes from ``flat_detail`` where R(LR)'s local texture is at most ``FLAT_TEXTURE[0]`` to all
-    of it at ``FLAT_TEXTURE[1]`` and above (``flat_weight``), so texture stays where R sees detail and mottle on walls,
-    skies and skin goes."""
+    of it at ``FLAT_TEXTURE[1]`` and above (``flat_weight``), so texture stays where R sees detail and mottle on skies
+    and walls goes (a small face's shading is above the thresholds: ``detail`` is for faces)."""
 
     refine_t: float = 0.0
     jump: str = "average"
