@@ -319,8 +319,8 @@ def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=
     R(LR) + detail (model's output - R(LR)), computed before decoding; 1 is the model's own output, lower values
     trade its texture for R's smoothness (0.5 on faces, say). ``flat_detail`` in [0, 1] (None: 1) does the same only
     where R(LR) is flat (``meanflow.flat_weight``): skies and walls lose their mottle, textured areas keep their
-    detail (0.25 on DRealSR: a quarter less texture on the photos' flattest areas for a third of ``detail=0.5``'s NIQE
-    cost; benchmarks/RESULTS.md). Deterministic for a seed.
+    detail (0.25 on DRealSR: a quarter less texture on the photos' flattest areas for 0.27 NIQE, where ``detail=0.5``
+    costs 0.69 for less; benchmarks/RESULTS.md). Deterministic for a seed.
     """
     kw = dict(scale=scale, steps=steps, model=model, device=device, dtype=dtype, tile=tile, seed=seed,
               progress=progress, color_fix_method=color_fix, refine_t=refine_t, jump=jump, refine_side=refine_side,

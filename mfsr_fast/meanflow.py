@@ -135,9 +135,8 @@ JUMPS = ("average", "endpoint")
 
 
 # RMS local texture of R(LR)'s Y (0-255 levels; metrics.local_texture, 17 px windows) at or below which
-# ``flat_detail`` applies in full, and at or above which not at all. Set on DRealSR's first 46 pairs (R's texture
-# there: about 1.3 levels on the HR's flattest quarter, 7 on its busiest), checked on the other 47
-# (benchmarks/RESULTS.md, twentieth session).
+# ``flat_detail`` applies in full, and at or above which not at all. Picked from two pairs of thresholds on DRealSR's
+# first 46 pairs, checked on the other 47 (benchmarks/RESULTS.md, twentieth session).
 FLAT_TEXTURE = (1.5, 4.0)
 
 
