@@ -144,12 +144,10 @@ def flat_weight(restored: torch.Tensor, flat_detail: float) -> torch.Tensor:
     """(B, 3, H, W) R(LR) in [0, 1] -> (B, 1, H, W): the share of a model's texture over it that ``flat_detail`` keeps,
     ``flat_detail`` where R's RMS local texture (Y, 0-255 levels) is at most FLAT_TEXTURE[0], rising linearly to 1 at
     FLAT_TEXTURE[1]."""
-    from mfsr_fast.metrics import local_texture
+    from mfsr_fast.metrics import local_texture, luma
 
-    r = restored.float()
-    y = 65.481 * r[:, 0:1] + 128.553 * r[:, 1:2] + 24.966 * r[:, 2:3]  # BT.601 Y without its offset
     lo, hi = FLAT_TEXTURE
-    s = ((local_texture(y).sqrt() - lo) / (hi - lo)).clamp(0, 1)
+    s = ((local_texture(luma(restored.float())).sqrt() - lo) / (hi - lo)).clamp(0, 1)
     return flat_detail + (1 - flat_detail) * s
 
 

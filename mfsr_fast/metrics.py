@@ -26,10 +26,18 @@ NIQE_HELP = ("NIQE needs the pristine-model parameters of the original MATLAB re
              "redistributes them as niqe_pris_params.npz (Apache-2.0); pass its path with --niqe-params.")
 
 
+Y_WEIGHTS = (65.481, 128.553, 24.966)  # MATLAB rgb2ycbcr's luma row, for RGB in [0, 1]
+
+
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
     """MATLAB rgb2ycbcr luma of an RGB image in [0, 255] (float64 out, in [16, 235])."""
     img = img.astype(np.float64)
-    return 16.0 + (65.481 * img[..., 0] + 128.553 * img[..., 1] + 24.966 * img[..., 2]) / 255.0
+    return 16.0 + sum(w * img[..., c] for c, w in enumerate(Y_WEIGHTS)) / 255.0
+
+
+def luma(rgb):
+    """``rgb_to_y`` for a (B, 3, H, W) tensor in [0, 1] -> (B, 1, H, W) in [16, 235], in the tensor's dtype."""
+    return 16.0 + sum(w * rgb[:, c:c + 1] for c, w in enumerate(Y_WEIGHTS))
 
 
 def crop_border(img: np.ndarray, border: int) -> np.ndarray:

@@ -99,14 +99,30 @@ def test_multi_step_sampling_follows_the_models_refine_grid(restorer_dir, monkey
         _model(refine_side="sideways")
 
 
+def _cli_option(tmp_path, img: np.ndarray, flag: str, value: str, expected: np.ndarray) -> None:
+    """The CLI with ``flag value`` on the model saved in tmp_path/m writes ``expected``; on tmp_path/plain (no base,
+    no restorer) it stops before any image (exit 2); a value outside [0, 1] is a usage error."""
+    from PIL import Image
+
+    from mfsr_fast.cli import main as cli_main
+
+    Image.fromarray(img).save(tmp_path / "a.png")
+    cli = [str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model"]
+    assert cli_main([*cli, str(tmp_path / "m"), flag, value]) == 0
+    with Image.open(tmp_path / "out" / "a_x4.png") as im:
+        assert np.array_equal(np.asarray(im), expected)
+    assert cli_main([*cli, str(tmp_path / "plain"), flag, value, "--suffix", "_p"]) == 2  # before any image
+    assert not os.path.exists(tmp_path / "out" / "a_p.png")
+    with pytest.raises(SystemExit):
+        cli_main([*cli, str(tmp_path / "m"), flag, "2"])
+
+
 def test_detail_scales_what_the_model_adds_to_r(restorer_dir, tmp_path):
     """detail d: the output is R(LR) + d (model's output - R(LR)), at 1 and at 4 steps, through upscale_rgb, upscale,
     evaluate's ``:detailD`` and the CLI's --detail; 1 is the model's own output, 0 R(LR). A model whose flow has no
     base refuses d < 1, and bad values are sentences before anything runs."""
-    from PIL import Image
 
     from mfsr_fast import evaluate, inference
-    from mfsr_fast.cli import main as cli_main
     from mfsr_fast.meanflow import StudentSampling
 
     model = randomize_(_model(refine_t=0.7, jump="endpoint", refine_side="above"))
@@ -143,15 +159,7 @@ def test_detail_scales_what_the_model_adds_to_r(restorer_dir, tmp_path):
     assert evaluate.parse_method("student:1:detail0.5") == ("student", 1, {"detail": 0.5})
     with pytest.raises(SystemExit, match="unknown method"):
         evaluate.parse_method("student:1:detail2")
-    Image.fromarray(img).save(tmp_path / "a.png")
-    cli = [str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model"]
-    assert cli_main([*cli, str(tmp_path / "m"), "--detail", "0.5"]) == 0
-    with Image.open(tmp_path / "out" / "a_x4.png") as im:
-        assert np.array_equal(np.asarray(im), half)
-    assert cli_main([*cli, str(tmp_path / "plain"), "--detail", "0.5", "--suffix", "_p"]) == 2  # before any image
-    assert not os.path.exists(tmp_path / "out" / "a_p.png")
-    with pytest.raises(SystemExit):
-        cli_main([*cli, str(tmp_path / "m"), "--detail", "2"])
+    _cli_option(tmp_path, img, "--detail", "0.5", half)
 
 
 def test_flat_detail_takes_texture_off_where_r_is_flat(restorer_dir, tmp_path, monkeypatch):
@@ -159,12 +167,10 @@ def test_flat_detail_takes_texture_off_where_r_is_flat(restorer_dir, tmp_path, m
     where R's local texture is low, 1 where it is high; 1 is the model's own output. Through upscale_rgb, upscale,
     evaluate's ``:flatD`` and the CLI's --flat-detail; a model without a restorer refuses f < 1, and bad values are
     sentences before anything runs."""
-    from PIL import Image
 
     from mfsr_fast import evaluate, inference, meanflow
-    from mfsr_fast.cli import main as cli_main
     from mfsr_fast.meanflow import FLAT_TEXTURE, StudentSampling, flat_weight
-    from mfsr_fast.metrics import local_texture
+    from mfsr_fast.metrics import local_texture, luma
 
     # the weight: flat_detail on a flat half, 1 on a busy half (away from the seam), all 1 at f = 1
     img = torch.full((1, 3, 48, 96), 0.5)
@@ -181,8 +187,7 @@ def test_flat_detail_takes_texture_off_where_r_is_flat(restorer_dir, tmp_path, m
     r = inference.restorer_of(model)(x)
     # the small test restorer's texture is far below a photo's: thresholds at its own quantiles, so that this image
     # has both kinds of area
-    y = 65.481 * r[:, 0:1] + 128.553 * r[:, 1:2] + 24.966 * r[:, 2:3]
-    t = local_texture(y).sqrt().flatten()
+    t = local_texture(luma(r)).sqrt().flatten()
     monkeypatch.setattr(meanflow, "FLAT_TEXTURE", (float(t.quantile(0.3)), float(t.quantile(0.7))))
     own = inference.upscale_rgb(model, x)
     sampling = StudentSampling.of(model.cfg)
@@ -207,15 +212,7 @@ def test_flat_detail_takes_texture_off_where_r_is_flat(restorer_dir, tmp_path, m
     assert evaluate.parse_method("student:2:detail0.5:flat0.5") == ("student", 2, {"detail": 0.5, "flat_detail": 0.5})
     with pytest.raises(SystemExit, match="unknown method"):
         evaluate.parse_method("student:1:flat2")
-    Image.fromarray(arr).save(tmp_path / "a.png")
-    cli = [str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model"]
-    assert cli_main([*cli, str(tmp_path / "m"), "--flat-detail", "0.25"]) == 0
-    with Image.open(tmp_path / "out" / "a_x4.png") as im:
-        assert np.array_equal(np.asarray(im), out)
-    assert cli_main([*cli, str(tmp_path / "plain"), "--flat-detail", "0.5", "--suffix", "_p"]) == 2  # before any image
-    assert not os.path.exists(tmp_path / "out" / "a_p.png")
-    with pytest.raises(SystemExit):
-        cli_main([*cli, str(tmp_path / "m"), "--flat-detail", "2"])
+    _cli_option(tmp_path, arr, "--flat-detail", "0.25", out)
 
 
 def test_flow_space_round_trip_and_field_base():
