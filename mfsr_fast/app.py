@@ -119,9 +119,10 @@ class Upscaler:
 
         return has_base(self.model)
 
-    def run(self, files, steps=1, scale=4.0, seed=0, color_fix="none", progress=None, detail=1.0, flat_detail=1.0):
+    def run(self, files, steps=1, scale=4.0, seed=0, color_fix="none", progress=None, detail=1.0, flat_detail=None):
         """Upscale each of ``files`` (paths); returns (results, failures as (name, reason), seconds).
-        ``progress(fraction, text)`` is called as tiles finish; ``detail`` and ``flat_detail`` as ``upscale``'s."""
+        ``progress(fraction, text)`` is called as tiles finish; ``detail`` and ``flat_detail`` as ``upscale``'s (None:
+        the model's own)."""
         from mfsr_fast.cli import _out_path, upscale_file
         from mfsr_fast.inference import _check_steps_scale, student_sampling_for
 
@@ -190,10 +191,10 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
                 detail = gr.Slider(0, 1, value=1, step=0.05, elem_id="detail", visible=up.has_base,
                                    label="Detail: the model's texture over Real-ESRGAN's output (lower: smoother "
                                    "skin)")
-                flat = gr.Slider(0, 1, value=1, step=0.05, elem_id="flat-detail",
+                flat = gr.Slider(0, 1, value=up.model.cfg.flat_detail, step=0.05, elem_id="flat-detail",
                                  visible=up.has_base and up.model.needs_restorer,
                                  label="Flat-area detail: the same, only where Real-ESRGAN's output is flat (skies, "
-                                 "walls)")
+                                 f"walls; the model's own: {up.model.cfg.flat_detail:g}, 1: off)")
                 go = gr.Button("Upscale", variant="primary", elem_id="upscale")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")

@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "0.5 for smoother skin; restorer-conditioned models such as the default)")
     ap.add_argument("--flat-detail", type=float, default=None, metavar="D",
                     help="likewise, only where Real-ESRGAN's output is flat (skies, walls), full texture "
-                    "elsewhere (default 1: off; 0.25 takes most of the mottle off flat areas)")
+                    "elsewhere (default: the model's own, 0.25 for the default model, which takes most of the mottle "
+                    "off flat areas; 1: off)")
     ap.add_argument("--tile", type=int, default=None, help="LR tile side in pixels (default: from free memory)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)

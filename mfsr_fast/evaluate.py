@@ -9,7 +9,8 @@ N - 1 equal ones; with ``:above`` the N - 1 equal ones go from 1 down to T, then
 ``student:2:refine0.25:endpoint``, ``student:4:refine0.7:endpoint:above``, ``student:1:detail0.5`` or
 ``student:1:flat0.25``; ``teacher:N`` (N Euler steps, NFE N) and ``teacher:N:cfgW`` (N steps with
 guidance w against the negative prompt, NFE 2N), optionally ``:refineT`` (the first step from t = 1 straight to T,
-then N - 1 equal steps) and ``:aboveT`` (guidance only at the steps with t > T, the others one pass each), e.g.
+then N - 1 equal steps), ``:aboveT`` (guidance only at the steps with t > T, the others one pass each) and ``:flatD``
+(as a student's: its samples composed with R(LR) where that is flat), e.g.
 ``teacher:40:cfg1.5:refine0.5:above0.5`` (``guidance.TeacherSampling``). More students in the same run (one R(LR)
 per image for all, one table): ``--student NAME=FOLDER`` (repeatable), measured as ``NAME:N[:refineT][:jump]``
 like ``student:N``, e.g. ``--student grown=runs/gpu-grown --methods realesrgan,student:1,grown:1``. For each:
@@ -69,9 +70,9 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x[0].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
 
 
-_TEACHER_OPTIONS = {"cfg": "guidance", "refine": "refine_t", "above": "above"}
+_TEACHER_OPTIONS = {"cfg": "guidance", "refine": "refine_t", "above": "above", "flat": "flat_detail"}
 METHODS_HELP = ("bicubic, realesrgan, student:N[:refineT][:endpoint|:average][:below|:above][:detailD][:flatD], "
-                "teacher:N[:cfgW][:refineT][:aboveT], NAME:N[...] as student for a --student NAME=FOLDER, e.g. "
+                "teacher:N[:cfgW][:refineT][:aboveT][:flatD], NAME:N[...] as student for a --student NAME=FOLDER, e.g. "
                 "student:2:refine0.25:endpoint, student:4:refine0.7:endpoint:above, student:1:detail0.5, "
                 "student:1:flat0.25, "
                 "teacher:40:cfg1.5 or "
@@ -79,13 +80,14 @@ METHODS_HELP = ("bicubic, realesrgan, student:N[:refineT][:endpoint|:average][:b
 RESERVED = ("bicubic", "realesrgan", "student", "teacher")  # method kinds: not names of --student
 
 
-def parse_sampling(parts: list[str]) -> TeacherSampling:
-    """The teacher options ['cfgW', 'refineT', 'aboveT'] (any of them, each once) -> a ``TeacherSampling``;
-    ValueError otherwise."""
+def parse_sampling(parts: list[str], flat: bool = True) -> TeacherSampling:
+    """The teacher options ['cfgW', 'refineT', 'aboveT', 'flatD'] (any of them, each once) -> a ``TeacherSampling``;
+    ValueError otherwise. ``flat=False``: 'flatD' refused too (for samplers in the flow's space, where there is no
+    decoded output to compose with R(LR): ``training.trajectories``, ``training.diagnose``)."""
     opts = {}
     for part in parts:
         name = next((k for k in _TEACHER_OPTIONS if part.startswith(k)), None)
-        if name is None or _TEACHER_OPTIONS[name] in opts:
+        if name is None or _TEACHER_OPTIONS[name] in opts or (name == "flat" and not flat):
             raise ValueError(part)
         opts[_TEACHER_OPTIONS[name]] = float(part[len(name):])
     above = opts.pop("above", 0.0)
@@ -115,12 +117,12 @@ def parse_student(parts: list[str]) -> dict:
 
 def parse_method(method: str, names=()) -> tuple[str, int, TeacherSampling | dict | None]:
     """'bicubic' | 'realesrgan' | 'student:N[:refineT][:jump][:side][:detailD][:flatD]'
-    | 'teacher:N[:cfgW][:refineT][:aboveT]'
+    | 'teacher:N[:cfgW][:refineT][:aboveT][:flatD]'
     | 'NAME:N[...]' for a NAME in ``names`` (another student, options as for 'student')
     -> (kind, steps, how): for a teacher the ``TeacherSampling``, for a student the ``StudentSampling`` fields that
     replace its config's (``parse_student``), None for the others; SystemExit otherwise. ``cfgW``: guidance w
     (against the negative prompt); ``refineT``: first step from 1 straight to T; ``aboveT``: guidance only at steps
-    with t > T."""
+    with t > T; ``flatD``: the output composed with R(LR) where R(LR) is flat, as a student's ``:flatD``."""
     kind, *rest = method.split(":")
     try:
         if kind in ("bicubic", "realesrgan") and not rest:
@@ -333,6 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     teacher = None
     if args.teacher:
         teacher = load_teacher(args.teacher, args.device, args.prompts, args.vae)
+        for m, (kind, _, how) in parsed.items():  # flatD needs a restorer-conditioned teacher
+            if kind == "teacher":
+                try:
+                    _check_detail(teacher, 1.0, how.flat_detail)
+                except ValueError as e:
+                    raise SystemExit(f"method {m}: {e}") from None
     if args.border < 0:
         raise SystemExit("--border must be >= 0")
     from mfsr_fast.inference import resolve_device

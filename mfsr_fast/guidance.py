@@ -29,6 +29,9 @@ class TeacherSampling:
     against: str = "negative"
     refine_t: float = 0.0
     interval: tuple[float, float] = (0.0, 1.0)
+    # The output composed with R(LR) where R(LR) is flat, as a student's (``meanflow.StudentSampling.flat_detail``),
+    # so that a teacher's samples and a student's steps can be compared as a user gets them; 1: off.
+    flat_detail: float = 1.0
 
     def __post_init__(self):
         if not (isinstance(self.guidance, (int, float)) and self.guidance == self.guidance and self.guidance >= 0):
@@ -40,6 +43,9 @@ class TeacherSampling:
         lo, hi = self.interval
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"the guidance interval (lo, hi] needs 0 <= lo < hi <= 1, got ({lo}, {hi}]")
+        if isinstance(self.flat_detail, bool) or not isinstance(self.flat_detail, (int, float)) \
+                or not 0 <= self.flat_detail <= 1:
+            raise ValueError(f"flat_detail must be a number in [0, 1], got {self.flat_detail!r}")
 
     def weight(self, t: float) -> float:
         """w at a step that starts at time t (1.0 outside the interval). Grid times are float32: a t within 1e-6 of

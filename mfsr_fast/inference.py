@@ -126,6 +126,7 @@ def upscale_rgb(model: MFSRTransformer, rgb: torch.Tensor, *, steps: int = 1, se
         teacher_guidance = as_sampling(teacher_guidance)  # a wrong type fails here, before any tile runs
         if student_sampling is not None:
             raise ValueError("student_sampling is for a student's jumps; with teacher_guidance pass a TeacherSampling")
+        _check_detail(model, 1.0, teacher_guidance.flat_detail)
     if student_sampling is not None and not isinstance(student_sampling, StudentSampling):
         raise TypeError(f"student_sampling must be a StudentSampling, got {type(student_sampling).__name__}")
     if student_sampling is not None:
@@ -317,10 +318,11 @@ def upscale(image, *, scale: float = 4, steps: int = 1, model="default", device=
     ``jump`` is 'average' (MeanFlow's) or 'endpoint' (every jump aims at the one-step estimate). They change steps 2
     and up only. ``detail`` in [0, 1] (None: 1) scales what a restorer-conditioned model adds to R(LR): the output is
     R(LR) + detail (model's output - R(LR)), computed before decoding; 1 is the model's own output, lower values
-    trade its texture for R's smoothness (0.5 on faces, say). ``flat_detail`` in [0, 1] (None: 1) does the same only
+    trade its texture for R's smoothness (0.5 on faces, say). ``flat_detail`` in [0, 1] (None: the model's own,
+    ``MFSRConfig.flat_detail``: 0.25 for the default model, 1 (off) for a model that stores none) does the same only
     where R(LR) is flat (``meanflow.flat_weight``): skies and walls lose their mottle, textured areas keep their
     detail (0.25 on DRealSR: a quarter less texture on the photos' flattest areas for 0.27 NIQE, where ``detail=0.5``
-    costs 0.69 for less; benchmarks/RESULTS.md). Deterministic for a seed.
+    costs 0.69 for less; benchmarks/RESULTS.md); 1 gives the model's raw output. Deterministic for a seed.
     """
     kw = dict(scale=scale, steps=steps, model=model, device=device, dtype=dtype, tile=tile, seed=seed,
               progress=progress, color_fix_method=color_fix, refine_t=refine_t, jump=jump, refine_side=refine_side,

@@ -159,10 +159,11 @@ class StudentSampling:
     ``detail`` (not stored in a config; 1 for every model) scales what a residual model adds to its base, R(LR) for a
     restorer-conditioned one: the output is base + detail (model's output - base), decoded (``inference``). 1 is the
     model's own output, 0 its base alone, 0.5 half of its texture (on smooth skin, say).
-    ``flat_detail`` (likewise not stored; 1: off) does so only where the base is flat, for a restorer-conditioned
-    model: the share kept goes from ``flat_detail`` where R(LR)'s local texture is at most ``FLAT_TEXTURE[0]`` to all
-    of it at ``FLAT_TEXTURE[1]`` and above (``flat_weight``), so texture stays where R sees detail and mottle on skies
-    and walls goes (a small face's shading is above the thresholds: ``detail`` is for faces)."""
+    ``flat_detail`` (1: off; a model's own is ``MFSRConfig.flat_detail``, in ``of``) does so only where the base is
+    flat, for a restorer-conditioned model: the share kept goes from ``flat_detail`` where R(LR)'s local texture is at
+    most ``FLAT_TEXTURE[0]`` to all of it at ``FLAT_TEXTURE[1]`` and above (``flat_weight``), so texture stays where R
+    sees detail and mottle on skies and walls goes (a small face's shading is above the thresholds: ``detail`` is for
+    faces)."""
 
     refine_t: float = 0.0
     jump: str = "average"
@@ -184,7 +185,7 @@ class StudentSampling:
 
     @classmethod
     def of(cls, cfg) -> StudentSampling:
-        return cls(refine_t=cfg.refine_t, jump=cfg.jump, refine_side=cfg.refine_side)
+        return cls(refine_t=cfg.refine_t, jump=cfg.jump, refine_side=cfg.refine_side, flat_detail=cfg.flat_detail)
 
     def grid(self, steps: int, device=None) -> torch.Tensor:
         return time_grid(steps, refine_t=self.refine_t, refine_side=self.refine_side, device=device)

@@ -3,6 +3,8 @@ problem, before anything deep can fail)."""
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from mfsr_fast.meanflow import JUMPS, REFINE_SIDES
@@ -120,6 +122,13 @@ def check_config(cfg) -> None:
         raise ValueError(f"jump must be one of {JUMPS}, got {cfg.jump!r}")
     if cfg.refine_side not in REFINE_SIDES:
         raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {cfg.refine_side!r}")
+    if isinstance(cfg.flat_detail, bool) or not isinstance(cfg.flat_detail, numbers.Real) \
+            or not 0 <= cfg.flat_detail <= 1:
+        raise ValueError(f"flat_detail must be a number in [0, 1], got {cfg.flat_detail!r}")
+    if cfg.flat_detail != 1 and not (cfg.lr_source != "bicubic" and cfg.residual_scale > 0):
+        raise ValueError(f"flat_detail {cfg.flat_detail} scales what a model adds to Real-ESRGAN's output where that "
+                         "is flat: it needs a restorer-conditioned residual model (lr_source 'restorer' or 'both', "
+                         "residual_scale > 0); use 1")
     if cfg.codec not in ("sd3-vae", "pixel4"):
         raise ValueError(f"codec must be 'sd3-vae' or 'pixel4', got {cfg.codec!r}")
     if cfg.learned_prompts > 0 and cfg.context_dim <= 0:

@@ -366,13 +366,16 @@ def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, step
     ``teacher_guidance`` (a weight w or a ``TeacherSampling``) the model is sampled as a teacher
     (Euler steps of the guided velocity).
     The flow runs in the model's space (``to_flow``: a scaled residual over R(LR) for residual models); a student's
-    ``detail`` below 1 scales that residual before it is added back."""
+    ``detail`` below 1 scales that residual before it is added back. A ``flat_detail`` below 1 (a student's sampling or
+    a ``TeacherSampling``'s) composes the decoded output with R(LR) where R(LR) is flat (``meanflow.flat_weight``)."""
     codec = codec_of(model)
     B = lr.shape[0]
     dtype = next(model.parameters()).dtype
     c = lr_condition(model, codec, lr, restored).to(dtype)
+    flat = 1.0
     if teacher_guidance is not None:
         y = sample_teacher(model, c, noise.to(dtype), steps=steps, guidance=teacher_guidance)
+        flat = getattr(teacher_guidance, "flat_detail", 1.0)
     else:
         ctx, pooled = model.prompt("positive", B)
         calls = itertools.count()
@@ -389,11 +392,12 @@ def _sr_tile(model: MFSRTransformer, lr: torch.Tensor, noise: torch.Tensor, step
         y = sample(fn, noise.to(dtype), timesteps=how.grid(steps, device=noise.device), jump=how.jump)
         if how.detail != 1:  # base + detail (output - base): upscale_rgb checked that the model has a base
             y = y * how.detail
-        if how.flat_detail != 1:  # likewise, with R(LR) (checked), in pixels, where R is flat
-            out = codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
-            base = restored.to(out)
-            return (base + flat_weight(base, how.flat_detail) * (out - base)).clamp(0, 1)
-    return codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
+        flat = how.flat_detail
+    out = codec.decode(model.from_flow(y, c).float()).clamp(0, 1)
+    if flat != 1:  # likewise, with R(LR) (checked: a restorer-conditioned model), in pixels, where R is flat
+        base = restored.to(out)
+        out = (base + flat_weight(base, flat) * (out - base)).clamp(0, 1)
+    return out
 
 
 def shifted_call(f, z: torch.Tensor, c: torch.Tensor, shift: int, patch: int) -> torch.Tensor:

@@ -215,6 +215,60 @@ def test_flat_detail_takes_texture_off_where_r_is_flat(restorer_dir, tmp_path, m
     _cli_option(tmp_path, arr, "--flat-detail", "0.25", out)
 
 
+def test_a_models_own_flat_detail_is_its_default_and_a_teacher_composes_alike(restorer_dir, tmp_path, monkeypatch):
+    """MFSRConfig.flat_detail is the model's own: what upscale gives when flat_detail is not passed (saved and loaded
+    with the weights), 1 gives the raw output, another value replaces it. A teacher's samples compose the same way
+    (TeacherSampling.flat_detail, evaluate's teacher:N:flatD). Sampling only: the weights and the raw output are the
+    same model's."""
+    from mfsr_fast import evaluate, inference, meanflow
+    from mfsr_fast.guidance import TeacherSampling
+    from mfsr_fast.meanflow import StudentSampling, flat_weight
+    from mfsr_fast.metrics import local_texture, luma
+
+    raw_model = randomize_(_model())
+    own_model = _model(flat_detail=0.25)
+    own_model.load_state_dict(raw_model.state_dict())
+    assert StudentSampling.of(own_model.cfg).flat_detail == 0.25 and StudentSampling.of(raw_model.cfg).flat_detail == 1
+    x = torch.rand(1, 3, 8, 12)
+    x[..., :6] = 0.4
+    r = inference.restorer_of(raw_model)(x)
+    t = local_texture(luma(r)).sqrt().flatten()
+    monkeypatch.setattr(meanflow, "FLAT_TEXTURE", (float(t.quantile(0.3)), float(t.quantile(0.7))))
+    raw = inference.upscale_rgb(raw_model, x)
+    wr = flat_weight(r, 0.25)
+    assert wr.min() < 0.5 and wr.max() == 1
+    torch.testing.assert_close(inference.upscale_rgb(own_model, x), (r + wr * (raw - r)).clamp(0, 1), rtol=0, atol=2e-6)
+    own_model.save_pretrained(str(tmp_path / "own"))
+    assert json.load(open(tmp_path / "own" / "config.json"))["flat_detail"] == 0.25
+    arr = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    raw_model.save_pretrained(str(tmp_path / "raw"))
+    loaded = inference.upscale(arr, model=str(tmp_path / "own"))
+    np.testing.assert_array_equal(loaded, inference.upscale(arr, model=str(tmp_path / "raw"), flat_detail=0.25))
+    np.testing.assert_array_equal(inference.upscale(arr, model=str(tmp_path / "own"), flat_detail=1),
+                                  inference.upscale(arr, model=str(tmp_path / "raw")))
+    assert not np.array_equal(loaded, inference.upscale(arr, model=str(tmp_path / "raw")))
+    # other sampling options keep the model's own flat_detail
+    d = inference.upscale_rgb(own_model, x, student_sampling=inference.student_sampling_for(own_model, detail=0.5))
+    rd = inference.upscale_rgb(raw_model, x, student_sampling=inference.student_sampling_for(raw_model, detail=0.5))
+    torch.testing.assert_close(d, (r + wr * (rd - r)).clamp(0, 1), rtol=0, atol=2e-6)
+    # a teacher: its decoded samples composed with R(LR) alike
+    how = TeacherSampling(guidance=1.5, refine_t=0.5)
+    teacher_raw = inference.upscale_rgb(raw_model, x, steps=2, teacher_guidance=how)
+    teacher_flat = inference.upscale_rgb(raw_model, x, steps=2,
+                                         teacher_guidance=dataclasses.replace(how, flat_detail=0.25))
+    torch.testing.assert_close(teacher_flat, (r + wr * (teacher_raw - r)).clamp(0, 1), rtol=0, atol=2e-6)
+    assert evaluate.parse_method("teacher:40:cfg1.25:refine0.5:above0.5:flat0.25") == (
+        "teacher", 40, TeacherSampling(guidance=1.25, refine_t=0.5, interval=(0.5, 1.0), flat_detail=0.25))
+    with pytest.raises(ValueError, match="flat0.25"):  # flow-space samplers: nothing decoded to compose
+        evaluate.parse_sampling(["cfg1.5", "flat0.25"], flat=False)
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match="flat_detail must be"):
+            TeacherSampling(flat_detail=bad)
+    plain = MFSRTransformer.from_preset("tiny", **MICRO)
+    with pytest.raises(ValueError, match="not restorer-conditioned"):
+        inference.upscale_rgb(plain, x, teacher_guidance=TeacherSampling(flat_detail=0.5))
+
+
 def test_flow_space_round_trip_and_field_base():
     m = randomize_(_model(lr_source="both"))
     C = m.cfg.in_channels
@@ -255,6 +309,9 @@ def test_both_sources_extra_embedding_starts_at_zero():
     (dict(prediction="x_lr"), "residual flow"),
     (dict(refine_t=1.0), "refine_t"),
     (dict(jump="midpoint"), "jump must be"),
+    (dict(flat_detail=1.5), "flat_detail must be"),
+    (dict(flat_detail=0.5, lr_source="bicubic"), "restorer-conditioned residual model"),
+    (dict(flat_detail=0.5, residual_scale=0.0), "restorer-conditioned residual model"),
 ])
 def test_bad_restorer_configs_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -378,6 +435,12 @@ def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(res
     assert (up.refine_t, up.refine_side, up.jump) == (0.7, "above", "average")
     with pytest.raises(SystemExit, match="refine_t must be in"):
         export.main([str(tmp_path / "s"), str(tmp_path / "bad"), "--refine-t", "1.5"])
+    assert not os.path.exists(tmp_path / "bad")
+    assert export.main([str(tmp_path / "s"), str(tmp_path / "flat"), "--no-restorer", "--flat-detail", "0.25"]) == 0
+    assert (load_model(str(tmp_path / "flat")).cfg.flat_detail, load_model(str(tmp_path / "exp")).cfg.flat_detail) \
+        == (0.25, 1.0)
+    with pytest.raises(SystemExit, match="--flat-detail: flat_detail must be"):
+        export.main([str(tmp_path / "s"), str(tmp_path / "bad"), "--flat-detail", "2"])
     assert not os.path.exists(tmp_path / "bad")
     img = np.random.default_rng(1).integers(0, 256, (12, 16, 3), dtype=np.uint8)
     a = upscale(img, model=str(tmp_path / "named"))

@@ -409,11 +409,12 @@ def test_diagnose_teacher_table(teacher_run, tmp_path):
                           "1", "--steps", "1,3", "--sampling", "cfg3:refine0.5:above0.5", "--json", str(out),
                           "--device", "cpu"]) == 0
     guided = json.load(open(out))
-    assert guided["sampling"] == {"guidance": 3.0, "against": "negative", "refine_t": 0.5, "interval": [0.5, 1.0]}
+    assert guided["sampling"] == {"guidance": 3.0, "against": "negative", "refine_t": 0.5, "interval": [0.5, 1.0],
+                                  "flat_detail": 1.0}
     assert guided["x_hat"]["1.0"] == pytest.approx(res["x_hat"]["1.0"], abs=1e-9)
     assert abs(guided["euler"]["1"] - guided["x_hat"]["1.0"]) > 1e-5  # a barely trained teacher: prompts close
     for bad in (["--t-values", "0"], ["--steps", "x"], ["--crop", "200"], ["--sampling", "cfg"],
-                ["--sampling", "refine1.5"]):
+                ["--sampling", "refine1.5"], ["--sampling", "flat0.25"]):  # flow space: no decoded output to compose
         with pytest.raises(SystemExit):
             diagnose.main(["--teacher", teacher_dir, "--data", str(tmp_path / "pairs"), *bad])
 

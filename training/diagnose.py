@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit < 1 or args.crop < 8:
         raise SystemExit("--limit must be >= 1 and --crop >= 8")
     try:
-        sampling = parse_sampling(args.sampling.split(":") if args.sampling else [])
+        sampling = parse_sampling(args.sampling.split(":") if args.sampling else [], flat=False)
     except ValueError:
         raise SystemExit(f"--sampling {args.sampling!r}: expected [cfgW][:refineT][:aboveT], e.g. "
                          "cfg1.5:refine0.5:above0.5") from None

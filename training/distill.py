@@ -304,7 +304,7 @@ def load_anchor(cfg: DistillConfig, student: MFSRTransformer, device,
 
 
 # Config fields that only choose how a model is sampled: an --init student may differ from its teacher in them.
-SAMPLING_FIELDS = ("refine_t", "jump", "refine_side")
+SAMPLING_FIELDS = ("refine_t", "jump", "refine_side", "flat_detail")
 
 
 def load_init(cfg: DistillConfig, student: MFSRTransformer) -> str:

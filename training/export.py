@@ -123,7 +123,7 @@ def _portable(value):
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="student run folder (or checkpoint / save_pretrained folder)")
     ap.add_argument("output", help="folder to write (replaced atomically)")
@@ -139,19 +139,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--refine-side", choices=REFINE_SIDES, default=None, help="where the grid's equal steps go "
                     "(MFSRConfig.refine_side: 'below' refine_t after a first jump to it, 'above' it from 1 down to "
                     "refine_t, then one jump to 0); default: keep the run's")
-    args = ap.parse_args(argv)
+    ap.add_argument("--flat-detail", type=float, default=None, help="store this share of the model's texture over "
+                    "R(LR) kept where R(LR) is flat (MFSRConfig.flat_detail, upscale's flat_detail when not given; "
+                    "1: off; restorer-conditioned students only); default: keep the run's")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from mfsr_fast.model import MFSRTransformer
 
     src = find_weights(args.run)
     overrides = {k: v for k, v in (("refine_t", args.refine_t), ("jump", args.jump),
-                                   ("refine_side", args.refine_side)) if v is not None}
+                                   ("refine_side", args.refine_side), ("flat_detail", args.flat_detail))
+                 if v is not None}
     try:
         model = MFSRTransformer.from_pretrained(src, low_cpu_mem_usage=False, torch_dtype=torch.float32,
                                                 **overrides)
     except ValueError as e:
         if not overrides:
             raise
-        raise SystemExit(f"--refine-t: {e}") from None
+        flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
+        raise SystemExit(f"{flags}: {e}") from None
     info = {"source": os.path.abspath(src), **_run_record(args.run, src),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}
     init = _init_record(info.get("student_config", {}).get("init", ""), INIT_DEPTH,

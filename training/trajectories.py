@@ -61,7 +61,7 @@ def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling
     if count < 1 or steps < 1 or batch < 1 or shard < 1:
         raise SystemExit("--count, --steps, --batch and --shard must be >= 1")
     try:
-        how = parse_sampling([p for p in sampling.split(":") if p])
+        how = parse_sampling([p for p in sampling.split(":") if p], flat=False)
     except ValueError as e:
         raise SystemExit(f"--sampling {sampling!r}: bad part {e} (cfgW, refineT, aboveT joined by ':', e.g. "
                          "cfg1.25:refine0.5:above0.5)") from None
