@@ -44,9 +44,10 @@ demo: setup
 # samples + 0.25 x the anchor's one step, that regression weighted 10, 600 steps, and fine-tuned 300 steps onto
 # 0.8 x the samples + 0.2 x the teacher's own one Euler step. Exported without the restorer's weights (found by name
 # where the set-up installs them), with the multi-step sampler measured for it: endpoint jumps on a grid whose steps
-# 2..N re-estimate the image from t = 1 down to 0.7 (refine_side above), since jumps from small t smooth this
-# student's texture away (benchmarks/RESULTS.md). The shipped default's first anchor was the previous embedded
-# default itself (info.json: init.student_run); this recipe trains its own, from the same commands.
+# 2..N re-estimate the image from t = 1 down to 0.8 (refine_side above), since jumps from small t smooth this
+# student's texture away, and flat_detail 0.25: a quarter of its texture over R(LR) kept where R(LR) is flat, so that
+# skies and walls lose the teacher's mottle (benchmarks/RESULTS.md). The shipped default's first anchor was the
+# previous embedded default itself (info.json: init.student_run); this recipe trains its own, from the same commands.
 TRAIN_DATA ?= ../shared/data/train
 train-default: setup
 	$(PY) -m training.pool --data $(TRAIN_DATA) --out runs/default-pool --count 2048 --crop 128 --degradation mild
@@ -64,7 +65,7 @@ train-default: setup
 		--guidance-above 0.5 --trajectories runs/default-traj40 --trajectory-anchor teacher --trajectory-mix 0.8 \
 		--trajectory-batch 8 --trajectory-weight 10 --trajectory-refine 0.25 --trajectory-line 0.25 --sample-every 0
 	$(PY) -m training.export runs/default-finetune mfsr_fast/weights/default --no-restorer \
-		--refine-t 0.8 --refine-side above --jump endpoint
+		--refine-t 0.8 --refine-side above --jump endpoint --flat-detail 0.25
 
 # A wheel that works on its own: the embedded default and the restorer the set-up installed (dist/).
 wheel: setup

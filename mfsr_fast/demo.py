@@ -3,11 +3,12 @@
 The photographs are scikit-image's bundled sample photos (astronaut, coffee, chelsea, rocket, motorcycle), which
 ship inside the installed package: no download. Each is shrunk by 4 (area average) to make the low-resolution input,
 then upscaled back by bicubic interpolation, by Real-ESRGAN x4plus (the reference every picture here is shown
-beside, ``mfsr_fast.restorer``) and by MFSR in 1 and 4 steps, and in 1 step with ``flat_detail=0.25`` (its texture
-taken off where Real-ESRGAN's output is flat; restorer-conditioned models such as the default). Written to
-``outputs/demo/``: the outputs, a side-by-side comparison per photo (LR | bicubic | Real-ESRGAN | MFSR 1 step |
-MFSR 1 step, flat 0.25 | MFSR 4 steps | original) and the time per image of each method (MFSR's includes the restorer
-it runs, for a restorer-conditioned model).
+beside, ``mfsr_fast.restorer``) and by MFSR in 1 and 4 steps as the model samples by default, and in 1 step with the
+other setting of ``flat_detail`` (restorer-conditioned models such as the default): 1, the model's raw texture, for a
+model that takes its texture off where Real-ESRGAN's output is flat by itself (the default: 0.25, ``MFSRConfig.
+flat_detail``), 0.25 for one that does not. Written to ``outputs/demo/``: the outputs, a side-by-side comparison per
+photo (LR | bicubic | Real-ESRGAN | MFSR 1 step | MFSR 1 step, flat_detail F | MFSR 4 steps | original) and the time
+per image of each method (MFSR's includes the restorer it runs, for a restorer-conditioned model).
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle")
-FLAT_DETAIL = 0.25  # the comparison's flat_detail column (upscale's; README)
+FLAT_DETAIL = 0.25  # the comparison's flat_detail column for a model whose own is 1 (upscale's; README)
+
+
+def other_flat_detail(model) -> float | None:
+    """The flat_detail of the comparison's extra column: 1 (the raw texture) for a model that stores another,
+    FLAT_DETAIL for one that stores 1; None for a model without a restorer (it has no flat_detail)."""
+    if not model.needs_restorer:
+        return None
+    return 1.0 if model.cfg.flat_detail != 1 else FLAT_DETAIL
 
 
 def _photo(name: str, side: int) -> np.ndarray:
@@ -63,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e)) from None
     print(f"model: embedded default ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
           + (f", over {model.cfg.restorer}" if model.needs_restorer else "")
+          + (f", flat_detail {model.cfg.flat_detail:g}" if model.cfg.flat_detail != 1 else "")
           + f"), device {next(model.parameters()).device}")
+    alt = other_flat_detail(model)
+    alt_label = f"MFSR 1 step, flat_detail {alt:g}" if alt is not None else "-"
     rows = []
     for name in args.photos:
         hr = Image.fromarray(_photo(name, args.side))
@@ -80,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             outs[steps] = upscale(lr, steps=steps, model=model)
             times[steps] = time.perf_counter() - t
             outs[steps].save(os.path.join(args.output, f"{name}_mfsr_{steps}step.png"))
-        if model.needs_restorer:
+        if alt is not None:
             t = time.perf_counter()
-            outs["flat"] = upscale(lr, steps=1, model=model, flat_detail=FLAT_DETAIL)
+            outs["flat"] = upscale(lr, steps=1, model=model, flat_detail=alt)
             times["flat"] = time.perf_counter() - t
-            outs["flat"].save(os.path.join(args.output, f"{name}_mfsr_1step_flat{FLAT_DETAIL:g}.png"))
+            outs["flat"].save(os.path.join(args.output, f"{name}_mfsr_1step_flat{alt:g}.png"))
         lr.save(os.path.join(args.output, f"{name}_lr.png"))
         bic.save(os.path.join(args.output, f"{name}_bicubic.png"))
         outs["realesrgan"].save(os.path.join(args.output, f"{name}_realesrgan.png"))
@@ -92,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         names = ["LR (nearest)", "bicubic", "Real-ESRGAN x4plus", "MFSR 1 step", "MFSR 4 steps", "original"]
         if "flat" in outs:
             panels.insert(4, outs["flat"])
-            names.insert(4, f"MFSR 1 step, flat {FLAT_DETAIL:g}")
+            names.insert(4, alt_label)
         side = Image.new("RGB", (hr.width * len(panels), hr.height))
         for i, (p, n) in enumerate(zip(panels, names)):
             side.paste(_label(p.convert("RGB").copy(), n), (i * hr.width, 0))
@@ -101,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         tf = f"{times['flat']:.2f}" if "flat" in times else "-"
         rows.append((name, lr.size, times["realesrgan"], times[1], tf, times[4]))
         print(f"{name}: {lr.width}x{lr.height} -> {hr.width}x{hr.height}: Real-ESRGAN {times['realesrgan']:.2f} s, "
-              f"MFSR 1 step {times[1]:.2f} s (flat {FLAT_DETAIL:g}: {tf} s), 4 steps {times[4]:.2f} s -> {path}")
+              f"MFSR 1 step {times[1]:.2f} s ({alt_label}: {tf} s), 4 steps {times[4]:.2f} s -> {path}")
     with open(os.path.join(args.output, "times.md"), "w") as f:
-        f.write(f"| photo | LR size | Real-ESRGAN (s) | MFSR 1 step (s) | MFSR 1 step, flat {FLAT_DETAIL:g} (s) | "
+        f.write(f"| photo | LR size | Real-ESRGAN (s) | MFSR 1 step (s) | {alt_label} (s) | "
                 "MFSR 4 steps (s) |\n| --- | --- | --- | --- | --- | --- |\n")
         for name, size, tr, t1, tf, t4 in rows:
             f.write(f"| {name} | {size[0]}x{size[1]} | {tr:.2f} | {t1:.2f} | {tf} | {t4:.2f} |\n")

@@ -252,18 +252,22 @@ def test_demo_writes_outputs_comparisons_and_times(tmp_path):
         pytest.skip("embedded default model not present")
     pytest.importorskip("skimage")
     from mfsr_fast import demo
+    from mfsr_fast.inference import load_model
 
+    model = load_model("default")
+    alt = demo.other_flat_detail(model)  # the default is restorer-conditioned: the other flat_detail than its own
+    assert alt is not None and alt != model.cfg.flat_detail
     assert demo.main(["--output", str(tmp_path), "--photos", "chelsea", "--side", "128"]) == 0
     for name in ("chelsea_lr.png", "chelsea_bicubic.png", "chelsea_realesrgan.png", "chelsea_mfsr_1step.png",
-                 "chelsea_mfsr_1step_flat0.25.png", "chelsea_mfsr_4step.png", "chelsea_comparison.png", "times.md"):
+                 f"chelsea_mfsr_1step_flat{alt:g}.png", "chelsea_mfsr_4step.png", "chelsea_comparison.png", "times.md"):
         assert (tmp_path / name).exists(), name
     with Image.open(tmp_path / "chelsea_comparison.png") as im:
         assert im.size == (7 * 128, 128)
     assert "Real-ESRGAN (s)" in (tmp_path / "times.md").read_text()
-    assert "MFSR 1 step, flat 0.25 (s)" in (tmp_path / "times.md").read_text()
+    assert f"MFSR 1 step, flat_detail {alt:g} (s)" in (tmp_path / "times.md").read_text()
     with Image.open(tmp_path / "chelsea_mfsr_1step.png") as a, \
-            Image.open(tmp_path / "chelsea_mfsr_1step_flat0.25.png") as b:
-        assert not np.array_equal(np.asarray(a), np.asarray(b))  # the default is restorer-conditioned
+            Image.open(tmp_path / f"chelsea_mfsr_1step_flat{alt:g}.png") as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
     with Image.open(tmp_path / "chelsea_mfsr_1step.png") as im:
         assert im.size == (128, 128)
 
