@@ -117,15 +117,15 @@ class MFSRConfig:
     # jumps, steps 2..N re-estimate the image from noisier points that keep the starting noise, the last from
     # refine_t).
     refine_side: str = "below"
-    # The share of the model's texture over R(LR) kept where R(LR) is flat (``meanflow.flat_weight``, applied in pixels
-    # after decoding: R(LR) + w (output - R(LR)), w from flat_detail on flat areas to 1 on textured ones); 1: off.
-    # Sampling only (like refine_t), for restorer-conditioned residual models; ``upscale(flat_detail=)`` overrides it.
-    flat_detail: float = 1.0
     # > 0: a convolutional head that sees across patches. The read-out gives each model-space pixel ``conv_head``
     # feature channels beside its output; two 3 x 3 convolutions over both add a correction to the output (the
     # second zero-initialised). A linear read-out per token alone leaves a step at every patch edge (the patch grid
     # of RESULTS.md); the head can remove it. 0: the linear read-out only (SD3 / DiT4SR).
     conv_head: int = 0
+    # The share of the model's texture over R(LR) kept where R(LR) is flat (``meanflow.flat_weight``, applied in pixels
+    # after decoding: R(LR) + w (output - R(LR)), w from flat_detail on flat areas to 1 on textured ones); 1: off.
+    # Sampling only (like refine_t), for restorer-conditioned residual models; ``upscale(flat_detail=)`` overrides it.
+    flat_detail: float = 1.0
 
 
 # Named learned prompts of models trained without a text encoder (DESIGN section 3 / training/teacher.py).
