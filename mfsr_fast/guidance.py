@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from mfsr_fast.meanflow import time_grid
+from mfsr_fast.meanflow import check_share, time_grid
 from mfsr_fast.model import PROMPT_NAMES, MFSRTransformer
 
 
@@ -43,9 +43,7 @@ class TeacherSampling:
         lo, hi = self.interval
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"the guidance interval (lo, hi] needs 0 <= lo < hi <= 1, got ({lo}, {hi}]")
-        if isinstance(self.flat_detail, bool) or not isinstance(self.flat_detail, (int, float)) \
-                or not 0 <= self.flat_detail <= 1:
-            raise ValueError(f"flat_detail must be a number in [0, 1], got {self.flat_detail!r}")
+        check_share("flat_detail", self.flat_detail)
 
     def weight(self, t: float) -> float:
         """w at a step that starts at time t (1.0 outside the interval). Grid times are float32: a t within 1e-6 of

@@ -134,6 +134,13 @@ def time_grid(steps: int, *, refine_t: float = 0.0, refine_side: str = "below", 
 JUMPS = ("average", "endpoint")
 
 
+def check_share(name: str, value) -> None:
+    """ValueError unless ``value`` is a real number in [0, 1] (not a bool): ``detail`` and ``flat_detail``, wherever
+    they are set (``StudentSampling``, ``guidance.TeacherSampling``, ``MFSRConfig``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
 # RMS local texture of R(LR)'s Y (0-255 levels; metrics.local_texture, 17 px windows) at or below which
 # ``flat_detail`` applies in full, and at or above which not at all. Picked from two pairs of thresholds on DRealSR's
 # first 46 pairs, checked on the other 47 (benchmarks/RESULTS.md, twentieth session).
@@ -178,10 +185,8 @@ class StudentSampling:
             raise ValueError(f"jump must be one of {JUMPS}, got {self.jump!r}")
         if self.refine_side not in REFINE_SIDES:
             raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {self.refine_side!r}")
-        for name in ("detail", "flat_detail"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 1:
-                raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
+        check_share("detail", self.detail)
+        check_share("flat_detail", self.flat_detail)
 
     @classmethod
     def of(cls, cfg) -> StudentSampling:

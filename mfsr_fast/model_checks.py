@@ -3,11 +3,9 @@ problem, before anything deep can fail)."""
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
-from mfsr_fast.meanflow import JUMPS, REFINE_SIDES
+from mfsr_fast.meanflow import JUMPS, REFINE_SIDES, check_share
 
 
 def check_inputs(model, z, lr, t, r, context, pooled):
@@ -122,9 +120,7 @@ def check_config(cfg) -> None:
         raise ValueError(f"jump must be one of {JUMPS}, got {cfg.jump!r}")
     if cfg.refine_side not in REFINE_SIDES:
         raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {cfg.refine_side!r}")
-    if isinstance(cfg.flat_detail, bool) or not isinstance(cfg.flat_detail, numbers.Real) \
-            or not 0 <= cfg.flat_detail <= 1:
-        raise ValueError(f"flat_detail must be a number in [0, 1], got {cfg.flat_detail!r}")
+    check_share("flat_detail", cfg.flat_detail)
     if cfg.flat_detail != 1 and not (cfg.lr_source != "bicubic" and cfg.residual_scale > 0):
         raise ValueError(f"flat_detail {cfg.flat_detail} scales what a model adds to Real-ESRGAN's output where that "
                          "is flat: it needs a restorer-conditioned residual model (lr_source 'restorer' or 'both', "
