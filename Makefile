@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 $(RESTORER): | $(STAMP)
-	$(PY) -m mfsr_fast.restorer fetch
+	$(PY) -m mfsr_fast.models.ncnn fetch
 
 setup: $(STAMP) $(RESTORER)
 
@@ -31,11 +31,13 @@ test: setup
 bench: setup
 	$(PY) -m pytest -q benchmarks --benchmark
 
+# ruff, and the rooms' import contracts of pyproject.toml (layers in order, no cycles; tests/test_layout.py too)
 lint: $(STAMP)
 	$(PY) -m ruff check mfsr_fast kernels training tests benchmarks
+	$(VENV)/bin/lint-imports
 
 demo: setup
-	$(PY) -m mfsr_fast.demo
+	$(PY) -m mfsr_fast.apps.demo
 
 # Regenerates the embedded default (mfsr_fast/weights/default) from ../shared/data/train, about 2 h 30 min on 2 CPU
 # cores (the sum of its pieces' measured times; not run end to end): a pool of degraded crops with Real-ESRGAN's

@@ -9,7 +9,7 @@
 #      processes, was bound by them at 333 images/s);
 #   2. python -m training.diagnose: its clean-image estimate against t, its Euler samples against steps;
 #   3. two students side by side (guidance 1.0 and G2) for STUDENT_MIN minutes each; both exported, the teacher too;
-#   4. python -m mfsr_fast.evaluate on the first EVAL_PAIRS DRealSR pairs: bicubic, teacher 1 / 40 / 40 x CFG G2
+#   4. python -m mfsr_fast.evaluation on the first EVAL_PAIRS DRealSR pairs: bicubic, teacher 1 / 40 / 40 x CFG G2
 #      steps, each student 1 / 2 / 4 steps (NIQE on the CPU cores, in parallel).
 # DATA (training images), EVAL (an HR/LR folder) and NIQE (parameters) default to ../shared/data; a device run
 # carries a copy in .gpudata/ (train/, eval/drealsr_x4/, metrics/). Carried wheels in .whl/ as in gpu_check.sh.
@@ -82,7 +82,7 @@ tail -3 "$W/export.log"
 stamp "evaluate, first $EVAL_PAIRS pairs"
 ev() {  # name, then evaluate's arguments
     local name=$1; shift
-    timeout 120 "$PY" -m mfsr_fast.evaluate --data "$EVAL" --limit "$EVAL_PAIRS" --niqe-params "$NIQE" \
+    timeout 120 "$PY" -m mfsr_fast.evaluation --data "$EVAL" --limit "$EVAL_PAIRS" --niqe-params "$NIQE" \
         --device "$DEVICE" --output "$W/eval_$name.md" "$@" >"$W/eval_$name.log" 2>&1
 }
 ev base --methods "bicubic,teacher:1,teacher:$STEPS" --teacher "$W/teacher" &

@@ -30,7 +30,7 @@
 # Evaluation runs afterwards on the CPU machine, where all 93 DRealSR pairs and Real-ESRGAN's row are (the HR images
 # do not fit beside the restorer in a call's 64 MiB): untar the model folders into runs/ and run all of them in one
 # table (one R(LR) per image for every row), for example
-#   python -m mfsr_fast.evaluate --data ../shared/data/eval/drealsr_x4 --border 0 --model runs/model-line \
+#   python -m mfsr_fast.evaluation --data ../shared/data/eval/drealsr_x4 --border 0 --model runs/model-line \
 #     --student endpoint=runs/model-endpoint --student p05=runs/model-p05 \
 #     --methods realesrgan,student:1,student:4,endpoint:1,endpoint:2,p05:1,p05:4 \
 #     --niqe-params ../shared/data/metrics/niqe_pris_params.npz --per-image runs/gpu.csv

@@ -18,7 +18,7 @@ for i in range(6):
 "$PY" -m training.export $W/student $W/model 2>&1 | tail -1
 "$PY" -c "
 import numpy as np, torch
-from mfsr_fast.inference import upscale
+from mfsr_fast import upscale
 img = (np.random.default_rng(1).uniform(0, 1, (40, 36, 3)) * 255).astype(np.uint8)
 for dt in (torch.float32, torch.bfloat16):
     out = upscale(img, model='$W/model', device='cuda', dtype=dt, steps=2)

@@ -23,21 +23,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = textwrap.dedent("""
     import json, resource, sys, torch
     import torch.nn.functional as F
-    from mfsr_fast import cli, inference, tiling
-    from mfsr_fast.model import MFSRTransformer
+    from mfsr_fast.apps import cli
+    from mfsr_fast.models.transformer import MFSRTransformer
+    from mfsr_fast.pipeline.pipeline import MFSRPipeline
+    from mfsr_fast.pipeline.upscale import cached_pipeline
 
     def rss():
         with open("/proc/self/status") as f:
             return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS:"))
 
-    def stub(model, lr, noise, steps, teacher_guidance=None, restored=None):
+    def stub(self, lr, noise, steps, restored, detail):
         return F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(0, 1)
 
-    tiling._sr_tile = stub  # what the tiles' rows generator calls
+    MFSRPipeline._sample_tile = stub  # what the tiles' rows generator calls
     torch.manual_seed(0)
     model = MFSRTransformer.from_preset("tiny", num_layers=1, num_heads=2, head_dim=16, dual_attention_layers=(0,))
     model.save_pretrained(sys.argv[3])
-    inference.load_model(sys.argv[3])
+    cached_pipeline(sys.argv[3])
     base = rss()
     rc = cli.main([sys.argv[1], "-o", sys.argv[2], "--model", sys.argv[3], "--tile", sys.argv[4], "--ext", "png"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -26,7 +26,7 @@ import torch
 from timing import median_seconds, peak_mb
 
 from mfsr_fast import MFSRTransformer
-from mfsr_fast.meanflow import adaptive_loss, meanflow_target
+from mfsr_fast.sampling.meanflow import adaptive_loss, meanflow_target
 
 CUDA = torch.cuda.is_available()
 

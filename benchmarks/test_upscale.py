@@ -1,13 +1,13 @@
 """Upscaling speed: 128 -> 512 px with the embedded default (1 and 4 steps) against Real-ESRGAN x4plus
-(``mfsr_fast.restorer``; RRDBNet: 23 blocks, 64 features, growth 32) and bicubic, in the same run.
+(``mfsr_fast.models.restorer``; RRDBNet: 23 blocks, 64 features, growth 32) and bicubic, in the same run.
 
 The MFSR calls use upscale()'s default tiling (the model's native tile size). On a GPU with ``--benchmark`` the same
 comparison runs on the GPU.
 
 ``test_dit4sr_one_step_vs_teacher``: on a GPU with ``--benchmark``, the ``dit4sr`` preset (2.59 B parameters, bf16)
 with an SD3.5-sized VAE, 128 -> 512 px: the student's 1 step against the teacher's 40 Euler steps with CFG (80
-network passes), both through ``upscale_rgb`` (VAE encode and decode included). Random weights: timing only. Without
-``--benchmark`` a tiny model and VAE check the harness on the CPU.
+network passes), both through ``MFSRPipeline.upscale_rgb`` (VAE encode and decode included). Random weights: timing
+only. Without ``--benchmark`` a tiny model and VAE check the harness on the CPU.
 """
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ import torch
 import torch.nn.functional as F
 from timing import median_seconds
 
-from mfsr_fast.codec import VAECodec
-from mfsr_fast.inference import DEFAULT_MODEL, attach_codec, load_model, upscale_rgb
-from mfsr_fast.model import MFSRTransformer
-from mfsr_fast.restorer import Restorer, RRDBNet, load_restorer
+from mfsr_fast.models.codec import VAECodec
+from mfsr_fast.models.restorer import Restorer, RRDBNet, load_restorer
+from mfsr_fast.models.transformer import MFSRTransformer
+from mfsr_fast.pipeline.loading import DEFAULT_MODEL
+from mfsr_fast.pipeline.pipeline import MFSRPipeline
+from mfsr_fast.sampling.config import TeacherSampling
 
 
 def _realesrgan(device) -> tuple[Restorer, str]:
-    """Real-ESRGAN x4plus as users run it (``mfsr_fast.restorer``) and which weights: the released ones where the
+    """Real-ESRGAN x4plus as users run it (``models.restorer``) and which weights: the released ones where the
     set-up converted them, else the same RRDBNet with random weights (the same time)."""
     try:
         return load_restorer(device=device), "released"
@@ -42,16 +44,17 @@ def test_upscale_128_to_512(benchmark, full, env_info):
     side = 128 if full else 32
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, side, side, generator=g).to(device)
-    model = load_model("default", device)
+    pipe = MFSRPipeline.from_pretrained("default", device=device)
+    model = pipe.transformer
     realesrgan, weights = _realesrgan(device)
     reps = 3 if full else 1
     with torch.inference_mode():
-        upscale_rgb(model, x, steps=1)  # warm-up (allocator, oneDNN primitives) for both
+        pipe.upscale_rgb(x, steps=1)  # warm-up (allocator, oneDNN primitives) for both
         realesrgan(x)
         times = {
             "realesrgan_x4plus": median_seconds(lambda: realesrgan(x), reps),
-            "mfsr_1step": median_seconds(lambda: upscale_rgb(model, x, steps=1), reps),
-            "mfsr_4step": median_seconds(lambda: upscale_rgb(model, x, steps=4), reps),
+            "mfsr_1step": median_seconds(lambda: pipe.upscale_rgb(x, steps=1), reps),
+            "mfsr_4step": median_seconds(lambda: pipe.upscale_rgb(x, steps=4), reps),
             "bicubic": median_seconds(lambda: F.interpolate(x, scale_factor=4, mode="bicubic"), reps),
         }
     info = dict(env_info, lr_side=side, out_side=4 * side, params_mfsr=sum(p.numel() for p in model.parameters()),
@@ -63,7 +66,7 @@ def test_upscale_128_to_512(benchmark, full, env_info):
     info["shape"] = f"{side}->{4 * side}"
     benchmark.extra_info.update(info)
     with torch.inference_mode():
-        benchmark.pedantic(lambda: upscale_rgb(model, x, steps=1), rounds=reps, warmup_rounds=0)
+        benchmark.pedantic(lambda: pipe.upscale_rgb(x, steps=1), rounds=reps, warmup_rounds=0)
 
 
 # SD3 / SD3.5 VAE sizes (diffusers AutoencoderKL config of stable-diffusion-3.5-medium/vae).
@@ -93,17 +96,18 @@ def test_dit4sr_one_step_vs_teacher(benchmark, full, env_info):
     tokens = 333 if gpu else 5  # SD3's prompt length (77 CLIP + 256 T5)
     model.set_prompts(torch.randn(3, tokens, cfg.context_dim, generator=g), torch.randn(3, cfg.pooled_dim, generator=g))
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    attach_codec(model, VAECodec(vae.to(dtype=dtype)))
+    pipe = MFSRPipeline(model, VAECodec(vae.to(dtype=dtype)))
+    teacher_pipe = pipe.with_sampler(TeacherSampling(guidance=8.0))
     side = 128 if gpu else 16
     x = torch.rand(1, 3, side, side, generator=g).to(device)
     steps = 40 if gpu else 2
     reps = 3 if gpu else 1
     with torch.inference_mode():
-        upscale_rgb(model, x, steps=1, tile=side)  # warm-up: kernel compilation, allocator
+        pipe.upscale_rgb(x, steps=1, tile=side)  # warm-up: kernel compilation, allocator
         if gpu:
             torch.cuda.reset_peak_memory_stats()
-        one = median_seconds(lambda: upscale_rgb(model, x, steps=1, tile=side), reps)
-        teacher = median_seconds(lambda: upscale_rgb(model, x, steps=steps, tile=side, teacher_guidance=8.0), 1)
+        one = median_seconds(lambda: pipe.upscale_rgb(x, steps=1, tile=side), reps)
+        teacher = median_seconds(lambda: teacher_pipe.upscale_rgb(x, steps=steps, tile=side), 1)
     info = dict(env_info, preset="dit4sr" if gpu else "dit4sr (1-block smoke size)", dtype=str(dtype),
                 lr_side=side, out_side=4 * side, params=sum(p.numel() for p in model.parameters()),
                 shape=f"{side}->{4 * side}", ms_student_1step=one * 1e3, ms_teacher=teacher * 1e3,
@@ -112,4 +116,4 @@ def test_dit4sr_one_step_vs_teacher(benchmark, full, env_info):
         info["peak_mb_triton"] = torch.cuda.max_memory_allocated() / 2**20
     benchmark.extra_info.update(info)
     with torch.inference_mode():
-        benchmark.pedantic(lambda: upscale_rgb(model, x, steps=1, tile=side), rounds=reps, warmup_rounds=0)
+        benchmark.pedantic(lambda: pipe.upscale_rgb(x, steps=1, tile=side), rounds=reps, warmup_rounds=0)

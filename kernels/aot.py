@@ -7,6 +7,9 @@ spills. Used by tests/test_gpu_readiness.py; also runnable as ``python -m kernel
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
 import os
 import re
 import subprocess
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from kernels import adaln, flash
 
 
 @dataclass
@@ -68,8 +73,6 @@ def compile_kernel(fn, signature: dict, constexprs: dict, arch: int, options) ->
 
 def main(argv=None) -> int:
     """Compile every configuration of every kernel for sm_90 and sm_80; print one JSON line per configuration."""
-    import argparse
-
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler")
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -77,9 +80,6 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="90,80")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
     args = parser.parse_args(argv)
-    import kernels
-
-    adaln, flash = kernels.adaln, kernels.flash
     archs = tuple(int(a) for a in args.arch.split(","))
     dtypes = tuple(args.dtypes.split(","))
     configs = list(adaln.aot_configs(dtypes=("bf16",), archs=archs))
@@ -97,9 +97,6 @@ def main(argv=None) -> int:
 
 
 def _compile_row(job) -> str:
-    import importlib
-    import json
-
     module, name, sig, constexprs, arch, options = job
     fn = getattr(importlib.import_module(module), name)
     k = compile_kernel(fn, sig, constexprs, arch, options)

@@ -2,6 +2,6 @@
 
 import sys
 
-from mfsr_fast.cli import main
+from mfsr_fast.apps.cli import main
 
 sys.exit(main())

@@ -92,7 +92,7 @@ def small_restorer_folder(folder, seed: int = 0, num_feat: int = 8, num_grow_ch:
 
     from safetensors.torch import save_file
 
-    from mfsr_fast.restorer import RRDBNet
+    from mfsr_fast.models.restorer import RRDBNet
 
     torch.manual_seed(seed)
     net = RRDBNet(num_feat=num_feat, num_block=1, num_grow_ch=num_grow_ch)
@@ -113,7 +113,7 @@ def small_restorer_folder(folder, seed: int = 0, num_feat: int = 8, num_grow_ch:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A 1-block random model with learned prompts and the pixel codec (fast; outputs are not meant to look good)."""
-    from mfsr_fast.model import MFSRTransformer
+    from mfsr_fast.models.transformer import MFSRTransformer
 
     torch.manual_seed(0)
     m = MFSRTransformer.from_preset("tiny", num_layers=1, num_heads=2, head_dim=16, dual_attention_layers=(0,))

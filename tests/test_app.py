@@ -1,9 +1,10 @@
-"""The local web page (mfsr_fast.app, ``mfsr-upscale --serve``): the work behind it without a browser, the command
-line's checks, and the page itself in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
+"""The local web page (mfsr_fast.apps.web, ``mfsr-web``): the work behind it without a browser, its command line's
+checks, and the page itself in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
 upload, upscale, compare, download, bad files, the upload size limit."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -17,9 +18,8 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from mfsr_fast.app import Upscaler  # noqa: E402
-from mfsr_fast.cli import build_parser  # noqa: E402
-from mfsr_fast.inference import upscale  # noqa: E402
+from mfsr_fast import upscale  # noqa: E402
+from mfsr_fast.apps.web import Upscaler, build_parser  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,15 +62,18 @@ def test_upscaler_equals_the_library_and_lists_bad_files(model_dir, tmp_path):
         up.run([good], color_fix="magic")
     # detail (upscale's; tested with a restorer-conditioned model in test_restorer_model) is checked before any file:
     # this model's flow has no base to blend towards.
-    assert not up.has_base
+    assert not up.pipe.has_base
     with pytest.raises(ValueError, match="no base"):
         up.run([good], detail=0.5)
     with pytest.raises(ValueError, match="detail must be"):
         up.run([good], detail=2)
-    with pytest.raises(ValueError, match="not restorer-conditioned"):
-        up.run([good], flat_detail=0.5)
-    with pytest.raises(ValueError, match="flat_detail must be"):
-        up.run([good], flat_detail=2)
+    # The page's --sampler file: the sampler's own checks, against this model, before the page starts.
+    for values, match in (({"flat_detail": 0.5}, "not a restorer-conditioned"),
+                          ({"flat_detail": 2}, "flat_detail must be")):
+        path = tmp_path / "sampler.json"
+        path.write_text(json.dumps(values))
+        with pytest.raises(ValueError, match=match):
+            Upscaler(model_dir, work_dir=str(tmp_path / "work"), sampler=str(path))
 
 
 def test_sixteen_bit_grey_keeps_its_depth_and_previews_scaled(model_dir, tmp_path):
@@ -89,27 +92,26 @@ def test_sixteen_bit_grey_keeps_its_depth_and_previews_scaled(model_dir, tmp_pat
         assert px.max() > 200 and px.min() < 50  # scaled from 16 bits, not clipped to white
 
 
-def test_serve_command_line():
-    args = build_parser().parse_args(["--serve"])
+def test_web_command_line():
+    """``mfsr-web`` is its own command (``python -m mfsr_fast.apps.web``): it binds to this machine by default, takes
+    no image, and refuses a bad port; ``mfsr-upscale`` has no web options."""
+    args = build_parser().parse_args([])
     assert args.host == "127.0.0.1" and args.max_upload_mb > 0 and args.max_megapixels > 0
-    run = lambda *a: subprocess.run([sys.executable, "-m", "mfsr_fast", *a], cwd=ROOT, capture_output=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", *a], cwd=ROOT, capture_output=True,  # noqa: E731
                                     text=True, timeout=120)
-    r = run("--serve", "x.png")
-    assert r.returncode == 2 and "--serve takes no input" in r.stderr
-    r = run()
-    assert r.returncode == 2 and "--serve" in r.stderr
-    r = run("--serve", "--port", "0")
+    r = run("mfsr_fast.apps.web", "x.png")
+    assert r.returncode == 2 and "unrecognized arguments: x.png" in r.stderr
+    r = run("mfsr_fast.apps.web", "--port", "0")
     assert r.returncode == 2 and "--port" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "mfsr_fast.app", "x.png"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)  # python -m mfsr_fast.app is mfsr-upscale --serve
-    assert r.returncode == 2 and "--serve takes no input" in r.stderr
+    r = run("mfsr_fast", "x.png", "--serve")
+    assert r.returncode == 2 and "unrecognized arguments: --serve" in r.stderr
 
 
 def test_missing_gradio_is_a_clear_message(monkeypatch, capsys):
-    from mfsr_fast import cli
+    from mfsr_fast.apps import web
 
     monkeypatch.setitem(sys.modules, "gradio", None)  # import gradio -> ImportError
-    assert cli.main(["--serve"]) == 2
+    assert web.main([]) == 2
     assert "pip install 'mfsr-fast[web]'" in capsys.readouterr().err
 
 
@@ -133,7 +135,7 @@ def _free_port() -> int:
 @pytest.fixture
 def page(model_dir, tmp_path):
     chromium, driver = _browser()
-    from mfsr_fast.app import build
+    from mfsr_fast.apps.web import build
 
     up = Upscaler(model_dir, work_dir=str(tmp_path / "work"))
     demo = build(up, max_upload_mb=1)

@@ -149,7 +149,7 @@ def test_tiny_model_tangent_pass_triton_path_matches_reference_path():
     from conftest import randomize_
 
     from mfsr_fast import MFSRTransformer
-    from mfsr_fast.meanflow import meanflow_target
+    from mfsr_fast.sampling.meanflow import meanflow_target
 
     m = randomize_(MFSRTransformer.from_preset("tiny", num_layers=2, dual_attention_layers=(0,)), std=0.1).to(DEVICE)
     g = torch.Generator().manual_seed(3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mfsr_fast import MFSRTransformer
-from mfsr_fast.codec import PixelCodec
+from mfsr_fast.models.codec import PixelCodec
 
 
 def test_pixel_codec_roundtrip_and_matches_small_presets():
@@ -50,7 +50,7 @@ def _smooth_image(size=(96, 128), seed=1):
 
 
 def test_vae_codec_shift_scale_and_saved_folder(tmp_path):
-    from mfsr_fast.codec import VAECodec
+    from mfsr_fast.models.codec import VAECodec
 
     vae = _tiny_vae()
     vae.save_pretrained(tmp_path / "vae")
@@ -73,7 +73,7 @@ def test_vae_codec_tiled_against_untiled():
     """diffusers' tiled encode/decode: same shapes, identical when one tile covers the image, and closer to the
     untiled result as tiles grow. A random VAE is far from tile-invariant (its group norms and zero padding see each
     tile), so the error itself is only bounded loosely here; upscale() tiles in image space instead."""
-    from mfsr_fast.codec import VAECodec
+    from mfsr_fast.models.codec import VAECodec
 
     codec = VAECodec(_tiny_vae())
     img = _smooth_image((128, 192))

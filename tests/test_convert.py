@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from mfsr_fast.convert import convert_sd3_state_dict, from_sd3
+from mfsr_fast.models.convert import convert_sd3_state_dict, from_sd3
 
 
 def _random_sd35(seed=0, **kw):

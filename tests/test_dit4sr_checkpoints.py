@@ -11,7 +11,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
-from mfsr_fast.convert import load_transformer, read_checkpoint
+from mfsr_fast.models.convert import load_transformer, read_checkpoint
 
 DUAL = (0, 1)
 HID = 4 * 32  # feed-forward width of the tiny config
@@ -69,7 +69,7 @@ def dit4sr_kit(tmp_path):
     a prompt file (positive, negative). Returns their paths (teacher folder, VAE folder, prompt file) as strings."""
     from test_codec import _tiny_vae
 
-    from mfsr_fast.prompts import save_prompts
+    from mfsr_fast.models.prompts import save_prompts
 
     folder, _ = _write_dit4sr(tmp_path, channels=16)
     _tiny_vae().save_pretrained(tmp_path / "vae")

@@ -23,9 +23,9 @@ from safetensors import SafetensorError
 
 pytest.importorskip("diffusers")
 
-from mfsr_fast import imageio  # noqa: E402
-from mfsr_fast.inference import upscale  # noqa: E402
-from mfsr_fast.integrity import IntegrityError, check_folder, newest_checkpoint  # noqa: E402
+from mfsr_fast import upscale  # noqa: E402
+from mfsr_fast.io import images as imageio  # noqa: E402
+from mfsr_fast.io.integrity import IntegrityError, check_folder, newest_checkpoint  # noqa: E402
 from training import checkpoint as C  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,7 +251,7 @@ def test_resume_with_every_checkpoint_damaged_stops_instead_of_starting_over(tmp
     m = micro_model()
     p = _save(tmp_path / "run" / "checkpoints", 2, m)
     _flip_a_bit(os.path.join(p, "model", "diffusion_pytorch_model.safetensors"))
-    from training.engine import _resume_point
+    from training.loop import _resume_point
 
     with pytest.raises(SystemExit, match="no checkpoint .* is whole"):
         _resume_point(str(tmp_path / "run" / "checkpoints"), True)
@@ -261,22 +261,23 @@ def test_resume_with_every_checkpoint_damaged_stops_instead_of_starting_over(tmp
 
 def test_out_of_memory_on_one_image_fails_that_image_and_the_batch_goes_on(model_dir, tmp_path, monkeypatch,
                                                                            capsys):
-    from mfsr_fast import cli, inference
+    from mfsr_fast.apps import cli
+    from mfsr_fast.pipeline.pipeline import MFSRPipeline
 
     src = tmp_path / "in"
     src.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "a_big.png")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "b.png")
-    real = inference.upscale_array
+    real = MFSRPipeline.upscale_array
 
-    def flaky(arr, **kw):
+    def flaky(self, arr, **kw):
         if flaky.calls == 0:
             flaky.calls += 1
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory")
-        return real(arr, **kw)
+        return real(self, arr, **kw)
 
     flaky.calls = 0
-    monkeypatch.setattr(inference, "upscale_array", flaky)
+    monkeypatch.setattr(MFSRPipeline, "upscale_array", flaky)
     rc = cli.main([str(src), "-o", str(tmp_path / "out"), "--model", model_dir])
     err = capsys.readouterr().err
     assert rc == 1 and "a_big.png" in err and "out of memory" in err

@@ -6,8 +6,10 @@ import pytest
 import torch
 from conftest import micro_model
 
-from mfsr_fast.guidance import TeacherSampling, as_sampling, guided_velocity, sample_teacher
-from mfsr_fast.model import PROMPT_NAMES
+from mfsr_fast.models.transformer import PROMPT_NAMES
+from mfsr_fast.pipeline.pipeline import MFSRPipeline
+from mfsr_fast.sampling.config import TeacherSampling
+from mfsr_fast.sampling.guidance import guided_velocity, sample_teacher
 
 
 def _teacher():
@@ -96,19 +98,19 @@ def test_bad_sampling_settings_are_refused(bad, match):
         TeacherSampling(**bad)
 
 
-def test_upscale_takes_a_weight_or_a_sampling_and_refuses_anything_else():
-    from mfsr_fast.inference import upscale_rgb
-
-    assert as_sampling(1.5) == TeacherSampling(guidance=1.5)
+def test_a_pipeline_samples_a_teacher_as_its_sampler_says_and_refuses_anything_else():
     how = TeacherSampling(guidance=1.5, refine_t=0.5, interval=(0.5, 1.0))
-    assert as_sampling(how) is how
     model = micro_model(learned_prompts=4, prediction="x", in_channels=48, codec="pixel4", lr_source="bicubic").eval()
+    pipe = MFSRPipeline(model, sampler=how)
     x = torch.rand(1, 3, 8, 8)
-    out = upscale_rgb(model, x, steps=3, teacher_guidance=how)
+    out = pipe.upscale_rgb(x, steps=3)
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
-    assert not torch.equal(out, upscale_rgb(model, x, steps=3, teacher_guidance=1.5))
-    with pytest.raises(TypeError, match="teacher_guidance must be a number or a TeacherSampling"):
-        upscale_rgb(model, x, steps=3, teacher_guidance="1.5")
+    plain = pipe.with_sampler(TeacherSampling(guidance=1.5))
+    assert not torch.equal(out, plain.upscale_rgb(x, steps=3)) and pipe.sampler is how
+    with pytest.raises(TypeError, match="sampler must be a SamplerConfig or a TeacherSampling"):
+        pipe.sampler = 1.5
+    with pytest.raises(ValueError, match="use detail 1"):
+        pipe.upscale_rgb(x, steps=3, detail=0.5)
 
 
 def test_per_sample_weights_guide_inside_the_interval_only(monkeypatch):
@@ -147,17 +149,18 @@ def test_per_sample_weights_guide_inside_the_interval_only(monkeypatch):
 def test_distillation_target_is_guided_above_its_threshold_only(monkeypatch):
     """training.distill with guidance_above: the teacher velocity each sample's target uses is guided exactly where
     its t is above the threshold (the field the teacher's sampler teacher:N:cfgW:refineT:aboveT integrates)."""
-    import training.distill as distill
-    from training import engine
+    import training.distill_loss as distill_loss
+    from training.components import codec_for
+    from training.distill import DistillConfig
 
     teacher = micro_model(learned_prompts=4, prediction="x", in_channels=48, codec="pixel4", lr_source="bicubic").eval()
     student = micro_model(learned_prompts=4, prediction="x", in_channels=48, codec="pixel4", lr_source="bicubic")
-    cfg = distill.DistillConfig(guidance=1.5, guidance_above=0.5, t_mean=0.0, t_one_fraction=0.3)
+    cfg = DistillConfig(guidance=1.5, guidance_above=0.5, t_mean=0.0, t_one_fraction=0.3)
     calls = []
-    real = distill.guided_velocity
-    monkeypatch.setattr(distill, "guided_velocity", lambda m, z, c, t, w, against: calls.append((t, w)) or
+    real = distill_loss.guided_velocity
+    monkeypatch.setattr(distill_loss, "guided_velocity", lambda m, z, c, t, w, against: calls.append((t, w)) or
                         real(m, z, c, t, w, against))
-    loss_fn = distill.make_loss(cfg, teacher, engine.codec_for(student))
+    loss_fn = distill_loss.make_loss(cfg, teacher, codec_for(student))
     B = 12
     g = torch.Generator().manual_seed(0)
     batch = (torch.rand(B, 3, 32, 32, generator=g), torch.rand(B, 3, 8, 8, generator=g), None, list(range(B)))

@@ -9,7 +9,8 @@ import torch
 from conftest import micro_inputs, micro_model
 
 from mfsr_fast import MFSRTransformer
-from mfsr_fast.meanflow import StudentSampling, adaptive_loss, meanflow_target, sample, sample_t_r, time_grid
+from mfsr_fast.sampling.config import SamplerConfig
+from mfsr_fast.sampling.meanflow import adaptive_loss, meanflow_target, sample, sample_t_r, time_grid
 
 
 class GaussianFlow:
@@ -198,9 +199,9 @@ def test_sampler_grid_and_validation():
     torch.testing.assert_close(time_grid(4, refine_side="above"), time_grid(4))
     with pytest.raises(ValueError, match="refine_side"):
         time_grid(4, refine_t=0.5, refine_side="left")
-    assert StudentSampling(refine_t=0.7, refine_side="above").grid(4)[-2].item() == pytest.approx(0.7)
+    assert SamplerConfig(refine_t=0.7, refine_side="above").grid(4)[-2].item() == pytest.approx(0.7)
     with pytest.raises(ValueError, match="refine_side"):
-        StudentSampling(refine_side="middle")
+        SamplerConfig(refine_side="middle")
     with pytest.raises(ValueError):
         sample(lambda z, t, r: z, torch.zeros(1, 1), timesteps=[0.0, 1.0])
     with pytest.raises(ValueError):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mfsr_fast import metrics
-from mfsr_fast.guidance import TeacherSampling
+from mfsr_fast.evaluation import metrics
+from mfsr_fast.sampling.config import TeacherSampling
 
 
 def _img(seed=0, h=200, w=210):
@@ -85,7 +85,9 @@ def test_matlab_imresize_half():
 
 
 def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
-    from mfsr_fast import evaluate
+    from mfsr_fast.evaluation import cli as evaluate
+    from mfsr_fast.evaluation.methods import parse_method
+    from mfsr_fast.evaluation.runner import pairs
 
     (tmp_path / "HR").mkdir()
     (tmp_path / "LR").mkdir()
@@ -93,7 +95,7 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
         hr = Image.fromarray(_img(i, 96, 96))
         hr.save(tmp_path / "HR" / f"img_{i}_HR.png")
         hr.resize((24, 24), Image.BICUBIC).save(tmp_path / "LR" / f"img_{i}_LR.png")
-    assert [os.path.basename(h) for h, _ in evaluate.pairs(str(tmp_path))] == ["img_0_HR.png", "img_1_HR.png"]
+    assert [os.path.basename(h) for h, _ in pairs(str(tmp_path))] == ["img_0_HR.png", "img_1_HR.png"]
     out = tmp_path / "table.md"
     assert evaluate.main(["--data", str(tmp_path), "--methods", "bicubic", "--output", str(out)]) == 0
     table = out.read_text()
@@ -128,26 +130,26 @@ def test_evaluate_command_on_generated_pairs(tmp_path, capsys):
     for bad in ("teacher:40:cfg1.5:cfg2", "teacher:0", "teacher:4:refine1.5", "teacher:4:above2", "teacher:4:fast",
                 "student:0", "student:2:refine1", "student:2:endpoint:average", "student:2:fast", "teacher:2:endpoint"):
         with pytest.raises(SystemExit, match="unknown method"):
-            evaluate.parse_method(bad)
-    plain = evaluate.parse_method("teacher:40:cfg1.5")
+            parse_method(bad)
+    plain = parse_method("teacher:40:cfg1.5")
     assert plain[:2] == ("teacher", 40) and plain[2] == TeacherSampling(guidance=1.5) and plain[2].nfe(40) == 80
-    kind, steps, how = evaluate.parse_method("teacher:40:cfg1.5:refine0.5:above0.5")
+    kind, steps, how = parse_method("teacher:40:cfg1.5:refine0.5:above0.5")
     assert (kind, steps, how) == ("teacher", 40, TeacherSampling(guidance=1.5, refine_t=0.5, interval=(0.5, 1.0)))
     assert how.nfe(40) == 41  # only the step from t = 1 lies above 0.5 on that grid: two passes there, one elsewhere
     # A student's options replace only what they name; the rest stays the model's own.
-    assert evaluate.parse_method("student:2") == ("student", 2, {})
-    assert evaluate.parse_method("student:4:endpoint") == ("student", 4, {"jump": "endpoint"})
-    assert evaluate.parse_method("student:2:refine0.25:endpoint") == ("student", 2, {"refine_t": 0.25,
+    assert parse_method("student:2") == ("student", 2, {})
+    assert parse_method("student:4:endpoint") == ("student", 4, {"jump": "endpoint"})
+    assert parse_method("student:2:refine0.25:endpoint") == ("student", 2, {"refine_t": 0.25,
                                                                                       "jump": "endpoint"})
-    assert evaluate.parse_method("student:4:refine0.7:endpoint:above") == (
+    assert parse_method("student:4:refine0.7:endpoint:above") == (
         "student", 4, {"refine_t": 0.7, "jump": "endpoint", "refine_side": "above"})
     for bad in ("student:4:above:below", "student:4:sideways", "student:4:above0.5"):
         with pytest.raises(SystemExit, match="unknown method"):
-            evaluate.parse_method(bad)
+            parse_method(bad)
     # Named students (--student NAME=FOLDER) take the student's options; unknown names and reserved ones are refused.
-    assert evaluate.parse_method("grown:2:endpoint", {"grown"}) == ("grown", 2, {"jump": "endpoint"})
+    assert parse_method("grown:2:endpoint", {"grown"}) == ("grown", 2, {"jump": "endpoint"})
     with pytest.raises(SystemExit, match="unknown method"):
-        evaluate.parse_method("grown:2")
+        parse_method("grown:2")
     for bad in ("grown", "teacher=x", "student=x", "2x=y", "a=", "a=x,a=y"):
         with pytest.raises(SystemExit, match="give NAME=FOLDER"):
             evaluate.main(["--data", str(tmp_path), "--methods", "bicubic"]
@@ -159,7 +161,7 @@ def test_evaluate_a_dit4sr_teacher_with_prompts_and_vae(tmp_path):
     from PIL import Image
     from test_dit4sr_checkpoints import dit4sr_kit
 
-    from mfsr_fast import evaluate
+    from mfsr_fast.evaluation import cli as evaluate
 
     folder, vae, prompts = dit4sr_kit(tmp_path)
     data = tmp_path / "pairs"

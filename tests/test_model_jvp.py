@@ -9,7 +9,7 @@ import torch
 from conftest import micro_inputs, micro_model, randomize_
 
 from mfsr_fast import MFSRTransformer
-from mfsr_fast.meanflow import adaptive_loss, meanflow_target
+from mfsr_fast.sampling.meanflow import adaptive_loss, meanflow_target
 
 VARIANTS = {  # over the micro model (the tiny preset's x_lr prediction and learned prompts, scaled down)
     "x_lr-learned-prompts": {},

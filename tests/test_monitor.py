@@ -107,10 +107,12 @@ def test_teacher_and_student_runs_show_samples_metrics_tensorboard_and_curves(tm
     assert export.main([str(tmp_path / "s"), str(tmp_path / "exp")]) == 0
     info = json.load(open(tmp_path / "exp" / "info.json"))["student"]
     assert info["steps"] == 2 and info["final_mse"] == train_rows[-1]["mse"]
-    # The student's grid (--refine-t) is in its checkpoints and exports from the start: its samples used it.
-    assert json.load(open(tmp_path / "exp" / "config.json"))["refine_t"] == 0.05
-    assert json.load(open(tmp_path / "exp" / "config.json"))["jump"] == "endpoint"
-    assert json.load(open(tmp_path / "exp" / "config.json"))["refine_side"] == "above"
+    # The student's sampler (--refine-t, --jump, --refine-side) is in its checkpoints and exports from the start:
+    # its samples used it.
+    for folder in (tmp_path / "exp", tmp_path / "s" / "checkpoints" / "step_00000002" / "ema"):
+        stored = json.load(open(folder / "sampler_config.json"))
+        assert (stored["refine_t"], stored["jump"], stored["refine_side"]) == (0.05, "endpoint", "above")
+        assert "refine_t" not in json.load(open(folder / "config.json"))
     # On demand, and a sentence for a folder that is not a run.
     os.remove(tmp_path / "s" / "curves.png")
     assert plot_main([str(tmp_path / "s")]) == 0
@@ -141,7 +143,7 @@ def test_restorer_conditioned_run_from_a_pool_samples_with_r(restorer_dir, tmp_p
     grid = np.asarray(Image.open(tmp_path / "tp" / "samples" / "step_0000002.png"))
     assert grid.shape == (14 + 3 * 32, 4 * 32, 3)
     # A fresh residual model returns R(LR): the 1-step column is the pool's R(LR), not the bicubic column.
-    from training.pool import Pool
+    from training.shards import Pool
 
     r = Pool(str(tmp_path / "pool"))[0][2]
     col = grid[14:46, 64:96].astype(float)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mfsr_fast import perceptual
+from mfsr_fast.evaluation import perceptual
 
 CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision VGG16 'features' conv indices
 STAGE_END = (2, 7, 14, 21, 28)  # the conv whose ReLU ends each stage
@@ -79,7 +79,7 @@ def test_lpips_and_dists_properties(weights):
 def test_perceptual_columns_in_evaluate_and_clear_messages(weights, tmp_path):
     from PIL import Image
 
-    from mfsr_fast import evaluate
+    from mfsr_fast.evaluation import cli as evaluate
 
     d, _ = weights
     (tmp_path / "HR").mkdir()

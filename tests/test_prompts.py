@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mfsr_fast.model import PROMPT_NAMES, MFSRTransformer
-from mfsr_fast.prompts import load_prompts, main, save_prompts, stacked
+from mfsr_fast.models.prompts import load_prompts, main, save_prompts, stacked
+from mfsr_fast.models.transformer import PROMPT_NAMES, MFSRTransformer
 
 
 def _emb(seed, L=7, D=128, P=128):

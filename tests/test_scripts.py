@@ -51,7 +51,7 @@ def test_gpu_pipeline_times_each_part_of_a_step(tmp_path, capsys):
 
 def test_make_train_default_exports_the_sampling_the_embedded_default_stores():
     """`make train-default`'s export sets the multi-step sampler and flat_detail the shipped default was measured with:
-    the recipe reproduces the folder's config.json, not an older sampler."""
+    the recipe reproduces the folder's sampler_config.json, not an older sampler."""
     import json
     import shlex
 
@@ -60,7 +60,7 @@ def test_make_train_default_exports_the_sampling_the_embedded_default_stores():
     make = open(os.path.join(ROOT, "Makefile")).read().replace("\\\n", " ")
     line = next(x for x in make.splitlines() if "training.export" in x and "weights/default" in x)
     args = export.build_parser().parse_args(shlex.split(line.split("-m training.export", 1)[1]))
-    cfg = json.load(open(os.path.join(ROOT, "mfsr_fast", "weights", "default", "config.json")))
+    cfg = json.load(open(os.path.join(ROOT, "mfsr_fast", "weights", "default", "sampler_config.json")))
     assert args.output == "mfsr_fast/weights/default" and args.no_restorer
     for key in ("refine_t", "refine_side", "jump", "flat_detail"):
         assert getattr(args, key) is not None, f"the recipe leaves {key} at the run's"

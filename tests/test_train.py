@@ -145,14 +145,16 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(images, tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_abort_with_checkpoint(images, tmp_path, monkeypatch):
-    from mfsr_fast.model import MFSRTransformer
-    from training import engine, teacher
+    from mfsr_fast.models.transformer import MFSRTransformer
+    from training import teacher
+    from training.components import codec_for
+    from training.loop import train
 
     cfg = teacher.TeacherConfig(**dict(teacher.PRESETS["micro"], data=images, output_dir=str(tmp_path / "nan"),
                                        max_steps=20, max_nonfinite=3, ckpt_every=100))
     model = MFSRTransformer.from_preset(cfg.model_preset, **cfg.model_overrides)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    good = teacher.make_loss(cfg, engine.codec_for(model))
+    good = teacher.make_loss(cfg, codec_for(model))
     calls = []
 
     def loss_fn(field, m, batch, step, d):
@@ -161,7 +163,7 @@ def test_nonfinite_steps_are_skipped_then_abort_with_checkpoint(images, tmp_path
         return loss * float("nan") if step >= 2 else loss  # two good steps, then it blows up
 
     with pytest.raises(SystemExit):
-        engine.train(cfg, model, loss_fn, name="teacher")
+        train(cfg, model, loss_fn, name="teacher")
     meta = json.load(open(tmp_path / "nan" / "checkpoints" / "latest.json"))
     assert meta["step"] == 5 and calls == [0, 1, 2, 3, 4]
     state = json.load(open(tmp_path / "nan" / "checkpoints" / "step_00000005" / "trainer_state.json"))
@@ -174,27 +176,31 @@ def test_nonfinite_steps_are_skipped_then_abort_with_checkpoint(images, tmp_path
 
 
 def test_max_minutes_stops_with_a_checkpoint(images, tmp_path, capsys):
-    from mfsr_fast.model import MFSRTransformer
-    from training import engine, teacher
+    from mfsr_fast.models.transformer import MFSRTransformer
+    from training import teacher
+    from training.components import codec_for
+    from training.distributed import setup
+    from training.loop import train
 
     cfg = teacher.TeacherConfig(**dict(teacher.PRESETS["micro"], data=images, output_dir=str(tmp_path / "timed"),
                                        max_steps=1000, ckpt_every=1000, max_minutes=1e-9))
     model = MFSRTransformer.from_preset(cfg.model_preset, **cfg.model_overrides)
-    path = engine.train(cfg, model, teacher.make_loss(cfg, engine.codec_for(model)), name="teacher")
+    path = train(cfg, model, teacher.make_loss(cfg, codec_for(model)), name="teacher")
     meta = json.load(open(tmp_path / "timed" / "checkpoints" / "latest.json"))
     assert meta["step"] == 1 and path.endswith("step_00000001")  # the budget ran out during the first step
     assert "--max-minutes 1e-09 reached at step 1" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="max-minutes"):
-        engine.setup(dataclasses.replace(cfg, max_minutes=-1))
+        setup(dataclasses.replace(cfg, max_minutes=-1))
 
 
 def test_degrading_on_the_device_gives_the_same_batches_and_weights(images, teacher_run, tmp_path):
-    from training import engine, teacher
+    from training import teacher
+    from training.batches import DEGRADATIONS, StepBatches, degrade_samples
 
     cfg = teacher.TeacherConfig(**dict(teacher.PRESETS["micro"], data=images, output_dir=str(tmp_path / "x")))
-    with_workers = engine.StepBatches(cfg, 0, 1)[3]
-    hr, seeds = engine.StepBatches(cfg, 0, 1, degrade=False)[3]
-    gt, lr = engine.degrade_samples(hr, seeds, engine.DEGRADATIONS[cfg.degradation])
+    with_workers = StepBatches(cfg, 0, 1)[3]
+    hr, seeds = StepBatches(cfg, 0, 1, degrade=False)[3]
+    gt, lr = degrade_samples(hr, seeds, DEGRADATIONS[cfg.degradation])
     for a, b in zip(with_workers, (gt, lr, seeds)):
         assert torch.equal(a, b)
     ref_dir, _ = teacher_run
@@ -208,7 +214,7 @@ def test_degrading_on_the_device_gives_the_same_batches_and_weights(images, teac
 
 
 def test_distill_from_teacher_run(images, teacher_run, tmp_path):
-    from training.distill import resolve_teacher
+    from training.components import resolve_teacher
 
     teacher_dir, _ = teacher_run
     out = tmp_path / "student"
@@ -218,7 +224,7 @@ def test_distill_from_teacher_run(images, teacher_run, tmp_path):
     rows = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len(rows) == 6 and all(np.isfinite(r["loss"]) for r in rows)
     student = _weights(str(out))
-    teacher = resolve_teacher(teacher_dir).state_dict()
+    teacher = resolve_teacher(teacher_dir)[0].state_dict()
     assert student.keys() == teacher.keys()  # same architecture, prompts carried
     assert any(not torch.equal(student[k], teacher[k]) for k in student)
     bad = _run(["training.distill", "--preset", "micro", "--data", images, "--output-dir", str(tmp_path / "x")])
@@ -228,7 +234,7 @@ def test_distill_from_teacher_run(images, teacher_run, tmp_path):
 def test_distill_grows_a_deeper_student_that_starts_as_the_teacher(images, teacher_run, tmp_path):
     """--grow-layers 2: the student has two more blocks than the teacher, and its first step's loss is the plain
     student's to the bit (it computes the same function until the first update)."""
-    from training.distill import resolve_teacher
+    from training.components import resolve_teacher
 
     teacher_dir, _ = teacher_run
     base = ["training.distill", "--preset", "micro", "--teacher", teacher_dir, "--data", images, "--threads", "1"]
@@ -239,7 +245,7 @@ def test_distill_grows_a_deeper_student_that_starts_as_the_teacher(images, teach
         assert res.returncode == 0, res.stderr[-3000:]
         runs[name] = [json.loads(line) for line in open(tmp_path / name / "log.jsonl")]
     assert runs["grown"][0]["loss"] == runs["plain"][0]["loss"]
-    depth = resolve_teacher(teacher_dir).cfg.num_layers
+    depth = resolve_teacher(teacher_dir)[0].cfg.num_layers
     cfg = json.load(open(next((tmp_path / "grown" / "checkpoints").glob("step_*")) / "ema" / "config.json"))
     assert cfg["num_layers"] == depth + 2
     bad = _run(args + ["--output-dir", str(tmp_path / "bad"), "--grow-layers", "-1"])
@@ -254,8 +260,8 @@ def test_distill_init_starts_from_an_existing_student(images, teacher_run, tmp_p
     """--init: the student starts from another student's weights and sampling grid, not the teacher's. With lr 0 the
     run's weights stay the init student's to the bit; --refine-t still overrides its grid; a model of another
     architecture, or no model, is a one-line error."""
-    from mfsr_fast.model import MFSRTransformer
-    from training.distill import resolve_teacher
+    from mfsr_fast.models.transformer import MFSRTransformer
+    from training.components import resolve_teacher
 
     teacher_dir, _ = teacher_run
     base = ["training.distill", "--preset", "micro", "--teacher", teacher_dir, "--data", images, "--threads", "1",
@@ -266,10 +272,11 @@ def test_distill_init_starts_from_an_existing_student(images, teacher_run, tmp_p
     for name, extra, refine in (("again", [], 0.1), ("regrid", ["--refine-t", "0.2"], 0.2)):
         res = _run(base + ["--output-dir", str(tmp_path / name), "--init", str(first), "--lr", "0"] + extra)
         assert res.returncode == 0, res.stderr[-3000:]
-        cfg = json.load(open(next((tmp_path / name / "checkpoints").glob("step_*")) / "model" / "config.json"))
+        cfg = json.load(open(next((tmp_path / name / "checkpoints").glob("step_*")) / "model" /
+                             "sampler_config.json"))
         assert cfg["refine_t"] == refine
     start, again = _weights(str(first), "ema"), _weights(str(tmp_path / "again"))
-    teacher = resolve_teacher(teacher_dir).state_dict()
+    teacher = resolve_teacher(teacher_dir)[0].state_dict()
     assert start.keys() == again.keys()
     assert all(torch.equal(again[k], start[k].to(again[k].dtype)) for k in again)
     assert any(not torch.equal(again[k], teacher[k].to(again[k].dtype)) for k in again)
@@ -285,14 +292,14 @@ def test_distill_init_starts_from_an_existing_student(images, teacher_run, tmp_p
 
 
 def test_cli_overrides_and_bad_values(images, tmp_path):
-    from training import engine
+    from training.config import parse_config
     from training.distill import PRESETS, DistillConfig
 
-    cfg = engine.parse_config(DistillConfig, PRESETS, ["--preset", "micro", "--batch-size", "8", "--no-amp",
+    cfg = parse_config(DistillConfig, PRESETS, ["--preset", "micro", "--batch-size", "8", "--no-amp",
                                                        "--model-overrides", '{"num_layers": 2}'], "x")
     assert cfg.batch_size == 8 and cfg.amp is False and cfg.model_overrides == {"num_layers": 2} and cfg.crop == 32
     with pytest.raises(SystemExit):
-        engine.parse_config(DistillConfig, PRESETS, ["--batch-size", "eight"], "x")
+        parse_config(DistillConfig, PRESETS, ["--batch-size", "eight"], "x")
 
 
 def test_ddp_two_gloo_ranks_equal_one_process(images, tmp_path):
@@ -315,8 +322,8 @@ def test_distill_dit4sr_teacher_with_vae_and_prompt_file(images, tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from test_dit4sr_checkpoints import dit4sr_kit
 
-    from mfsr_fast.inference import upscale
-    from mfsr_fast.prompts import load_prompts
+    from mfsr_fast import upscale
+    from mfsr_fast.models.prompts import load_prompts
 
     teacher_dir, vae, prompt_file = dit4sr_kit(tmp_path)
     out = tmp_path / "student"

@@ -3,6 +3,7 @@ determinism, tiling, colour fix, and every kind of bad input (clear message, not
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -15,8 +16,9 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from mfsr_fast import imageio  # noqa: E402
-from mfsr_fast.inference import DEFAULT_MODEL, upscale  # noqa: E402
+from mfsr_fast import MFSRPipeline, SamplerConfig, TeacherSampling, upscale  # noqa: E402
+from mfsr_fast.io import images as imageio  # noqa: E402
+from mfsr_fast.pipeline.loading import DEFAULT_MODEL  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,8 +31,9 @@ def _photo(h=20, w=24, seed=0):
 
 def test_types_modes_and_sizes(model_dir, tmp_path):
     import mfsr_fast
+    from mfsr_fast.pipeline import upscale as module
 
-    assert mfsr_fast.upscale is upscale  # the documented entry point
+    assert mfsr_fast.upscale is module.upscale  # the documented entry point
     img = _photo()
     out = upscale(img, model=model_dir)
     assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (80, 96, 3)
@@ -126,55 +129,72 @@ def test_tiled_matches_untiled_away_from_borders():
     assert inner.mean() < 3.0, inner.mean()  # out of 255: no seams
 
 
-def test_sampling_overrides_equal_a_model_that_samples_so(model_dir, tmp_path):
-    """``refine_t`` / ``jump`` / ``refine_side`` (and the CLI's --refine-t / --jump / --refine-side) give what a model
-    whose config says so gives, change steps 2 and up only, and refuse bad values before anything runs."""
-    from mfsr_fast.model import MFSRTransformer
-    from training.distill import set_config
+def test_a_pipelines_sampler_equals_a_folder_that_stores_it(model_dir, tmp_path):
+    """The sampler is the pipeline's: one set on a pipeline, one saved in a folder's sampler_config.json and one given
+    to the CLI as --sampler FILE.json give the same image; it changes steps 2 and up only; bad values are refused
+    before anything runs."""
+    import json
 
-    other = MFSRTransformer.from_pretrained(model_dir)
-    assert (other.cfg.refine_t, other.cfg.jump) == (0.0, "average")
-    set_config(other, refine_t=0.3, jump="endpoint")
-    other.save_pretrained(str(tmp_path / "other"))
+    pipe = MFSRPipeline.from_pretrained(model_dir)
+    assert pipe.sampler == SamplerConfig()
+    over_pipe = pipe.with_sampler(SamplerConfig(refine_t=0.3, jump="endpoint"))
+    over_pipe.save_pretrained(str(tmp_path / "other"))
+    assert json.load(open(tmp_path / "other" / "sampler_config.json"))["jump"] == "endpoint"
     img = _photo()
     own = upscale(img, model=model_dir, steps=2)
-    over = upscale(img, model=model_dir, steps=2, refine_t=0.3, jump="endpoint")
+    over = upscale(img, model=over_pipe, steps=2)
     assert not np.array_equal(own, over)
     assert np.array_equal(over, upscale(img, model=str(tmp_path / "other"), steps=2))
-    assert np.array_equal(upscale(img, model=str(tmp_path / "other"), steps=2, refine_t=0.0, jump="average"), own)
-    half = upscale(img, model=model_dir, steps=2, jump="endpoint")  # the model's own grid kept
+    assert np.array_equal(upscale(img, model=over_pipe), upscale(img, model=model_dir))  # one step: the same
+    half = upscale(img, model=pipe.with_sampler(SamplerConfig(jump="endpoint")), steps=2)  # the uniform grid kept
     assert not np.array_equal(half, own) and not np.array_equal(half, over)
-    assert np.array_equal(upscale(img, model=model_dir, refine_t=0.3, jump="endpoint"), upscale(img, model=model_dir))
-    above = MFSRTransformer.from_pretrained(model_dir)
-    set_config(above, refine_t=0.3, jump="endpoint", refine_side="above")
-    above.save_pretrained(str(tmp_path / "above"))
-    three = upscale(img, model=model_dir, steps=3, refine_t=0.3, jump="endpoint", refine_side="above")
-    assert not np.array_equal(three, upscale(img, model=model_dir, steps=3, refine_t=0.3, jump="endpoint"))
+    above = SamplerConfig(refine_t=0.3, jump="endpoint", refine_side="above")
+    pipe.with_sampler(above).save_pretrained(str(tmp_path / "above"))
+    three = upscale(img, model=pipe.with_sampler(above), steps=3)
+    assert not np.array_equal(three, upscale(img, model=over_pipe, steps=3))
     assert np.array_equal(three, upscale(img, model=str(tmp_path / "above"), steps=3))
     for kw, what in (({"refine_t": 1.0}, "refine_t"), ({"refine_t": True}, "refine_t"), ({"jump": "magic"}, "jump"),
                      ({"refine_side": "left"}, "refine_side")):
         with pytest.raises(ValueError, match=what):
-            upscale(img, model=model_dir, steps=2, **kw)
-    from mfsr_fast.cli import build_parser
-    from mfsr_fast.meanflow import JUMPS, REFINE_SIDES
-
-    choices = {a.dest: tuple(a.choices) for a in build_parser()._actions if a.choices}
-    assert choices["jump"] == JUMPS and choices["refine_side"] == REFINE_SIDES  # the CLI's copies, kept torch-free
+            SamplerConfig(**kw)
     Image.fromarray(img).save(tmp_path / "a.png")
     cli = [sys.executable, "-m", "mfsr_fast", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model",
            model_dir, "--steps", "2"]
-    r = subprocess.run([*cli, "--refine-t", "0.3", "--jump", "endpoint"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+
+    def sampler_file(values: dict) -> str:
+        path = tmp_path / f"sampler{len(list(tmp_path.glob('sampler*')))}.json"
+        path.write_text(json.dumps(values))
+        return str(path)
+
+    r = subprocess.run([*cli, "--sampler", sampler_file({"refine_t": 0.3, "jump": "endpoint"})], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     with Image.open(tmp_path / "out" / "a_x4.png") as im:
         assert np.array_equal(np.asarray(im), over)
-    r = subprocess.run([*cli, "--steps", "3", "--refine-t", "0.3", "--jump", "endpoint", "--refine-side", "above",
-                        "--suffix", "_3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([*cli, "--steps", "3", "--sampler", sampler_file(dataclasses.asdict(above)), "--suffix", "_3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     with Image.open(tmp_path / "out" / "a_3.png") as im:
         assert np.array_equal(np.asarray(im), three)
-    r = subprocess.run([*cli, "--refine-t", "1.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "--refine-t must be in [0, 1)" in r.stderr
+    for bad, what in (({"refine_t": 1.5}, "refine_t must be in [0, 1)"), ({"tau": 0.5}, "has no field tau"),
+                      ({"_class_name": "Euler"}, "unknown sampler 'Euler'")):
+        r = subprocess.run([*cli, "--sampler", sampler_file(bad)], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and what in r.stderr, r.stderr
+
+
+def test_the_public_surface_is_short():
+    """upscale() takes about ten keywords, the command line 15 options (besides --help and --version): the
+    sampler's research settings live on the pipeline, and the web page is its own command."""
+    import inspect
+
+    from mfsr_fast.apps.cli import build_parser
+
+    keywords = [p for p in inspect.signature(upscale).parameters if p != "image"]
+    assert keywords == ["scale", "steps", "detail", "seed", "model", "device", "dtype", "tile", "color_fix",
+                        "progress"]
+    options = [a for a in build_parser()._actions if a.option_strings and a.dest not in ("help", "version")]
+    assert len(options) == 15, [a.dest for a in options]
 
 
 def test_bad_inputs_have_clear_messages(model_dir, tmp_path, monkeypatch):
@@ -251,12 +271,12 @@ def test_demo_writes_outputs_comparisons_and_times(tmp_path):
     if not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
         pytest.skip("embedded default model not present")
     pytest.importorskip("skimage")
-    from mfsr_fast import demo
-    from mfsr_fast.inference import load_model
+    from mfsr_fast.apps import demo
+    from mfsr_fast.pipeline.upscale import cached_pipeline
 
-    model = load_model("default")
-    alt = demo.other_flat_detail(model)  # the default is restorer-conditioned: the other flat_detail than its own
-    assert alt is not None and alt != model.cfg.flat_detail
+    pipe = cached_pipeline("default")
+    alt = demo.other_flat_detail(pipe)  # the default is restorer-conditioned: the other flat_detail than its own
+    assert alt is not None and alt != pipe.sampler.flat_detail
     assert demo.main(["--output", str(tmp_path), "--photos", "chelsea", "--side", "128"]) == 0
     for name in ("chelsea_lr.png", "chelsea_bicubic.png", "chelsea_realesrgan.png", "chelsea_mfsr_1step.png",
                  f"chelsea_mfsr_1step_flat{alt:g}.png", "chelsea_mfsr_4step.png", "chelsea_comparison.png", "times.md"):
@@ -277,14 +297,12 @@ def test_tiles_batched_per_call_give_the_same_image():
     with a tile count the batch does not divide."""
     if not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
         pytest.skip("embedded default model not present")
-    from mfsr_fast.inference import load_model, upscale_rgb
-
-    model = load_model("default", "cpu")
+    pipe = MFSRPipeline.from_pretrained("default", device="cpu")
     x = torch.from_numpy(_photo(40, 56, seed=6)).permute(2, 0, 1)[None].float() / 255
     for batch in (x, torch.cat([x, x.flip(-1)])):
-        one = upscale_rgb(model, batch, tile=24, tile_batch=1)  # 2 x 3 tiles
+        one = pipe.upscale_rgb(batch, tile=24, tile_batch=1)  # 2 x 3 tiles
         for group in (4, 6):
-            many = upscale_rgb(model, batch, tile=24, tile_batch=group)
+            many = pipe.upscale_rgb(batch, tile=24, tile_batch=group)
             torch.testing.assert_close(many, one, rtol=0, atol=1e-4)
     assert one.shape == (2, 3, 160, 224)
 
@@ -296,7 +314,7 @@ def _vae_student_folder(tmp_path, with_vae=True):
     from conftest import randomize_
     from test_codec import _tiny_vae
 
-    from mfsr_fast.model import MFSRTransformer
+    from mfsr_fast.models.transformer import MFSRTransformer
 
     torch.manual_seed(0)
     m = MFSRTransformer(in_channels=16, patch_size=2, num_layers=1, num_heads=2, head_dim=16, context_dim=24,
@@ -313,10 +331,6 @@ def _vae_student_folder(tmp_path, with_vae=True):
 
 
 def test_upscale_through_the_vae_codec(tmp_path):
-    import numpy as np
-
-    from mfsr_fast.inference import load_model, upscale, upscale_rgb
-
     folder = _vae_student_folder(tmp_path)
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (18, 23, 3), dtype=np.uint8)  # odd sizes: padded to multiples of 4
@@ -328,19 +342,17 @@ def test_upscale_through_the_vae_codec(tmp_path):
     assert two.shape == out.shape
     # Tiled in LR space (tiles of 8 LR px = 32 px through the VAE): same size, finite, and the same image where a
     # single tile covers it all.
-    model = load_model(str(folder))
+    pipe = MFSRPipeline.from_pretrained(str(folder))
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
-    whole = upscale_rgb(model, x, tile=64)
-    tiled = upscale_rgb(model, x, tile=8, overlap=4)
+    whole = pipe.upscale_rgb(x, tile=64)
+    tiled = pipe.upscale_rgb(x, tile=8, overlap=4)
     assert tiled.shape == whole.shape == (1, 3, 72, 92) and torch.isfinite(tiled).all()
-    torch.testing.assert_close(upscale_rgb(model, x, tile=24), whole)
-    taught = upscale_rgb(model, x, steps=2, teacher_guidance=3.0)
+    torch.testing.assert_close(pipe.upscale_rgb(x, tile=24), whole)
+    taught = pipe.with_sampler(TeacherSampling(guidance=3.0)).upscale_rgb(x, steps=2)
     assert taught.shape == whole.shape
 
 
 def test_vae_model_without_its_vae_is_a_clear_error(tmp_path):
-    from mfsr_fast.inference import upscale
-
     folder = _vae_student_folder(tmp_path, with_vae=False)
     with pytest.raises(ValueError, match="uses the SD3 VAE, but there is no vae/ folder"):
         upscale(torch.rand(3, 8, 8), model=str(folder))

@@ -42,7 +42,7 @@ def test_wheel_installs_into_a_fresh_venv_and_upscales_offline(tmp_path):
         names = set(z.namelist())
     for f in ("weights/default/diffusion_pytorch_model.safetensors", "weights/default/config.json",
               "weights/default/info.json", "weights/realesrgan-x4plus/model.safetensors",
-              "weights/realesrgan-x4plus/info.json", "cli.py"):
+              "weights/default/sampler_config.json", "weights/realesrgan-x4plus/info.json", "apps/cli.py"):
         assert f"mfsr_fast/{f}" in names, f
     assert not any(n.startswith(("tests/", "runs/")) for n in names)
 

@@ -1,12 +1,13 @@
 """Training checkpoints without pickle, written atomically, resumable bit-exactly.
 
 Layout of ``<run>/checkpoints/step_00001000/``:
-- ``model/`` and ``ema/``: diffusers ``save_pretrained`` folders (config.json + safetensors);
+- ``model/`` and ``ema/``: diffusers ``save_pretrained`` folders (config.json + safetensors), with a student run's
+  sampler (``sampler_config.json``), so that each is a complete model folder;
 - ``optimizer.safetensors``: every tensor of the optimizer state, keyed ``state.<param index>.<name>``;
 - ``rng.safetensors``: torch CPU (and CUDA) generator states;
 - ``trainer_state.json``: step, the optimizer's param groups and scalar state, Python and NumPy RNG states, the
   training config and anything else the trainer passes in ``extra``.
-- ``manifest.json``: the size and SHA-256 of every file above, written last (``mfsr_fast.integrity``).
+- ``manifest.json``: the size and SHA-256 of every file above, written last (``mfsr_fast.io.integrity``).
 A checkpoint is written under a temporary name and renamed when complete; ``latest.json`` (replaced atomically) names
 the newest complete one, so a crash mid-write leaves the previous checkpoint in charge. Resuming takes the newest
 checkpoint whose files match its manifest (``latest_checkpoint``), naming the newer ones it passed over and why; old
@@ -30,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mfsr_fast.integrity import (
+from mfsr_fast.io.integrity import (
     CHECKPOINT_FILES,
     LATEST,
     IntegrityError,
@@ -40,6 +41,7 @@ from mfsr_fast.integrity import (
     newest_checkpoint,
     write_manifest,
 )
+from mfsr_fast.sampling.config import SamplerConfig, save_sampler
 
 __all__ = ["CheckpointWriteError", "IntegrityError", "checkpoint_bytes", "latest_checkpoint", "load_checkpoint",
            "load_optimizer_state", "remove_partial", "save_checkpoint"]
@@ -119,11 +121,19 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def _save_model(module, state: dict[str, torch.Tensor] | None, folder: str) -> None:
-    """``save_pretrained``, or the same files from a gathered full state dict (FSDP2 modules hold shards)."""
+def _save_model(module, state: dict[str, torch.Tensor] | None, folder: str, sampler: SamplerConfig | None) -> None:
+    """``save_pretrained``, or the same files from a gathered full state dict (FSDP2 modules hold shards); the
+    sampler beside them."""
     if state is None:
         module.save_pretrained(folder, safe_serialization=True)
-        return
+    else:
+        _save_state(module, state, folder)
+    if sampler is not None:
+        save_sampler(sampler, folder)
+
+
+def _save_state(module, state: dict[str, torch.Tensor], folder: str) -> None:
+    """The files of ``save_pretrained`` from a gathered full state dict."""
     os.makedirs(folder, exist_ok=True)
     cfg = json.loads(module.to_json_string())
     # FSDP2 gives the module a subclass named FSDP<class>: record the model's own class.
@@ -166,11 +176,12 @@ def remove_partial(root: str) -> list[str]:
 def save_checkpoint(root: str, step: int, *, model, optimizer: torch.optim.Optimizer | None = None, ema=None,
                     config: dict | None = None, extra: dict | None = None, keep: int = 3,
                     model_state: dict | None = None, ema_state: dict | None = None,
-                    optimizer_state: dict | None = None) -> str:
+                    optimizer_state: dict | None = None, sampler: SamplerConfig | None = None) -> str:
     """Write ``root/step_<step>/`` atomically, point ``root/latest.json`` at it, keep the newest ``keep``.
 
     ``model_state`` / ``ema_state`` / ``optimizer_state``: full state dicts gathered from sharded (FSDP2) modules,
     written instead of the modules' own (the optimizer's keyed by parameter index, as ``optimizer.state_dict()``).
+    ``sampler``: a student's, written beside the weights of ``model/`` and ``ema/``.
     A failed write (disk full, ...) raises ``CheckpointWriteError`` naming the file, the space needed and the space
     free, and leaves every earlier checkpoint as it was."""
     os.makedirs(root, exist_ok=True)
@@ -180,10 +191,10 @@ def save_checkpoint(root: str, step: int, *, model, optimizer: torch.optim.Optim
     current = tmp
     try:
         current = os.path.join(tmp, "model")
-        _save_model(model, model_state, current)
+        _save_model(model, model_state, current, sampler)
         if ema is not None:
             current = os.path.join(tmp, "ema")
-            _save_model(ema, ema_state, current)
+            _save_model(ema, ema_state, current, sampler)
         meta = {"step": step, "config": config or {}, "extra": extra or {}}
         if optimizer is not None or optimizer_state is not None:
             tensors, opt_meta = _optimizer_to_files(optimizer, optimizer_state)

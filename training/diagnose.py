@@ -24,14 +24,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mfsr_fast.evaluation import metrics
+from mfsr_fast.evaluation.methods import parse_sampling
+from mfsr_fast.evaluation.runner import pairs, read_rgb, teacher_pipeline
+from mfsr_fast.models.conditioning import lr_condition
+from mfsr_fast.models.restorer import restore_crops
+from mfsr_fast.pipeline.pipeline import MFSRPipeline
+from mfsr_fast.sampling.config import TeacherSampling
+from mfsr_fast.sampling.guidance import sample_teacher
+
 
 def centre_crops(root: str, limit: int, lr_crop: int, scale: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """(HR (N, 3, s c, s c), LR (N, 3, c, c)) in [0, 1]: the centre ``lr_crop`` of each LR image and the matching HR."""
-    from mfsr_fast.evaluate import _rgb, pairs
-
     hrs, lrs = [], []
     for hr_path, lr_path in pairs(root)[:limit]:
-        hr, lr = _rgb(hr_path), _rgb(lr_path)
+        hr, lr = read_rgb(hr_path), read_rgb(lr_path)
         h, w = lr.shape[:2]
         if h < lr_crop or w < lr_crop or hr.shape[:2] != (scale * h, scale * w):
             print(f"skipping {os.path.basename(hr_path)}: LR {w} x {h} smaller than the crop {lr_crop} or HR not "
@@ -48,29 +55,21 @@ def centre_crops(root: str, limit: int, lr_crop: int, scale: int = 4) -> tuple[t
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     """PSNR (dB) of each image of the batch, as the evaluation measures it (8-bit RGB, 4 px border cropped)."""
-    from mfsr_fast import metrics
-
     u8 = lambda x: (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()  # noqa: E731
     return [metrics.psnr(x, y) for x, y in zip(u8(a), u8(b))]
 
 
 @torch.inference_mode()
-def diagnose(teacher, hr: torch.Tensor, lr: torch.Tensor, t_values, steps, *, seed: int = 0, batch: int = 8,
-             sampling=None) -> dict:
+def diagnose(pipe: MFSRPipeline, hr: torch.Tensor, lr: torch.Tensor, t_values, steps, *, seed: int = 0,
+             batch: int = 8, sampling=None) -> dict:
     """{"x_hat": {t: PSNR}, "euler": {steps: PSNR}, "bicubic": PSNR} for the teacher on (hr, lr); the Euler samples
     as ``sampling`` (a ``guidance.TeacherSampling``; None: uniform grid, unguided) says."""
-    from mfsr_fast.guidance import TeacherSampling, sample_teacher
-    from mfsr_fast.inference import codec_of, lr_condition, restorer_of
-    from training.pool import restore_crops
-
-    dev = next(teacher.parameters()).device
-    dtype = next(teacher.parameters()).dtype
-    codec = codec_of(teacher)
+    teacher, codec, restorer = pipe.transformer, pipe.codec, pipe.restorer
+    dev, dtype = pipe.device, pipe.dtype
     scale = hr.shape[-1] // lr.shape[-1]
     up = F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
     out = {"bicubic": float(np.mean(_psnr(up, hr))), "x_hat": {}, "euler": {}}
     sampling = sampling or TeacherSampling()
-    restorer = restorer_of(teacher)
     restored = restore_crops(restorer, lr.to(dev)).cpu() if restorer is not None else None
     if restored is not None:
         out["restorer"] = float(np.mean(_psnr(restored, hr)))
@@ -109,8 +108,6 @@ def table(name: str, res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mfsr_fast.evaluate import load_teacher, parse_sampling
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--teacher", required=True, help="teacher run / checkpoint / model folder")
     ap.add_argument("--data", required=True, help="folder with HR/ and LR/ (e.g. ../shared/data/eval/drealsr_x4)")
@@ -138,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         raise SystemExit(f"--sampling {args.sampling!r}: expected [cfgW][:refineT][:aboveT], e.g. "
                          "cfg1.5:refine0.5:above0.5") from None
-    teacher = load_teacher(args.teacher, args.device)
+    teacher = teacher_pipeline(args.teacher, args.device)
     hr, lr = centre_crops(args.data, args.limit, args.crop)
     res = diagnose(teacher, hr, lr, t_values, steps, seed=args.seed, sampling=sampling)
     print(f"{hr.shape[0]} centre crops of {args.data}, LR {args.crop} px, seed {args.seed}, Euler rows sampled as "

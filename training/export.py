@@ -1,7 +1,8 @@
 """Export a trained student as a self-contained model folder: ``python -m training.export RUN_DIR OUT_DIR``.
 
-Takes the EMA weights of the run's newest checkpoint (or of the checkpoint folder given), writes them with
-``save_pretrained`` (config.json + safetensors; the learned prompts travel inside) and an ``info.json`` with where
+Takes the EMA weights of the run's newest checkpoint (or of the checkpoint folder given) and the run's sampler, writes
+them with ``MFSRPipeline.save_pretrained`` (config.json + safetensors, the learned prompts inside; sampler_config.json,
+with ``--refine-t`` / ``--jump`` / ``--refine-side`` / ``--flat-detail`` over the run's) and an ``info.json`` with where
 they came from: the student run, its teacher, steps, wall time from the JSONL logs, and the machine. A student in SD3
 VAE latent space gets its VAE copied to ``OUT_DIR/vae`` (from ``--vae``, or the run's own ``vae`` setting), so that
 ``upscale(..., model=OUT_DIR)`` finds everything in one folder. From a checkpoint, what the run recorded beside the
@@ -15,6 +16,7 @@ so that the repository holds no restorer weights; ``make setup`` converts them f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -24,9 +26,14 @@ import tempfile
 
 import torch
 
-from mfsr_fast.inference import find_weights
-from mfsr_fast.integrity import apply_umask
-from mfsr_fast.meanflow import JUMPS, REFINE_SIDES
+from mfsr_fast.io.integrity import apply_umask
+from mfsr_fast.models.codec import make_codec
+from mfsr_fast.models.transformer import MFSRTransformer
+from mfsr_fast.pipeline.loading import DEFAULT_MODEL, find_weights
+from mfsr_fast.pipeline.pipeline import MFSRPipeline
+from mfsr_fast.sampling.config import load_sampler
+from mfsr_fast.sampling.meanflow import JUMPS, REFINE_SIDES
+from training.components import weights_digest
 
 
 def _log_summary(run_dir: str, upto: int | None = None) -> dict:
@@ -82,13 +89,10 @@ def _init_record(init: str, depth: int = INIT_DEPTH, digest: str = "") -> dict:
         return {}
     name = init
     if init == "default":
-        from mfsr_fast.inference import DEFAULT_MODEL
         init = DEFAULT_MODEL
     if not os.path.isdir(init):
         return {}
     if digest:
-        from mfsr_fast.model import MFSRTransformer
-        from training.trajectories import weights_digest
         try:  # read afresh (not through load_model's cache of what a path held earlier)
             now = weights_digest(MFSRTransformer.from_pretrained(find_weights(init), low_cpu_mem_usage=False,
                                                                  torch_dtype=torch.float32))
@@ -130,81 +134,80 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vae", help="the VAE folder of an SD3-VAE student (default: the run's --vae)")
     ap.add_argument("--no-restorer", action="store_true", help="do not copy a restorer-conditioned student's "
                     "restorer into the folder (it is then found by name, where the set-up installs it)")
-    ap.add_argument("--refine-t", type=float, default=None, help="store this multi-step sampling grid in the "
-                    "exported config (MFSRConfig.refine_t: first jump to refine_t, then equal steps; 0: uniform); "
-                    "default: keep the run's")
-    ap.add_argument("--jump", choices=JUMPS, default=None, help="store this kind of multi-step "
-                    "jump in the exported config (MFSRConfig.jump: 'average' is MeanFlow's u(z, r, t), 'endpoint' "
-                    "asks u(z, 0, t) at every jump); default: keep the run's")
+    ap.add_argument("--refine-t", type=float, default=None, help="the sampler's grid: the turning point of its "
+                    "multi-step grid (SamplerConfig.refine_t; 0: uniform); default: keep the run's")
+    ap.add_argument("--jump", choices=JUMPS, default=None, help="the sampler's kind of multi-step jump "
+                    "(SamplerConfig.jump: 'average' is MeanFlow's u(z, r, t), 'endpoint' asks u(z, 0, t) at every "
+                    "jump); default: keep the run's")
     ap.add_argument("--refine-side", choices=REFINE_SIDES, default=None, help="where the grid's equal steps go "
-                    "(MFSRConfig.refine_side: 'below' refine_t after a first jump to it, 'above' it from 1 down to "
+                    "(SamplerConfig.refine_side: 'below' refine_t after a first jump to it, 'above' it from 1 down to "
                     "refine_t, then one jump to 0); default: keep the run's")
-    ap.add_argument("--flat-detail", type=float, default=None, help="store this share of the model's texture over "
-                    "R(LR) kept where R(LR) is flat (MFSRConfig.flat_detail, upscale's flat_detail when not given; "
-                    "1: off; restorer-conditioned students only); default: keep the run's")
+    ap.add_argument("--flat-detail", type=float, default=None, help="the sampler's share of the model's texture over "
+                    "R(LR) kept where R(LR) is flat (SamplerConfig.flat_detail; 1: off; restorer-conditioned "
+                    "students only); default: keep the run's")
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from mfsr_fast.model import MFSRTransformer
-
-    src = find_weights(args.run)
+def _pipeline(args, src: str, vae: str) -> MFSRPipeline:
+    """The run's weights (float32) with its sampler, the export's --refine-t / --jump / --refine-side /
+    --flat-detail over it, its codec and its restorer; mistakes as one line naming the flag."""
+    model = MFSRTransformer.from_pretrained(src, low_cpu_mem_usage=False, torch_dtype=torch.float32)
+    if model.cfg.codec == "sd3-vae" and not vae:
+        raise SystemExit("this student works in SD3 VAE latents: pass --vae, the VAE folder it was trained with")
     overrides = {k: v for k, v in (("refine_t", args.refine_t), ("jump", args.jump),
                                    ("refine_side", args.refine_side), ("flat_detail", args.flat_detail))
                  if v is not None}
     try:
-        model = MFSRTransformer.from_pretrained(src, low_cpu_mem_usage=False, torch_dtype=torch.float32,
-                                                **overrides)
+        codec = make_codec(model.cfg, vae or None)
     except ValueError as e:
-        if not overrides:
-            raise
-        flags = ", ".join("--" + k.replace("_", "-") for k in overrides)
-        raise SystemExit(f"{flags}: {e}") from None
-    info = {"source": os.path.abspath(src), **_run_record(args.run, src),
+        raise SystemExit(f"--vae: {e}") from None
+    try:
+        pipe = MFSRPipeline(model, codec)
+    except ValueError as e:  # the restorer it names is not installed
+        raise SystemExit(str(e)) from None
+    try:
+        pipe.sampler = dataclasses.replace(load_sampler(src), **overrides)
+    except ValueError as e:
+        raise SystemExit(f"{', '.join('--' + k.replace('_', '-') for k in overrides)}: {e}") from None
+    return pipe
+
+
+def _info(run: str, src: str) -> dict:
+    """info.json: the source, the run's record, its --init student's, its teacher's, the machine."""
+    info = {"source": os.path.abspath(src), **_run_record(run, src),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"}
     init = _init_record(info.get("student_config", {}).get("init", ""), INIT_DEPTH,
                         info.get("student_run", {}).get("init_weights", ""))
     if init:
         info["init"] = init
-    if "student_config" in info:
-        run_cfg = info["student_config"]
-        teacher = run_cfg.get("teacher")
-        if teacher and os.path.isdir(teacher):
-            info["teacher"] = _log_summary(teacher)
-            tcfg = os.path.join(teacher, "config.json")
-            if os.path.isfile(tcfg):
-                info["teacher_config"] = json.load(open(tcfg))
-    vae = args.vae or info.get("student_config", {}).get("vae", "")
-    if model.cfg.codec == "sd3-vae" and not vae:
-        raise SystemExit("this student works in SD3 VAE latents: pass --vae, the VAE folder it was trained with")
-    restorer = None
-    if model.needs_restorer:
-        from mfsr_fast.restorer import resolve_restorer
+    teacher = info.get("student_config", {}).get("teacher")
+    if teacher and os.path.isdir(teacher):
+        info["teacher"] = _log_summary(teacher)
+        tcfg = os.path.join(teacher, "config.json")
+        if os.path.isfile(tcfg):
+            info["teacher_config"] = json.load(open(tcfg))
+    return info
 
-        try:
-            restorer = resolve_restorer(model.cfg.restorer)
-        except ValueError as e:
-            raise SystemExit(str(e)) from None
-        rinfo = os.path.join(restorer, "info.json")
-        info["restorer"] = json.load(open(rinfo)) if os.path.isfile(rinfo) else {"name": model.cfg.restorer}
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    src = find_weights(args.run)
+    info = _info(args.run, src)
+    pipe = _pipeline(args, src, args.vae or info.get("student_config", {}).get("vae", ""))
+    if pipe.restorer is not None:
+        rinfo = os.path.join(pipe.restorer.path, "info.json")
+        info["restorer"] = json.load(open(rinfo)) if os.path.isfile(rinfo) else {"name": pipe.transformer.cfg.restorer}
         info["restorer"]["carried"] = not args.no_restorer
     parent = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
-    model.save_pretrained(tmp, safe_serialization=True)
-    if model.cfg.codec == "sd3-vae":
-        from mfsr_fast.codec import VAECodec
-
-        try:
-            VAECodec.from_pretrained(vae).vae.save_pretrained(os.path.join(tmp, "vae"), safe_serialization=True)
-        except ValueError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise SystemExit(f"--vae: {e}") from None
-    if restorer is not None and not args.no_restorer:
-        shutil.copytree(restorer, os.path.join(tmp, "restorer"))
-    with open(os.path.join(tmp, "info.json"), "w") as f:
-        json.dump(_portable(info), f, indent=2)
+    try:
+        pipe.save_pretrained(tmp, restorer=not args.no_restorer)
+        with open(os.path.join(tmp, "info.json"), "w") as f:
+            json.dump(_portable(info), f, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     apply_umask(tmp)
     if os.path.isdir(args.output):
         shutil.rmtree(args.output)

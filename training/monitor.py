@@ -22,8 +22,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from mfsr_fast.inference import _bicubic, attach_codec, upscale_rgb
-from mfsr_fast.metrics import load_niqe_params, niqe_rgb, psnr, ssim
+from mfsr_fast.evaluation.metrics import load_niqe_params, niqe_rgb, psnr, ssim
+from mfsr_fast.evaluation.runner import pairs, read_rgb
+from mfsr_fast.models.conditioning import bicubic
+from mfsr_fast.models.restorer import load_restorer, restore_crops
+from mfsr_fast.pipeline.pipeline import MFSRPipeline
+from mfsr_fast.sampling.config import SamplerConfig, TeacherSampling
+from training.batches import degrade_samples, sample_seed
+from training.components import codec_for
 
 
 def _uint8(x: torch.Tensor) -> np.ndarray:
@@ -33,8 +39,6 @@ def _uint8(x: torch.Tensor) -> np.ndarray:
 
 def fixed_crops(data, count: int):
     """(HR, LR, R(LR) or None) of the run's first ``count`` samples, the same at every call and on every rank."""
-    from training.engine import degrade_samples, sample_seed
-
     if data.pool is not None:
         items = [data.pool[i] for i in range(min(count, len(data.pool)))]
         return tuple(torch.stack(parts) for parts in zip(*items))
@@ -47,22 +51,21 @@ def fixed_crops(data, count: int):
 
 
 def _val_pairs(folder: str, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    from mfsr_fast.evaluate import _rgb, pairs
-
     try:
         found = pairs(folder)
     except SystemExit as e:
         raise SystemExit(f"--val-data: {e}") from None
-    return [(_rgb(lr), _rgb(hr)) for hr, lr in found[:count]]
+    return [(read_rgb(lr), read_rgb(hr)) for hr, lr in found[:count]]
 
 
 class Monitor:
     """``monitor(step, ema)``: the grid, the metrics (returned, and written to ``log`` on the main process)."""
 
-    def __init__(self, cfg, data, model, *, student: bool, device: torch.device, main: bool, restorer=None):
+    def __init__(self, cfg, data, model, *, sampler: SamplerConfig | None, device: torch.device, main: bool,
+                 restorer=None):
         self.cfg, self.device, self.main = cfg, device, main
-        self.steps = (1, 4) if student else (1,)
-        self.student = student
+        self.steps = (1, 4) if sampler is not None else (1,)
+        self.sampler = sampler if sampler is not None else TeacherSampling(guidance=1.0)  # a teacher: Euler steps
         self.folder = os.path.join(cfg.output_dir, "samples")
         self.niqe = None
         if cfg.niqe_params:
@@ -72,22 +75,17 @@ class Monitor:
                 raise SystemExit(f"--niqe-params: {e}") from None
         self.codec = None
         if model.cfg.codec != "pixel4":
-            from training.engine import codec_for
-
             self.codec = codec_for(model, cfg.vae)
         hr, lr, r = fixed_crops(data, cfg.sample_count)
         if model.needs_restorer and restorer is None and (r is None or cfg.val_data):
-            from mfsr_fast.restorer import load_restorer
-
             try:
                 restorer = load_restorer(model.cfg.restorer, device=device)
             except ValueError as e:
                 raise SystemExit(str(e)) from None
         if model.needs_restorer and r is None:
-            from training.pool import restore_crops
-
             r = restore_crops(restorer, lr.to(device)).cpu()
         self.crops = (hr, lr, r if model.needs_restorer else None)
+        self.restorer = restorer
         self.pairs = []  # (LR float (1, 3, h, w), HR uint8, R(LR) or None)
         if cfg.val_data:
             for lr_np, hr_np in _val_pairs(cfg.val_data, cfg.val_count):
@@ -103,27 +101,24 @@ class Monitor:
                                  "(or pip install 'mfsr-fast[train]')") from None
             self.writer = SummaryWriter(log_dir=os.path.join(cfg.output_dir, "tensorboard"))
 
-    def _sample(self, ema, lr: torch.Tensor, restored, steps: int) -> torch.Tensor:
-        kw = dict(steps=steps, seed=0, restored=None if restored is None else restored.to(self.device))
-        if not self.student:
-            kw["teacher_guidance"] = 1.0
-        return upscale_rgb(ema, lr.to(self.device), **kw).cpu()
+    def _sample(self, pipe: MFSRPipeline, lr: torch.Tensor, restored, steps: int) -> torch.Tensor:
+        restored = None if restored is None else restored.to(self.device)
+        return pipe.upscale_rgb(lr.to(self.device), steps=steps, seed=0, restored=restored).cpu()
 
     @torch.no_grad()
     def __call__(self, step: int, ema, log=None) -> dict:
         t0 = time.perf_counter()
-        if self.codec is not None:
-            attach_codec(ema, self.codec)
+        pipe = MFSRPipeline(ema, self.codec, self.restorer, self.sampler)
         was_training = ema.training
         ema.eval()
         try:
             hr, lr, r = self.crops
-            outs = {s: self._sample(ema, lr, r, s) for s in self.steps}
+            outs = {s: self._sample(pipe, lr, r, s) for s in self.steps}
             grid = self._grid(hr, lr, outs)
             rec = {"step": step, "kind": "val"}
             if self.pairs:
                 for s in self.steps:
-                    rows = [self._scores(_uint8(self._sample(ema, x, rx, s)[0]), hr_np) for x, hr_np, rx in self.pairs]
+                    rows = [self._scores(_uint8(self._sample(pipe, x, rx, s)[0]), hr_np) for x, hr_np, rx in self.pairs]
                     rec.update(self._mean(rows, s))
             else:
                 for s in self.steps:
@@ -167,7 +162,7 @@ class Monitor:
     def _grid(self, hr: torch.Tensor, lr: torch.Tensor, outs: dict) -> Image.Image:
         size = hr.shape[-2:]
         names = ["LR", "bicubic", *(f"{s} step{'s' if s > 1 else ''}" for s in outs), "HR"]
-        cols = [torch.nn.functional.interpolate(lr.float(), size=size, mode="nearest"), _bicubic(lr.float(), size),
+        cols = [torch.nn.functional.interpolate(lr.float(), size=size, mode="nearest"), bicubic(lr.float(), size),
                 *(o for o in outs.values()), hr.float()]
         h, w = size
         label = 14

@@ -19,14 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-from mfsr_fast.guidance import guided_velocity, sample_teacher  # noqa: F401  (re-exported)
-from mfsr_fast.inference import lr_condition
-from mfsr_fast.model import PROMPT_NAMES, MFSRTransformer
-from training import engine
+from mfsr_fast.models.conditioning import lr_condition
+from mfsr_fast.models.transformer import PROMPT_NAMES, MFSRTransformer
+from training import batches
+from training.components import codec_for
+from training.config import TrainConfig, parse_config
+from training.loop import train
 
 
 @dataclass
-class TeacherConfig(engine.TrainConfig):
+class TeacherConfig(TrainConfig):
     output_dir: str = "runs/teacher"
     p_negative: float = 0.15  # share of samples trained on the negative prompt
     p_null: float = 0.1  # share trained on the null prompt
@@ -37,7 +39,7 @@ class TeacherConfig(engine.TrainConfig):
 
 
 PRESETS = {
-    # The embedded default's teacher: about 25 minutes on 2 CPU cores.
+    # The first tiny models' teacher (bicubic LR stream).
     "tiny": dict(model_preset="tiny", max_steps=600, batch_size=32, crop=64, lr=4e-4, warmup_steps=50,
                  ema_decay=0.995, ckpt_every=100, num_workers=1, t_mean=0.4, t_one_fraction=0.1),
     # The restorer-conditioned default's teacher (DESIGN section 8): the tiny transformer over Real-ESRGAN x4plus,
@@ -66,17 +68,17 @@ def prompt_choice(u: torch.Tensor, p_negative: float, p_null: float) -> torch.Te
 def make_loss(cfg: TeacherConfig, codec):
     def loss_fn(field, model: MFSRTransformer, batch, step: int, d) -> torch.Tensor:
         hr, lr, restored, seeds = batch
-        gens = engine.per_sample_generators(seeds)
+        gens = batches.per_sample_generators(seeds)
         x = codec.encode(hr)
         c = lr_condition(model, codec, lr, restored)  # as at inference
-        which = prompt_choice(engine.per_sample_rand(gens), cfg.p_negative, cfg.p_null).to(x.device)
+        which = prompt_choice(batches.per_sample_rand(gens), cfg.p_negative, cfg.p_null).to(x.device)
         neg = (which == PROMPT_NAMES.index("negative")).view(-1, 1, 1, 1)
         # The negative prompt's target: the LR stream's base image (the upsampled LR, or R(LR): what the positive
         # prompt must improve on).
         x = torch.where(neg, c[:, :x.shape[1]], x)
         y = model.to_flow(x, c)  # x, or the scaled residual over R(LR)
-        e = engine.per_sample_randn(gens, tuple(y.shape[1:])).to(y.device)
-        t = engine.sample_t(gens, cfg).to(y.device)
+        e = batches.per_sample_randn(gens, tuple(y.shape[1:])).to(y.device)
+        t = batches.sample_t(gens, cfg).to(y.device)
         tb = t.view(-1, 1, 1, 1)
         z = (1 - tb) * y + tb * e
         v_hat = field(z, c, t, t, prompt=which)  # the prompt is looked up inside forward (FSDP-safe)
@@ -88,7 +90,7 @@ def make_loss(cfg: TeacherConfig, codec):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = engine.parse_config(TeacherConfig, PRESETS, argv, "Train a flow-matching SR teacher (DESIGN section 2).")
+    cfg = parse_config(TeacherConfig, PRESETS, argv, "Train a flow-matching SR teacher (DESIGN section 2).")
     if cfg.loss_space not in ("v", "x"):
         raise SystemExit(f"--loss-space must be v or x, got {cfg.loss_space!r}")
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"model preset {cfg.model_preset!r} has no learned prompts (learned_prompts = 0)")
     if cfg.loss_space == "x" and model.cfg.prediction == "v":
         raise SystemExit("--loss-space x needs a clean-image prediction (prediction 'x' or 'x_lr')")
-    engine.train(cfg, model, make_loss(cfg, engine.codec_for(model, cfg.vae)), name="teacher")
+    train(cfg, model, make_loss(cfg, codec_for(model, cfg.vae)), name="teacher")
     return 0
 
 

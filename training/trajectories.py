@@ -1,7 +1,7 @@
 """The teacher's many-step samples on a pool, for trajectory distillation: ``python -m training.trajectories``.
 
 For pool samples 0 .. count - 1 this draws a noise e (its own seed per sample) and integrates the teacher from e
-at t = 1 to t = 0 as ``evaluate``'s ``teacher:N[:cfgW][:refineT][:aboveT]`` does (guidance.sample_teacher), giving
+at t = 1 to t = 0 as the evaluation's ``teacher:N[:cfgW][:refineT][:aboveT]`` does (``sample_teacher``), giving
 the teacher's sample x_T(e | LR), in the flow's space. ``training.distill --trajectories DIR`` then adds a
 regression of the student's one step from e onto x_T to the MeanFlow loss (DESIGN section 8): the MeanFlow target
 only reaches the teacher's many-step samples through its own, slowly improving, tangent, while a pair (e, x_T)
@@ -17,7 +17,6 @@ an interrupted build resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -26,7 +25,12 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from training.pool import open_shards, save_shard, shard_path
+from mfsr_fast.evaluation.methods import parse_sampling
+from mfsr_fast.models.conditioning import lr_condition
+from mfsr_fast.pipeline.loading import resolve_device
+from mfsr_fast.sampling.guidance import sample_teacher
+from training.components import codec_for, resolve_teacher, weights_digest
+from training.shards import Pool, open_shards, save_shard, shard_path
 
 NOISE_SALT = 0x7E57_A11  # the noise seeds differ from the pool's and the training draws' seeds
 DRAW_SALT = 0x7E57_A11  # distill's per-step choice of pairs (seeded by step and rank, apart from its other draws)
@@ -38,26 +42,8 @@ def noise_for(seed: int, index: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=g).half()
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state (names, dtypes, shapes, values): which teacher a folder's samples came from, whatever
-    its path. Taken in fp32, as the builder samples."""
-    h = hashlib.sha256()
-    for name, v in sorted(model.state_dict().items()):
-        v = v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-        h.update(f"{name}:{v.dtype}:{tuple(v.shape)};".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling: str, seed: int = 0,
           batch: int = 16, shard: int = 128, teacher_ema: bool = True, threads: int = 0, device: str = "cpu") -> str:
-    from mfsr_fast.evaluate import parse_sampling
-    from mfsr_fast.guidance import sample_teacher
-    from mfsr_fast.inference import lr_condition, resolve_device
-    from training import engine
-    from training.distill import resolve_teacher
-    from training.pool import Pool
-
     if count < 1 or steps < 1 or batch < 1 or shard < 1:
         raise SystemExit("--count, --steps, --batch and --shard must be >= 1")
     try:
@@ -77,15 +63,28 @@ def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling
         dev = resolve_device(device)
     except ValueError as e:
         raise SystemExit(f"--device: {e}") from None
-    model = resolve_teacher(teacher, teacher_ema).float().eval().requires_grad_(False).to(dev)
+    model = resolve_teacher(teacher, teacher_ema)[0].float().eval().requires_grad_(False).to(dev)
     if not model.needs_restorer:
         raise SystemExit("--teacher: this builder is for restorer-conditioned teachers (a pool holds R(LR))")
-    codec = engine.codec_for(model)
+    codec = codec_for(model)
     settings = {"pool": os.path.abspath(pool), "pool_seed": source.meta["seed"], "pool_count": source.count,
                 "count": count, "steps": steps, "sampling": sampling, "guidance": how.guidance,
                 "against": how.against, "refine_t": how.refine_t, "interval": list(how.interval), "seed": seed,
                 "shard_size": shard, "teacher": os.path.abspath(teacher), "teacher_ema": teacher_ema,
                 "teacher_weights": weights_digest(model)}
+    _write_settings(out, settings)
+    t0 = time.perf_counter()
+    for k in range(-(-count // shard)):
+        path = shard_path(out, k)
+        if not os.path.isfile(path):
+            save_shard(path, _sample_shard(k, model, codec, source, how, count=count, steps=steps, seed=seed,
+                                           batch=batch, shard=shard, device=dev))
+    print(f"{count} teacher samples in {out} ({time.perf_counter() - t0:.0f} s this run)")
+    return out
+
+
+def _write_settings(out: str, settings: dict) -> None:
+    """``out/trajectories.json``; a folder that holds samples of another teacher or other settings is refused."""
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "trajectories.json")
     if os.path.isfile(meta_path):
@@ -103,31 +102,28 @@ def build(out: str, *, pool: str, teacher: str, count: int, steps: int, sampling
     with open(meta_path + ".tmp", "w") as f:
         json.dump(settings, f, indent=2)
     os.replace(meta_path + ".tmp", meta_path)
-    t0, done = time.perf_counter(), 0
-    for k in range(-(-count // shard)):
-        idx = list(range(k * shard, min(count, (k + 1) * shard)))
-        path = shard_path(out, k)
-        if os.path.isfile(path):
-            continue
-        parts: dict[str, list[torch.Tensor]] = {"noise": [], "sample": [], "lr": [], "restored": []}
-        for i in range(0, len(idx), batch):
-            items = [source[j] for j in idx[i:i + batch]]
-            hr, lr, restored = (torch.stack(x) for x in zip(*items))
-            c = lr_condition(model, codec, lr.to(dev), restored.to(dev))
-            shape = tuple(model.to_flow(codec.encode(hr.to(dev)), c).shape[1:])
-            e = torch.stack([noise_for(seed, j, shape) for j in idx[i:i + batch]])  # drawn on the CPU: any device
-            x = sample_teacher(model, c, e.float().to(dev), steps=steps, guidance=how).cpu()
-            parts["noise"].append(e)
-            parts["sample"].append(x.half())
-            parts["lr"].append((lr * 255).round().to(torch.uint8))
-            parts["restored"].append(restored.half())
-            done += len(items)
-            rate = (time.perf_counter() - t0) / done
-            print(f"shard {k}: {i + len(items)}/{len(idx)} ({rate:.2f} s per sample)", flush=True)
-        tensors = {n: torch.cat(v).contiguous() for n, v in parts.items()}
-        save_shard(path, tensors)
-    print(f"{count} teacher samples in {out} ({time.perf_counter() - t0:.0f} s this run)")
-    return out
+
+
+def _sample_shard(k: int, model, codec, source, how, *, count: int, steps: int, seed: int, batch: int, shard: int,
+                  device) -> dict[str, torch.Tensor]:
+    """Shard ``k``'s tensors: for its pool samples, the noise, the teacher's sample from it and the conditioning."""
+    idx = list(range(k * shard, min(count, (k + 1) * shard)))
+    parts: dict[str, list[torch.Tensor]] = {"noise": [], "sample": [], "lr": [], "restored": []}
+    t0 = time.perf_counter()
+    for i in range(0, len(idx), batch):
+        items = [source[j] for j in idx[i:i + batch]]
+        hr, lr, restored = (torch.stack(x) for x in zip(*items))
+        c = lr_condition(model, codec, lr.to(device), restored.to(device))
+        shape = tuple(model.to_flow(codec.encode(hr.to(device)), c).shape[1:])
+        e = torch.stack([noise_for(seed, j, shape) for j in idx[i:i + batch]])  # drawn on the CPU: any device
+        x = sample_teacher(model, c, e.float().to(device), steps=steps, guidance=how).cpu()
+        parts["noise"].append(e)
+        parts["sample"].append(x.half())
+        parts["lr"].append((lr * 255).round().to(torch.uint8))
+        parts["restored"].append(restored.half())
+        done = i + len(items)
+        print(f"shard {k}: {done}/{len(idx)} ({(time.perf_counter() - t0) / done:.2f} s per sample)", flush=True)
+    return {n: torch.cat(v).contiguous() for n, v in parts.items()}
 
 
 class Trajectories:
@@ -150,25 +146,6 @@ class Trajectories:
         return (t["noise"][idx].float(), t["sample"][idx].float(), t["lr"][idx].float() / 255,
                 t["restored"][idx].float())
 
-    def attach_hr(self, pool) -> None:
-        """Keep the HR crops of ``pool`` (a ``training.pool.Pool``) the samples were made from (sample i from crop i),
-        for ``hr(idx)``. ValueError when the pool is not theirs: another seed or count, or other LR crops."""
-        if pool.meta.get("seed") != self.meta.get("pool_seed") or pool.count != self.meta.get("pool_count"):
-            raise ValueError(f"the samples were made from a pool of {self.meta.get('pool_count')} crops with seed "
-                             f"{self.meta.get('pool_seed')}; this one holds {pool.count} with seed "
-                             f"{pool.meta.get('seed')}")
-        n = len(self)
-        for i in sorted({0, n // 2, n - 1}):  # the LR crops, byte for byte
-            if not torch.equal((pool[i][1] * 255).round().to(torch.uint8), self.tensors["lr"][i]):
-                raise ValueError(f"its crop {i} is not the LR crop sample {i} was made from")
-        self.tensors["hr"] = torch.stack([pool[i][0].half() for i in range(n)])  # as the pool stores them
-
-    def hr(self, idx: torch.Tensor) -> torch.Tensor:
-        """The HR crops (float in [0, 1]) of the samples ``idx``; needs ``attach_hr``."""
-        if "hr" not in self.tensors:
-            raise ValueError("no HR crops: call attach_hr(pool) first")
-        return self.tensors["hr"][idx].float()
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -180,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=512, help="pool samples 0 .. count - 1 (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=40, help="teacher Euler steps (default: %(default)s)")
     ap.add_argument("--sampling", default="cfg1.25:refine0.5:above0.5",
-                    help="how the teacher is sampled, as in evaluate's teacher:N:...: cfgW, refineT, aboveT joined "
-                         "by ':' (default: %(default)s; '' for plain unguided Euler steps)")
+                    help="how the teacher is sampled, as in the evaluation's teacher:N:...: cfgW, refineT, aboveT "
+                         "joined by ':' (default: %(default)s; '' for plain unguided Euler steps)")
     ap.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     ap.add_argument("--batch", type=int, default=16, help="samples per teacher pass")
     ap.add_argument("--shard", type=int, default=128, help="samples per shard file")

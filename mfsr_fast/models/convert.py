@@ -44,8 +44,9 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import load_file
 
-from mfsr_fast.model import MFSRTransformer
+from mfsr_fast.models.transformer import MFSRTransformer
 
 _RENAMES = [
     (r"^pos_embed\.proj\.", "pos_embed."),
@@ -187,9 +188,9 @@ def _model_folder(path) -> str:
     return path
 
 
-def _read_weights(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a diffusers-layout model folder: safetensors (single or sharded), or a ``.bin`` read with
+    ``torch.load(weights_only=True)`` (no arbitrary unpickling)."""
     for name in _WEIGHT_FILES:
         if os.path.isfile(os.path.join(path, name)):
             return load_file(os.path.join(path, name))
@@ -218,7 +219,7 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     folder = _model_folder(path)
     with open(os.path.join(folder, "config.json")) as f:
         config = json.load(f)
-    return config, _read_weights(folder)
+    return config, read_weights(folder)
 
 
 def load_transformer(path: str, *, lr_stream: bool = True, dit4sr_norm_k_bug: bool | None = None,
@@ -241,7 +242,7 @@ def load_transformer(path: str, *, lr_stream: bool = True, dit4sr_norm_k_bug: bo
     if "num_attention_heads" not in config or "joint_attention_dim" not in config:
         raise ValueError(f"checkpoint {path!r}: config.json is neither an MFSRTransformer nor an SD3 transformer "
                          f"(_class_name {cls!r})")
-    sd = _read_weights(folder)
+    sd = read_weights(folder)
     dit4sr = any(_CONTROL.search(k) for k in sd)
     fmt = "dit4sr" if dit4sr else "sd3"
     skipped = sorted(k for k in sd if dit4sr and _DIT4SR_DEAD.match(k))
@@ -280,23 +281,6 @@ def load_transformer(path: str, *, lr_stream: bool = True, dit4sr_norm_k_bug: bo
     _materialize_fresh(model, dt, torch.Generator().manual_seed(seed))
     report = LoadReport(os.fspath(path), fmt, loaded=n_loaded, fresh=fresh, skipped=skipped,
                         dit4sr_norm_k_bug=model.cfg.dit4sr_norm_k_bug, lr_conv_scale=model.cfg.lr_conv_scale)
-    return model, report
-
-
-def load_teacher(path: str, *, prompts: str | None = None, **kwargs) -> tuple[MFSRTransformer, LoadReport]:
-    """``load_transformer(path, **kwargs)`` plus, from a prompt file (``mfsr_fast.prompts``), prompt embeddings
-    stored frozen in the model. ValueError when the teacher ends up with no prompts (DiT4SR / SD3.5 store none)."""
-    from mfsr_fast.prompts import load_prompts, stacked
-
-    model, report = load_transformer(path, **kwargs)
-    if prompts:
-        try:
-            model.set_prompts(*stacked(load_prompts(prompts)))
-        except ValueError as e:
-            raise ValueError(f"--prompts: {e}") from None
-    elif model.cfg.learned_prompts <= 0:
-        raise ValueError(f"the teacher ({report.format}) stores no prompts: pass --prompts, a prompt-embedding file "
-                         "made with `python -m mfsr_fast.prompts --positive ... --negative ... --out FILE`")
     return model, report
 
 

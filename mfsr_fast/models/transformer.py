@@ -12,14 +12,14 @@ Architecture (DESIGN section 4):
   initialised from a teacher equals the teacher when r = t.
 
 - Restorer conditioning (DESIGN section 8): the LR stream may see R(LR), the output of a frozen pretrained x4
-  restorer (Real-ESRGAN x4plus, ``mfsr_fast.restorer``), instead of (or before) the bicubic-upsampled LR, and the
+  restorer (Real-ESRGAN x4plus, ``mfsr_fast.models.restorer``), instead of (or before) the bicubic-upsampled LR, and the
   flow may run over the scaled residual y = (x - R(LR)) / residual_scale (``to_flow`` / ``from_flow``), so that a
   zero network output is R(LR) itself and the model only learns what R lacks.
 
 Forward-mode tangents: ``forward(..., tangents=(tz, tt, tr))`` also returns du along them, computed layer by layer
 in the same call (MeanFlow's target without torch.func.jvp; tests/test_model_jvp.py): every layer takes and returns
-``Dual`` (primal, tangent) pairs and is written once with the pair operations of ``mfsr_fast.tangent``, each of which
-puts the tangent formula next to its primal op. Input checks live in ``mfsr_fast.model_checks``.
+``Dual`` (primal, tangent) pairs and is written once with the pair operations of ``models.tangent``, each of which
+puts the tangent formula next to its primal op. Input checks live in ``models.checks``.
 
 Time convention: t in [0, 1], t = 1 is noise, z_t = (1 - t) x + t e (diffusers' FlowMatchEulerDiscreteScheduler:
 sigma = t, timestep = 1000 t). Every attention goes through ``kernels.attention``, every adaLN modulation through
@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from mfsr_fast import model_checks as checks
-from mfsr_fast.tangent import (
+from mfsr_fast.models import checks
+from mfsr_fast.models.tangent import (
     Dual,
     add,
     attention,
@@ -100,33 +100,20 @@ class MFSRConfig:
     # named by ``restorer``) or "both" (R(LR) and the upsampled LR, concatenated along channels; the second through its
     # own zero-initialised patch embedding). The first image is the "base" of x_lr predictions and residual flows.
     lr_source: str = "bicubic"
-    restorer: str = ""  # the restorer's name or folder (mfsr_fast.restorer.resolve_restorer)
+    restorer: str = ""  # the restorer's name or folder (mfsr_fast.models.restorer.resolve_restorer)
     # > 0: the flow runs over the scaled residual y = (x - base) / residual_scale instead of x, so noise at t = 1 is
     # the base image plus residual_scale e, and a zero output (prediction "x") is the base image itself.
     residual_scale: float = 0.0
-    # Multi-step sampling grid (``meanflow.time_grid``): 0 gives the uniform grid 1, (N-1)/N, ..., 0; a value in
-    # (0, 1) makes the first jump go from t = 1 to refine_t and the other N - 1 steps split [refine_t, 0] evenly, so
-    # steps 2..N refine the one-step image from a little noise instead of re-entering mid t.
-    refine_t: float = 0.0
-    # The multi-step jumps (``meanflow.sample``): "average" (MeanFlow's z_r = z_t - (t - r) u(z_t, r, t)) or "endpoint"
-    # (z_r = z_t - (t - r) u(z_t, 0, t): every jump aims at the one-step estimate from where it starts). One step is
-    # the same either way.
-    jump: str = "average"
-    # Where the N - 1 equal steps of a refine_t grid go (``meanflow.time_grid``): "below" refine_t (a first jump to it,
-    # then equal steps to 0) or "above" it (equal steps from 1 down to refine_t, then one jump to 0: with endpoint
-    # jumps, steps 2..N re-estimate the image from noisier points that keep the starting noise, the last from
-    # refine_t).
-    refine_side: str = "below"
     # > 0: a convolutional head that sees across patches. The read-out gives each model-space pixel ``conv_head``
     # feature channels beside its output; two 3 x 3 convolutions over both add a correction to the output (the
     # second zero-initialised). A linear read-out per token alone leaves a step at every patch edge (the patch grid
     # of RESULTS.md); the head can remove it. 0: the linear read-out only (SD3 / DiT4SR).
     conv_head: int = 0
-    # The share of the model's texture over R(LR) kept where R(LR) is flat (``meanflow.flat_weight``, applied in pixels
-    # after decoding: R(LR) + w (output - R(LR)), w from flat_detail on flat areas to 1 on textured ones); 1: off.
-    # Sampling only (like refine_t), for restorer-conditioned residual models; ``upscale(flat_detail=)`` overrides it.
-    flat_detail: float = 1.0
 
+
+# Keys of config.json that only chose how a model is sampled, in folders written before samplers had their own file
+# (``mfsr_fast.sampling.config`` reads them there); not the architecture's, so loading leaves them out.
+LEGACY_SAMPLER_KEYS = ("refine_t", "jump", "refine_side", "flat_detail")
 
 # Named learned prompts of models trained without a text encoder (DESIGN section 3 / training/teacher.py).
 PROMPT_NAMES = ("positive", "negative", "null")
@@ -425,11 +412,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         lr_source: str = "bicubic",
         restorer: str = "",
         residual_scale: float = 0.0,
-        refine_t: float = 0.0,
-        jump: str = "average",
-        refine_side: str = "below",
         conv_head: int = 0,
-        flat_detail: float = 1.0,
     ):
         # Keyword arguments mirror MFSRConfig field by field: diffusers' ConfigMixin reads the signature.
         super().__init__()
@@ -439,6 +422,11 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         checks.check_config(cfg)
         self.cfg = cfg
         self.kernel_backend = "auto"
+        self._build(cfg)
+        self.initialize_weights()
+
+    def _build(self, cfg: MFSRConfig) -> None:
+        """The layers, in the order ``initialize_weights`` draws their random values."""
         dim = cfg.num_heads * cfg.head_dim
         p = cfg.patch_size
         self.pos_embed = nn.Conv2d(cfg.in_channels, dim, kernel_size=p, stride=p)
@@ -465,7 +453,13 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
             n = len(PROMPT_NAMES)
             self.prompt_context = nn.Parameter(torch.zeros(n, cfg.learned_prompts, cfg.context_dim))
             self.prompt_pooled = nn.Parameter(torch.zeros(n, cfg.pooled_dim)) if cfg.pooled_dim > 0 else None
-        self.initialize_weights()
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers' reading of config.json (``from_pretrained``, ``from_config``), without the sampler keys older
+        folders hold (``LEGACY_SAMPLER_KEYS``)."""
+        config_dict = {k: v for k, v in config_dict.items() if k not in LEGACY_SAMPLER_KEYS}
+        return super().extract_init_dict(config_dict, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> MFSRTransformer:
@@ -546,7 +540,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
 
         ``tangents`` = (tz, tt, tr) (each None = zero) returns (u, du): u as without tangents (differentiable in
         reverse mode) and its forward-mode derivative along (tz, tt, tr), detached, from one explicit tangent pass
-        (``mfsr_fast.tangent``; no torch.func.jvp: works through DDP and FSDP wrappers, which only see ``__call__``,
+        (``models.tangent``; no torch.func.jvp: works through DDP and FSDP wrappers, which only see ``__call__``,
         and costs far less host time); equal to ``torch.func.jvp`` of the same call within rounding
         (tests/test_model_jvp.py)."""
         if prompt is not None:
@@ -638,7 +632,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def set_prompts(self, context: torch.Tensor, pooled: torch.Tensor | None, *, trainable: bool = False) -> None:
-        """Store fixed prompt embeddings in the model (e.g. from ``mfsr_fast.prompts``): ``context`` (3, L, context_dim)
+        """Store fixed prompt embeddings in the model (e.g. from ``models.prompts``): ``context`` (3, L, context_dim)
         and ``pooled`` (3, pooled_dim) in PROMPT_NAMES order. They become the model's prompts (``learned_prompts =
         L``), travel with ``save_pretrained``, and are frozen unless ``trainable``."""
         cfg = self.cfg
@@ -662,7 +656,7 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
         context streams) at zero, so that it starts as the identity and learns from there. Distillation uses it to
         give a student more capacity than its teacher (``training.distill --grow-layers``). Image-only attention
         layers keep their places; the copies take the copied block's kind. Same dtype and device; parameters frozen
-        or not as their originals; the folder, codec and restorer it was loaded with (``mfsr_fast.loading``) kept."""
+        or not as their originals."""
         if extra < 0:
             raise ValueError(f"extra must be >= 0, got {extra}")
         n = self.cfg.num_layers
@@ -708,9 +702,6 @@ class MFSRTransformer(ModelMixin, ConfigMixin):
                         lin.weight[j * dim:(j + 1) * dim] = 0
                         lin.bias[j * dim:(j + 1) * dim] = 0
         big.kernel_backend = self.kernel_backend
-        for k, v in vars(self).items():  # where its companions are (folder, codec, restorer: mfsr_fast.loading)
-            if k.startswith("_mfsr_"):
-                setattr(big, k, v)
         return big
 
     def field(self, z: torch.Tensor, lr: torch.Tensor | None, t, r=None, context: torch.Tensor | None = None,

@@ -1,15 +1,16 @@
-"""A local web page for upscaling: ``mfsr-upscale --serve`` or ``python -m mfsr_fast.app`` (Gradio, the ``web`` extra).
+"""A local web page for upscaling: ``mfsr-web`` or ``python -m mfsr_fast.apps.web`` (Gradio, the ``web`` extra).
 
 Upload one or several images, choose steps / scale / seed / colour fix (and the detail kept, for a model over
 Real-ESRGAN such as the default), compare before and after with a slider and download the full-resolution results
-(same format, bit depth, alpha and metadata as the CLI writes). Each file goes through the CLI's own reader and
-writer (``cli.upscale_file``), so a bad file gets the CLI's message and the others still run. Bound to 127.0.0.1
-unless ``--host`` says otherwise; uploads are limited in size and in pixels; one upscaling runs at a time (the model
-is shared), with a progress bar over tiles.
+(same format, bit depth, alpha and metadata as the command line writes). Each file goes through the command line's
+own reader and writer (``files.upscale_file``), so a bad file gets its message and the others still run. Bound to
+127.0.0.1 unless ``--host`` says otherwise; uploads are limited in size and in pixels; one upscaling runs at a time
+(the pipeline is shared), with a progress bar over tiles.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import sys
@@ -18,8 +19,14 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageOps
 
-from mfsr_fast.imageio import ImageError
+from mfsr_fast import __version__
+from mfsr_fast.apps.files import output_path, upscale_file
+from mfsr_fast.io.images import ImageError
+from mfsr_fast.pipeline.inputs import check_steps_scale
+from mfsr_fast.pipeline.upscale import cached_pipeline
+from mfsr_fast.sampling.config import read_sampler_file
 
 PREVIEW_SIDE = 2048  # longest side of the before/after pictures shown on the page (downloads are full size)
 MAX_UPLOAD_MB = 50.0  # defaults of --max-upload-mb and --max-megapixels (per input)
@@ -47,8 +54,6 @@ class Result:
 
 def _previews(src: str, out_path: str, folder: str) -> tuple[str, str]:
     """before.png / after.png in ``folder``: both at the output's size, scaled to fit PREVIEW_SIDE, 8-bit RGB."""
-    from PIL import Image, ImageOps
-
     def rgb(im):
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I", "F"):  # 16-bit grey: Pillow's RGB conversion clips instead of scaling
@@ -81,10 +86,10 @@ class Upscaler:
     """The page's work, kept free of Gradio so that it can be tested without a browser."""
 
     def __init__(self, model="default", device=None, dtype=None, max_megapixels: float = MAX_MEGAPIXELS,
-                 work_dir: str | None = None):
-        from mfsr_fast.inference import load_model
-
-        self.model = load_model(model, device, dtype)
+                 work_dir: str | None = None, sampler: str | None = None):
+        self.pipe = cached_pipeline(model, device, dtype)
+        if sampler:
+            self.pipe = self.pipe.with_sampler(read_sampler_file(sampler, self.pipe.sampler))
         self.max_pixels = int(max_megapixels * 1e6)
         self.root = work_dir or tempfile.mkdtemp(prefix="mfsr-web-")
         os.makedirs(self.root, exist_ok=True)
@@ -101,8 +106,6 @@ class Upscaler:
                 pass
 
     def _check_size(self, path: str, name: str) -> None:
-        from PIL import Image
-
         try:
             with Image.open(path) as im:
                 w, h = im.size
@@ -112,22 +115,11 @@ class Upscaler:
             raise ImageError(f"{name}: {w}x{h} is larger than this page's limit of {self.max_pixels / 1e6:g} "
                              "megapixels (the server's --max-megapixels; the mfsr-upscale command line has none)")
 
-    @property
-    def has_base(self) -> bool:
-        """``inference.has_base`` of the page's model: whether its Detail slider is shown."""
-        from mfsr_fast.inference import has_base
-
-        return has_base(self.model)
-
-    def run(self, files, steps=1, scale=4.0, seed=0, color_fix="none", progress=None, detail=1.0, flat_detail=None):
+    def run(self, files, steps=1, scale=4.0, seed=0, color_fix="none", progress=None, detail=1.0):
         """Upscale each of ``files`` (paths); returns (results, failures as (name, reason), seconds).
-        ``progress(fraction, text)`` is called as tiles finish; ``detail`` and ``flat_detail`` as ``upscale``'s (None:
-        the model's own)."""
-        from mfsr_fast.cli import _out_path, upscale_file
-        from mfsr_fast.inference import _check_steps_scale, student_sampling_for
-
-        steps, scale = _check_steps_scale(int(steps), float(scale))  # the library's own check (ValueError)
-        student_sampling_for(self.model, detail=detail, flat_detail=flat_detail)  # likewise: ranges, R
+        ``progress(fraction, text)`` is called as tiles finish; ``detail`` as ``upscale``'s."""
+        steps, scale = check_steps_scale(int(steps), float(scale))  # the library's own checks (ValueError)
+        detail = self.pipe.check_detail(detail)
         seed = int(seed)
         if color_fix not in COLOR_FIX:
             raise ImageError(f"colour fix must be one of {', '.join(COLOR_FIX)}, got {color_fix!r}")
@@ -149,10 +141,10 @@ class Upscaler:
 
             try:
                 self._check_size(path, name)
-                out, _ = upscale_file(path, lambda bits, name=name, folder=folder: _out_path(
-                    name, folder, "_x4" if scale == 4 else f"_x{scale:g}", None, bits), self.model, scale=scale,
+                out, _ = upscale_file(path, lambda bits, name=name, folder=folder: output_path(
+                    name, folder, "_x4" if scale == 4 else f"_x{scale:g}", None, bits), self.pipe, scale=scale,
                     steps=steps, seed=seed, color_fix=None if color_fix == "none" else color_fix, progress=tiles,
-                    detail=detail, flat_detail=flat_detail)
+                    detail=detail)
                 before, after = _previews(path, out, folder)
                 results.append(Result(name, before, after, out))
             except (ImageError, ValueError, OSError) as e:
@@ -188,13 +180,9 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
                 seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                 fix = gr.Radio(list(COLOR_FIX), value="none", label="Colour fix (match colours to the input)",
                                elem_id="color-fix")
-                detail = gr.Slider(0, 1, value=1, step=0.05, elem_id="detail", visible=up.has_base,
+                detail = gr.Slider(0, 1, value=1, step=0.05, elem_id="detail", visible=up.pipe.has_base,
                                    label="Detail: the model's texture over Real-ESRGAN's output (lower: smoother "
                                    "skin)")
-                flat = gr.Slider(0, 1, value=up.model.cfg.flat_detail, step=0.05, elem_id="flat-detail",
-                                 visible=up.has_base and up.model.needs_restorer,
-                                 label="Flat-area detail: the same, only where Real-ESRGAN's output is flat (skies, "
-                                 f"walls; the model's own: {up.model.cfg.flat_detail:g}, 1: off)")
                 go = gr.Button("Upscale", variant="primary", elem_id="upscale")
             with gr.Column(scale=2):
                 status = gr.Markdown(elem_id="status")
@@ -202,13 +190,12 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
                 slider = gr.ImageSlider(label="Before / after", type="filepath", format="png", elem_id="compare")
                 downloads = gr.File(label="Download", file_count="multiple", interactive=False, elem_id="downloads")
 
-        def on_upscale(paths, steps, scale, seed, fix, detail, flat, progress=gr.Progress()):  # noqa: B008 (Gradio's)
+        def on_upscale(paths, steps, scale, seed, fix, detail, progress=gr.Progress()):  # noqa: B008 (Gradio's)
             if not paths:
                 raise gr.Error("Upload one or more images first.")
             try:
                 res, failed, seconds = up.run(paths, steps, scale, seed if seed is not None else 0, fix,
-                                              progress=lambda f, text: progress(f, desc=text), detail=detail,
-                                              flat_detail=flat)
+                                              progress=lambda f, text: progress(f, desc=text), detail=detail)
             except ValueError as e:  # settings the page's own controls should not allow (ImageError included)
                 raise gr.Error(str(e)) from None
             for name, why in failed:
@@ -224,7 +211,7 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
         def on_pick(k, pairs):
             return pairs[k] if k is not None and 0 <= k < len(pairs) else None
 
-        go.click(on_upscale, [files, steps, scale, seed, fix, detail, flat], [status, pick, slider, downloads, results],
+        go.click(on_upscale, [files, steps, scale, seed, fix, detail], [status, pick, slider, downloads, results],
                  concurrency_limit=1)
         pick.change(on_pick, [pick, results], slider)
     return page
@@ -232,13 +219,13 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
 
 def serve(model="default", device=None, dtype=None, host: str = "127.0.0.1", port: int = 7860,
           max_upload_mb: float = MAX_UPLOAD_MB, max_megapixels: float = MAX_MEGAPIXELS,
-          open_browser: bool = False) -> None:
-    """Load the model, then serve the page until interrupted."""
+          open_browser: bool = False, sampler: str | None = None) -> None:
+    """Load the pipeline, then serve the page until interrupted."""
     gr = _gradio()
-    up = Upscaler(model, device, dtype, max_megapixels=max_megapixels)
+    up = Upscaler(model, device, dtype, max_megapixels=max_megapixels, sampler=sampler)
     page = build(up, max_upload_mb)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"mfsr-upscale: serving on {host}: anyone who can reach this machine can use the page", file=sys.stderr)
+        print(f"mfsr-web: serving on {host}: anyone who can reach this machine can use the page", file=sys.stderr)
     page.queue(default_concurrency_limit=1)
     try:
         page.launch(server_name=host, server_port=port, max_file_size=f"{max_upload_mb:g}mb",
@@ -247,11 +234,37 @@ def serve(model="default", device=None, dtype=None, host: str = "127.0.0.1", por
         shutil.rmtree(up.root, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m mfsr_fast.app [options]``: the same as ``mfsr-upscale --serve [options]``."""
-    from mfsr_fast.cli import main as cli_main
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mfsr-web", description="A local web page for x4 real-world super-resolution "
+                                 "(the 'web' extra: pip install 'mfsr-fast[web]').")
+    ap.add_argument("--model", default="default", help="'default' or a model / training run folder")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    ap.add_argument("--sampler", default=None, metavar="FILE.json",
+                    help="the model's sampler with the fields this JSON file gives replaced (docs/usage.md)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    ap.add_argument("--port", type=int, default=7860, help="(default %(default)s)")
+    ap.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                    help="largest upload in MB (default %(default)g)")
+    ap.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS,
+                    help="largest input the page accepts, in megapixels (default %(default)g)")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return ap
 
-    return cli_main(["--serve", *(sys.argv[1:] if argv is None else argv)])
+
+def main(argv: list[str] | None = None) -> int:
+    """``mfsr-web [options]``: serve the page until interrupted; 2 for a usage error."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not 0 < args.port < 65536 or args.max_upload_mb <= 0 or args.max_megapixels <= 0:
+        ap.error("--port must be in 1..65535, --max-upload-mb and --max-megapixels positive")
+    try:
+        serve(args.model, args.device, args.dtype, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+              max_megapixels=args.max_megapixels, sampler=args.sampler)
+    except (ImageError, ValueError) as e:
+        print(f"mfsr-web: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,13 +20,16 @@ import math
 import os
 
 import numpy as np
+import torch
+from scipy.ndimage import convolve
+from scipy.special import gamma
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from mfsr_fast.pipeline.texture import TEXTURE_SIGMA, Y_WEIGHTS, local_texture
 
 NIQE_HELP = ("NIQE needs the pristine-model parameters of the original MATLAB release (mu_pris_param, "
              "cov_pris_param, gaussian_window) as an .npz file; they are not part of this package. BasicSR "
              "redistributes them as niqe_pris_params.npz (Apache-2.0); pass its path with --niqe-params.")
-
-
-Y_WEIGHTS = (65.481, 128.553, 24.966)  # MATLAB rgb2ycbcr's luma row, for RGB in [0, 1]
 
 
 def rgb_to_y(img: np.ndarray) -> np.ndarray:
@@ -35,19 +38,12 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     return 16.0 + sum(w * img[..., c] for c, w in enumerate(Y_WEIGHTS)) / 255.0
 
 
-def luma(rgb):
-    """``rgb_to_y`` for a (B, 3, H, W) tensor in [0, 1] -> (B, 1, H, W) in [16, 235], in the tensor's dtype."""
-    return 16.0 + sum(w * rgb[:, c:c + 1] for c, w in enumerate(Y_WEIGHTS))
-
-
 def crop_border(img: np.ndarray, border: int) -> np.ndarray:
     return img[border:-border, border:-border] if border > 0 else img
 
 
 def psnr(a: np.ndarray, b: np.ndarray, border: int = 4, y: bool = False) -> float:
     """PSNR of two uint8 RGB images (H, W, 3), after cropping ``border`` pixels; on Y when ``y``."""
-    from skimage.metrics import peak_signal_noise_ratio
-
     a, b = crop_border(a, border).astype(np.float64), crop_border(b, border).astype(np.float64)
     if y:
         a, b = rgb_to_y(a), rgb_to_y(b)
@@ -57,8 +53,6 @@ def psnr(a: np.ndarray, b: np.ndarray, border: int = 4, y: bool = False) -> floa
 
 
 def ssim(a: np.ndarray, b: np.ndarray, border: int = 4, y: bool = False) -> float:
-    from skimage.metrics import structural_similarity
-
     a, b = crop_border(a, border).astype(np.float64), crop_border(b, border).astype(np.float64)
     kw = dict(data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     if y:
@@ -68,39 +62,11 @@ def ssim(a: np.ndarray, b: np.ndarray, border: int = 4, y: bool = False) -> floa
 
 # Texture against the photo.
 
-TEXTURE_SIGMA = 1.5  # px: the high-pass is the image minus its Gaussian blur of this sigma
-TEXTURE_WINDOW = 17  # px: the side of the neighbourhood the high-frequency energy is averaged over
-
-
-def _gaussian_blur(x, sigma: float):
-    import torch
-    import torch.nn.functional as F
-
-    k = 2 * int(3 * sigma) + 1
-    g = torch.exp(-(torch.arange(k, dtype=x.dtype, device=x.device) - k // 2) ** 2 / (2 * sigma * sigma))
-    g = g / g.sum()
-    C = x.shape[1]
-    x = F.pad(x, (k // 2,) * 4, mode="reflect")
-    x = F.conv2d(x, g.view(1, 1, 1, k).expand(C, 1, 1, k).contiguous(), groups=C)
-    return F.conv2d(x, g.view(1, 1, k, 1).expand(C, 1, k, 1).contiguous(), groups=C)
-
-
-def local_texture(img, window: int = TEXTURE_WINDOW):
-    """(B, C, H, W) float tensor -> (B, 1, H, W): the high-frequency energy (the image minus its Gaussian blur of
-    TEXTURE_SIGMA px, squared, mean over channels) averaged over a window x window neighbourhood (shrunk at the
-    borders). Images at least 3 sigma + 1 pixels on a side."""
-    import torch.nn.functional as F
-
-    hf = (img - _gaussian_blur(img, TEXTURE_SIGMA)).pow(2).mean(1, keepdim=True)
-    return F.avg_pool2d(hf, window, 1, window // 2, count_include_pad=False)
-
 
 def texture_ratios(sr: np.ndarray, hr: np.ndarray, border: int = 0, quarter: float = 0.25) -> tuple[float, float]:
     """(flat, busy) of two uint8 RGB images of one size: RMS ``local_texture`` of ``sr``'s Y over ``hr``'s, on the
     ``quarter`` of pixels where ``hr``'s is lowest and on the quarter where it is highest. 1: the photo's texture;
     flat > 1: texture the photo does not have where it is flat; busy < 1: detail lost where it is busy."""
-    import torch
-
     if sr.shape != hr.shape:
         raise ValueError(f"texture_ratios: images of different shapes, {sr.shape} and {hr.shape}")
     y = [torch.from_numpy(rgb_to_y(crop_border(a, border)))[None, None] for a in (sr, hr)]
@@ -169,15 +135,11 @@ _GAM = np.arange(0.2, 10.001, 0.001)
 @functools.lru_cache(maxsize=1)
 def _r_gam() -> np.ndarray:
     """rho(gamma) = Gamma(2/g)^2 / (Gamma(1/g) Gamma(3/g)) over the search grid: computed once."""
-    from scipy.special import gamma
-
     return gamma(2 / _GAM) ** 2 / (gamma(1 / _GAM) * gamma(3 / _GAM))
 
 
 def _aggd(x: np.ndarray) -> tuple[float, float, float]:
     """Asymmetric generalised Gaussian fit by moment matching: (alpha, beta_left, beta_right)."""
-    from scipy.special import gamma
-
     x = x.ravel()
     r_gam = _r_gam()
     left = math.sqrt(np.mean(x[x < 0] ** 2)) if np.any(x < 0) else 0.0
@@ -191,8 +153,6 @@ def _aggd(x: np.ndarray) -> tuple[float, float, float]:
 
 
 def _block_features(block: np.ndarray) -> list[float]:
-    from scipy.special import gamma
-
     alpha, bl, br = _aggd(block)
     feats = [alpha, (bl + br) / 2]
     for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):
@@ -204,8 +164,6 @@ def _block_features(block: np.ndarray) -> list[float]:
 
 def niqe(img: np.ndarray, params: dict, block: int = 96) -> float:
     """NIQE of a 2-D image in [0, 255] (for RGB input pass ``niqe_rgb``). Lower is more natural."""
-    from scipy.ndimage import convolve
-
     img = img.astype(np.float64)
     h, w = img.shape
     nh, nw = h // block, w // block

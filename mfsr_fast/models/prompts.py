@@ -6,7 +6,7 @@ A prompt file is one safetensors file with, for each named prompt in PROMPT_NAME
 DiT4SR's guidance pushes away from; ``null`` (the dropped prompt) defaults to zeros, as SD3 drops text encodings.
 The prompt texts, when known, travel in the file's metadata.
 
-Converter from ``.pt`` / ``.pth`` files: ``python -m mfsr_fast.prompts --positive pos.pt --negative neg.pt
+Converter from ``.pt`` / ``.pth`` files: ``python -m mfsr_fast.models.prompts --positive pos.pt --negative neg.pt
 --out prompts.safetensors``. Each source is read with ``torch.load(weights_only=True)``, which refuses pickled code,
 and may hold a tensor (then give the pooled one with ``--positive-pooled``), a (prompt_embeds, pooled) pair, or a
 dict with ``prompt_embeds`` and ``pooled_prompt_embeds`` (``negative_*`` keys are taken for ``--negative`` from the
@@ -24,8 +24,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mfsr_fast.integrity import apply_umask
-from mfsr_fast.model import PROMPT_NAMES
+from mfsr_fast.io.integrity import apply_umask
+from mfsr_fast.models.transformer import PROMPT_NAMES
 
 Prompts = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -85,7 +85,7 @@ def load_prompts(path: str) -> Prompts:
     """{name: (context (L, D), pooled (P,) or None)} for every prompt in PROMPT_NAMES; ``null`` is zeros when the
     file does not hold it."""
     if not os.path.isfile(path):
-        raise ValueError(f"prompt file {path!r}: not found (make one with `python -m mfsr_fast.prompts`)")
+        raise ValueError(f"prompt file {path!r}: not found (make one with `python -m mfsr_fast.models.prompts`)")
     try:
         with safe_open(path, "pt") as f:
             data = {k: f.get_tensor(k) for k in f.keys()}

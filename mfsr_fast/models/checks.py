@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from mfsr_fast.meanflow import JUMPS, REFINE_SIDES, check_share
-
 
 def check_inputs(model, z, lr, t, r, context, pooled):
     """Clear ValueErrors for a caller's mistakes in ``model(z, lr, t, r, context, pooled)``, before anything deep can
@@ -69,6 +67,7 @@ def check_inputs(model, z, lr, t, r, context, pooled):
             raise ValueError(f"pooled ({pooled.dtype}, {pooled.device}) must match z ({z.dtype}, {z.device})")
     return t, r
 
+
 def check_time(t, name: str, B: int, z: torch.Tensor) -> torch.Tensor:
     if isinstance(t, (int, float)):
         t = torch.full((B,), float(t), device=z.device, dtype=torch.promote_types(z.dtype, torch.float32))
@@ -114,17 +113,6 @@ def check_config(cfg) -> None:
                          "('x_lr' already adds the base)")
     if cfg.conv_head < 0:
         raise ValueError(f"conv_head must be >= 0, got {cfg.conv_head}")
-    if not 0.0 <= cfg.refine_t < 1.0:
-        raise ValueError(f"refine_t must be in [0, 1), got {cfg.refine_t}")
-    if cfg.jump not in JUMPS:
-        raise ValueError(f"jump must be one of {JUMPS}, got {cfg.jump!r}")
-    if cfg.refine_side not in REFINE_SIDES:
-        raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {cfg.refine_side!r}")
-    check_share("flat_detail", cfg.flat_detail)
-    if cfg.flat_detail != 1 and not (cfg.lr_source != "bicubic" and cfg.residual_scale > 0):
-        raise ValueError(f"flat_detail {cfg.flat_detail} scales what a model adds to Real-ESRGAN's output where that "
-                         "is flat: it needs a restorer-conditioned residual model (lr_source 'restorer' or 'both', "
-                         "residual_scale > 0); use 1")
     if cfg.codec not in ("sd3-vae", "pixel4"):
         raise ValueError(f"codec must be 'sd3-vae' or 'pixel4', got {cfg.codec!r}")
     if cfg.learned_prompts > 0 and cfg.context_dim <= 0:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -107,6 +106,19 @@ def adaptive_loss(pred: torch.Tensor, target: torch.Tensor, *, p: float = 1.0, c
 
 
 REFINE_SIDES = ("below", "above")
+JUMPS = ("average", "endpoint")
+
+
+def check_refine_t(refine_t) -> None:
+    """ValueError unless ``refine_t`` is a real number in [0, 1) (not a bool): the one rule for every grid."""
+    if isinstance(refine_t, bool) or not isinstance(refine_t, numbers.Real) or not 0.0 <= refine_t < 1.0:
+        raise ValueError(f"refine_t must be in [0, 1), got {refine_t!r}")
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    """ValueError unless ``value`` is one of ``choices`` (``jump``, ``refine_side``)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def time_grid(steps: int, *, refine_t: float = 0.0, refine_side: str = "below", device=None,
@@ -118,10 +130,8 @@ def time_grid(steps: int, *, refine_t: float = 0.0, refine_side: str = "below", 
     For N = 1 both are [1, 0], for N = 2 both [1, refine_t, 0]."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0.0 <= refine_t < 1.0:
-        raise ValueError(f"refine_t must be in [0, 1), got {refine_t}")
-    if refine_side not in REFINE_SIDES:
-        raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {refine_side!r}")
+    check_refine_t(refine_t)
+    check_choice("refine_side", refine_side, REFINE_SIDES)
     if refine_t == 0.0 or steps == 1:
         return torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=dtype)
     if refine_side == "above":
@@ -129,71 +139,6 @@ def time_grid(steps: int, *, refine_t: float = 0.0, refine_side: str = "below", 
         return torch.cat([head, torch.zeros(1, device=device, dtype=dtype)])
     tail = torch.linspace(refine_t, 0.0, steps, device=device, dtype=dtype)
     return torch.cat([torch.ones(1, device=device, dtype=dtype), tail])
-
-
-JUMPS = ("average", "endpoint")
-
-
-def check_share(name: str, value) -> None:
-    """ValueError unless ``value`` is a real number in [0, 1] (not a bool): ``detail`` and ``flat_detail``, wherever
-    they are set (``StudentSampling``, ``guidance.TeacherSampling``, ``MFSRConfig``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-# RMS local texture of R(LR)'s Y (0-255 levels; metrics.local_texture, 17 px windows) at or below which
-# ``flat_detail`` applies in full, and at or above which not at all. Picked from two pairs of thresholds on DRealSR's
-# first 46 pairs, checked on the other 47 (benchmarks/RESULTS.md, twentieth session).
-FLAT_TEXTURE = (1.5, 4.0)
-
-
-def flat_weight(restored: torch.Tensor, flat_detail: float) -> torch.Tensor:
-    """(B, 3, H, W) R(LR) in [0, 1] -> (B, 1, H, W): the share of a model's texture over it that ``flat_detail`` keeps,
-    ``flat_detail`` where R's RMS local texture (Y, 0-255 levels) is at most FLAT_TEXTURE[0], rising linearly to 1 at
-    FLAT_TEXTURE[1]."""
-    from mfsr_fast.metrics import local_texture, luma
-
-    lo, hi = FLAT_TEXTURE
-    s = ((local_texture(luma(restored.float())).sqrt() - lo) / (hi - lo)).clamp(0, 1)
-    return flat_detail + (1 - flat_detail) * s
-
-
-@dataclass(frozen=True)
-class StudentSampling:
-    """How a student takes its N steps: the grid (``time_grid``'s ``refine_t`` and ``refine_side``) and the kind of
-    jump (``sample``'s ``jump``). A model's own comes from its config (``MFSRConfig.refine_t``, ``.refine_side`` and
-    ``.jump``, ``of``); evaluation can try others without exporting a model.
-    ``detail`` (not stored in a config; 1 for every model) scales what a residual model adds to its base, R(LR) for a
-    restorer-conditioned one: the output is base + detail (model's output - base), decoded (``inference``). 1 is the
-    model's own output, 0 its base alone, 0.5 half of its texture (on smooth skin, say).
-    ``flat_detail`` (1: off; a model's own is ``MFSRConfig.flat_detail``, in ``of``) does so only where the base is
-    flat, for a restorer-conditioned model: the share kept goes from ``flat_detail`` where R(LR)'s local texture is at
-    most ``FLAT_TEXTURE[0]`` to all of it at ``FLAT_TEXTURE[1]`` and above (``flat_weight``), so texture stays where R
-    sees detail and mottle on skies and walls goes (a small face's shading is above the thresholds: ``detail`` is for
-    faces)."""
-
-    refine_t: float = 0.0
-    jump: str = "average"
-    refine_side: str = "below"
-    detail: float = 1.0
-    flat_detail: float = 1.0
-
-    def __post_init__(self):
-        if not 0.0 <= self.refine_t < 1.0:
-            raise ValueError(f"refine_t must be in [0, 1), got {self.refine_t}")
-        if self.jump not in JUMPS:
-            raise ValueError(f"jump must be one of {JUMPS}, got {self.jump!r}")
-        if self.refine_side not in REFINE_SIDES:
-            raise ValueError(f"refine_side must be one of {REFINE_SIDES}, got {self.refine_side!r}")
-        check_share("detail", self.detail)
-        check_share("flat_detail", self.flat_detail)
-
-    @classmethod
-    def of(cls, cfg) -> StudentSampling:
-        return cls(refine_t=cfg.refine_t, jump=cfg.jump, refine_side=cfg.refine_side, flat_detail=cfg.flat_detail)
-
-    def grid(self, steps: int, device=None) -> torch.Tensor:
-        return time_grid(steps, refine_t=self.refine_t, refine_side=self.refine_side, device=device)
 
 
 @torch.no_grad()
@@ -209,8 +154,7 @@ def sample(fn: UFn, noise: torch.Tensor, *, steps: int = 1, timesteps: Sequence[
     one step x = e - u(e, 0, 1); they differ from 2 steps on, where the jumps that stop at r > 0 ask different
     questions of the student (benchmarks/RESULTS.md: jumps that stop at a large r come out smoother).
     """
-    if jump not in JUMPS:
-        raise ValueError(f"jump must be one of {JUMPS}, got {jump!r}")
+    check_choice("jump", jump, JUMPS)
     grid = time_grid(steps, device=noise.device) if timesteps is None else torch.as_tensor(
         timesteps, dtype=torch.float32, device=noise.device)
     if grid.dim() != 1 or grid.numel() < 2 or not bool((grid[1:] < grid[:-1]).all()):

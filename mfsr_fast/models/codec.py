@@ -21,6 +21,9 @@ import os
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+PIXEL_FACTOR = 4  # the pixel codec's unshuffle factor (the "pixel4" codec of a model's config)
 
 
 class PixelCodec:
@@ -66,8 +69,6 @@ class VAECodec:
     def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device=None, tile: int | None = None,
                         overlap: float = 0.25) -> VAECodec:
         """Load a diffusers AutoencoderKL folder (config.json + weights), or a pipeline folder with a ``vae/``."""
-        from diffusers import AutoencoderKL
-
         path = os.fspath(path)
         if os.path.isdir(os.path.join(path, "vae")) and not os.path.isfile(os.path.join(path, "config.json")):
             path = os.path.join(path, "vae")
@@ -135,3 +136,17 @@ class VAECodec:
         lat = (z.float() / self.scale + self.shift).to(self.dtype)
         img = self.vae.decode(lat).sample  # (B, 3, H, W) in about [-1, 1]
         return ((img.float() + 1) / 2).clamp(0, 1).to(z.dtype)
+
+
+def make_codec(cfg, vae: str | None = None, *, dtype: torch.dtype = torch.float32, device=None):
+    """The codec a model's config (``MFSRConfig``) names: the pixel codec, or the SD3 VAE read from the folder ``vae``
+    (its latent channels checked against the model's)."""
+    if cfg.codec == "pixel4":
+        return PixelCodec(PIXEL_FACTOR)
+    if not vae:
+        raise ValueError(f"this model uses the {cfg.codec!r} codec and no VAE folder was given (a model folder's "
+                         "vae/, or the VAE it was trained with)")
+    codec = VAECodec.from_pretrained(vae, dtype=dtype, device=device)
+    if codec.latent_channels != cfg.in_channels:
+        raise ValueError(f"the VAE in {vae} has {codec.latent_channels} latent channels, the model {cfg.in_channels}")
+    return codec

@@ -11,12 +11,14 @@ import io
 import os
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import png
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from mfsr_fast.integrity import apply_umask
+from mfsr_fast.io.integrity import apply_umask
 
 # Largest input accepted, in pixels (the output is 16x that at x4). Pillow's own bomb check uses its default limit.
 MAX_INPUT_PIXELS = 64_000_000
@@ -51,8 +53,6 @@ def _png_bit_depth(path: str) -> int | None:
 
 
 def _read_png16(path: str) -> np.ndarray:
-    import png
-
     w, h, rows, info = png.Reader(filename=path).asDirect()
     planes = info["planes"]
     arr = np.vstack([np.asarray(r, dtype=np.uint16) for r in rows]).reshape(h, w, planes)
@@ -228,8 +228,6 @@ def _encode(arr: np.ndarray, meta: ImageMeta, ext: str) -> bytes:
     ext = ext.lower().lstrip(".")
     buf = io.BytesIO()
     if meta.bits == 16 and ext == "png":
-        import png
-
         a = to_uint16(arr)
         h, w, c = a.shape
         writer = png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16)
@@ -257,10 +255,6 @@ def _encode(arr: np.ndarray, meta: ImageMeta, ext: str) -> bytes:
 def _png_add_metadata(data: bytes, meta: ImageMeta) -> bytes:
     """Insert the ICC profile (iCCP) and EXIF (eXIf) chunks after IHDR of a PNG pypng wrote (pypng writes neither);
     the chunk layouts are those of the PNG specification, as Pillow writes them for 8-bit files."""
-    import zlib
-
-    import png
-
     extra = []
     if meta.icc_profile:
         extra.append((b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(meta.icc_profile)))
