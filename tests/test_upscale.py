@@ -277,7 +277,10 @@ def test_demo_writes_outputs_comparisons_and_times(tmp_path):
     pipe = cached_pipeline("default")
     alt = demo.other_flat_detail(pipe)  # the default is restorer-conditioned: the other flat_detail than its own
     assert alt is not None and alt != pipe.sampler.flat_detail
-    assert demo.main(["--output", str(tmp_path), "--photos", "chelsea", "--side", "128"]) == 0
+    assert demo.main(["--output", str(tmp_path), "--photos", "chelsea", "--side", "128", "--figure",
+                      str(tmp_path / "figure.png")]) == 0
+    with Image.open(tmp_path / "figure.png") as im:  # LR | Real-ESRGAN | MFSR 1 step | original
+        assert im.size == (4 * 128, 128)
     for name in ("chelsea_lr.png", "chelsea_bicubic.png", "chelsea_realesrgan.png", "chelsea_mfsr_1step.png",
                  f"chelsea_mfsr_1step_flat{alt:g}.png", "chelsea_mfsr_4step.png", "chelsea_comparison.png", "times.md"):
         assert (tmp_path / name).exists(), name

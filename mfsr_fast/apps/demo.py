@@ -58,6 +58,16 @@ def _label(im: Image.Image, text: str) -> Image.Image:
     return im
 
 
+def _save_figure(rows: list[list[Image.Image]], path: str) -> None:
+    """Panels in a grid: a row per photo."""
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows)))
+    for i, panels in enumerate(rows):
+        for j, p in enumerate(panels):
+            grid.paste(p, (j * w, i * h))
+    grid.save(path, optimize=True)
+
+
 def _alt_label(alt: float | None) -> str:
     return f"MFSR 1 step, flat_detail {alt:g}" if alt is not None else "-"
 
@@ -82,8 +92,9 @@ def _methods(pipe: MFSRPipeline, realesrgan, alt: float | None) -> dict:
     return methods
 
 
-def _photo_row(name: str, args, methods: dict, alt: float | None) -> tuple:
-    """One photo through every method: its files, its comparison, its row of times."""
+def _photo_row(name: str, args, methods: dict, alt: float | None, figure: list) -> tuple:
+    """One photo through every method: its files, its comparison, its row of times; its panels for ``--figure``
+    appended to ``figure``."""
     alt_label = _alt_label(alt)
     hr = Image.fromarray(_photo(name, args.side))
     lr = hr.resize((hr.width // 4, hr.height // 4), Image.BOX)
@@ -103,6 +114,8 @@ def _photo_row(name: str, args, methods: dict, alt: float | None) -> tuple:
     if "flat" in outs:
         panels.insert(4, outs["flat"])
         names.insert(4, alt_label)
+    figure.append([_label(p.convert("RGB").copy(), n) for p, n in zip(panels, names)
+                   if n in ("LR (nearest)", "Real-ESRGAN x4plus", "MFSR 1 step", "original")])
     side = Image.new("RGB", (hr.width * len(panels), hr.height))
     for i, (p, n) in enumerate(zip(panels, names)):
         side.paste(_label(p.convert("RGB").copy(), n), (i * hr.width, 0))
@@ -120,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--side", type=int, default=384, help="HR crop side in pixels (LR is side / 4)")
     ap.add_argument("--photos", nargs="*", default=list(PHOTOS))
     ap.add_argument("--device", default=None)
+    ap.add_argument("--figure", default=None, metavar="PNG", help="also write LR | Real-ESRGAN | MFSR 1 step | "
+                    "original, a row per photo, to this file (the README's picture)")
     args = ap.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
     try:
@@ -135,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     alt = other_flat_detail(pipe)
     alt_label = _alt_label(alt)
     methods = _methods(pipe, realesrgan, alt)
-    rows = [_photo_row(name, args, methods, alt) for name in args.photos]
+    figure: list = []
+    rows = [_photo_row(name, args, methods, alt, figure) for name in args.photos]
+    if args.figure:
+        _save_figure(figure, args.figure)
     with open(os.path.join(args.output, "times.md"), "w") as f:
         f.write(f"| photo | LR size | Real-ESRGAN (s) | MFSR 1 step (s) | {alt_label} (s) | "
                 "MFSR 4 steps (s) |\n| --- | --- | --- | --- | --- | --- |\n")
