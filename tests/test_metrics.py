@@ -7,9 +7,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mfsr_fast.evaluation import metrics
+from mfsr_fast.pipeline.texture import local_texture
 from mfsr_fast.sampling.config import TeacherSampling
 
 
@@ -179,3 +181,14 @@ def test_evaluate_a_dit4sr_teacher_with_prompts_and_vae(tmp_path):
         evaluate.main([*args, "--vae", vae])
     with pytest.raises(SystemExit, match="pass --vae"):
         evaluate.main([*args, "--prompts", prompts])
+
+
+def test_local_texture_sees_fine_detail_not_flat_or_smooth_areas():
+    flat = torch.full((1, 3, 32, 32), 0.4)
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32)  # smooth: no fine detail
+    y, x = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    busy = (0.5 + 0.1 * ((x + y) % 2 * 2 - 1).float()).expand(1, 3, 32, 32)  # a one-pixel checkerboard
+    assert local_texture(flat, 5).abs().max() < 1e-12
+    assert local_texture(ramp, 5)[..., 8:24, 8:24].max() < 1e-6
+    assert local_texture(busy, 5)[..., 8:24, 8:24].min() > 1e-3
+    assert local_texture(busy, 5).shape == (1, 1, 32, 32)
