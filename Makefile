@@ -39,17 +39,13 @@ lint: $(STAMP)
 demo: setup
 	$(PY) -m mfsr_fast.apps.demo
 
-# Regenerates the embedded default (mfsr_fast/weights/default) from ../shared/data/train, about 2 h 30 min on 2 CPU
-# cores (the sum of its pieces' measured times; not run end to end): a pool of degraded crops with Real-ESRGAN's
-# outputs (R runs once per crop), the teacher, a first student (the previous default's recipe: the anchor of the blend
-# below), the teacher's 40-step guided samples on 1024 pool crops, then a student distilled onto 0.75 x those
-# samples + 0.25 x the anchor's one step, that regression weighted 10, 600 steps, and fine-tuned 300 steps onto
-# 0.8 x the samples + 0.2 x the teacher's own one Euler step. Exported without the restorer's weights (found by name
-# where the set-up installs them), with the multi-step sampler measured for it: endpoint jumps on a grid whose steps
-# 2..N re-estimate the image from t = 1 down to 0.8 (refine_side above), since jumps from small t smooth this
-# student's texture away, and flat_detail 0.25: a quarter of its texture over R(LR) kept where R(LR) is flat, so that
-# skies and walls lose the teacher's mottle (benchmarks/RESULTS.md). The shipped default's first anchor was the
-# previous embedded default itself (info.json: init.student_run); this recipe trains its own, from the same commands.
+# Regenerates the embedded default (mfsr_fast/weights/default) from ../shared/data/train (docs/training.md; what each
+# stage costs: docs/results/training-cost.md): a pool of degraded crops with Real-ESRGAN's outputs, the teacher, a first
+# student (the anchor of the blend below), the teacher's 40-step guided samples on 1024 pool crops, a student
+# distilled onto 0.75 x those samples + 0.25 x the anchor's one step (that regression weighted 10, 600 steps), and the
+# default: that student fine-tuned 300 steps onto 0.8 x the samples + 0.2 x the teacher's own one Euler step, exported
+# with its sampler (endpoint jumps re-estimating the image from t = 1 down to 0.8; flat_detail 0.25) and without the
+# restorer's weights, which it finds by name where the set-up installs them (docs/results/how-the-default-was-made.md).
 TRAIN_DATA ?= ../shared/data/train
 train-default: setup
 	$(PY) -m training.pool --data $(TRAIN_DATA) --out runs/default-pool --count 2048 --crop 128 --degradation mild

@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Issue 6's teacher-relative targets on one GPU (485 s on an H200 with 64 px crops; every stage has a time limit):
-# does a tiny teacher trained longer than the CPU recipe (that run: 2062 steps against 600) gain from sampling steps,
-# and does its MeanFlow student then sit near the teacher's 40 guided steps?
+# The `tiny` teacher and its students on one GPU (about 8 minutes; every stage has a time limit): does a tiny teacher
+# trained longer than the CPU recipe gain from sampling steps, and does its MeanFlow student then sit near the
+# teacher's 40 guided steps?
 #   1. teacher: the `tiny` recipe (EMA 0.999) for TEACHER_MIN minutes of training wall time on CUDA, on CROP px HR
 #      crops (default 128: the 32 px LR tiles upscale() runs; the CPU recipe's 64 px crops have a quarter of the
-#      tokens, and that token count, not the positions, makes its many-step samples drift on tiles: RESULTS.md),
-#      degrading the training crops on the GPU (DEGRADE_ON; the first run, with the degradation in 14 loader
-#      processes, was bound by them at 333 images/s);
+#      tokens, and that token count, not the positions, makes its many-step samples drift on tiles), degrading the
+#      training crops on the GPU (DEGRADE_ON);
 #   2. python -m training.diagnose: its clean-image estimate against t, its Euler samples against steps;
 #   3. two students side by side (guidance 1.0 and G2) for STUDENT_MIN minutes each; both exported, the teacher too;
 #   4. python -m mfsr_fast.evaluation on the first EVAL_PAIRS DRealSR pairs: bicubic, teacher 1 / 40 / 40 x CFG G2

@@ -1,32 +1,27 @@
 #!/usr/bin/env bash
-# Issue 16 on one GPU, in one call of about 8 minutes: the restorer-conditioned chain of the embedded default
-# (`make train-default`), trained several times longer than the CPU recipe, with the texture students of
-# benchmarks/RESULTS.md (ninth and tenth sessions) beside each other. Stages, each with a time limit:
+# The embedded default's restorer-conditioned chain (`make train-default`) on one GPU, in one call of about 8
+# minutes, trained several times longer than the CPU recipe, with three students side by side. Stages, each with a
+# time limit:
 #   0. benchmarks/gpu_pipeline.py: each part of a teacher step timed on its own (CPU batch, restorer, optimizer step),
-#      so that the log says what bounds the steps per second (the first run on a GPU did not; see below);
+#      so that the log says what bounds the steps per second;
 #   1. the `tiny-r` teacher for TEACHER_MIN minutes of training on CUDA: fresh degraded 128 px crops of DATA every
-#      step, degraded and restored (Real-ESRGAN x4plus) on the GPU; at the same time a pool of POOL crops
-#      (training.pool, R on the GPU) for the next stage;
-#   2. the teacher's 40-step samples on the pool (training.trajectories --device cuda; the sampler that meets issue
-#      16's teacher targets, evaluate's teacher:40:cfg1.25:refine0.5:above0.5);
+#      step, degraded in NW (12) data-loading processes and restored (Real-ESRGAN x4plus) on the GPU; at the same
+#      time a pool of POOL crops (training.pool, R on the GPU) for the next stage;
+#   2. the teacher's 40-step samples on the pool (training.trajectories --device cuda; the evaluation's
+#      teacher:40:cfg1.25:refine0.5:above0.5);
 #   3. three students side by side for STUDENT_MIN minutes each, all regressing onto the teacher's samples blended
 #      with that teacher's own one Euler step (--trajectory-anchor teacher --trajectory-mix MIX, default 0.8: the
-#      embedded default's last stage since 2026-12-04, eighteenth session), that regression
-#      weighted TRAJ_WEIGHT (default 10; on the CPU, fifteenth session, 10 brought the one step 2.6 dB closer to its
-#      target than weight 1 at equal steps, 3 brought it 2.2 dB closer, 30 1.9 dB: RESULTS.md):
-#      "line": --trajectory-refine 0.25 --trajectory-line 0.25 on the default's grid (refine_t 0.06, average jumps);
+#      embedded default's last stage), that regression weighted TRAJ_WEIGHT (default 10):
+#      "line": --trajectory-refine 0.25 --trajectory-line 0.25;
 #      "endpoint": --trajectory-line 0.5 with endpoint jumps on a grid from 0.25 (--jump endpoint --refine-t 0.25);
-#      "p05": "line" with MeanFlow's adaptive loss weighted by 1 / (L + c)^LOSS_P (default 0.5; 1 is the others'):
-#      on the CPU 0.8 dB closer to its blended target than "line" at equal steps with a weak teacher (thirteenth
-#      session, RESULTS.md), 0.28 dB with the default's own (fourteenth: too little to move SSIM-Y there).
+#      "p05": "line" with MeanFlow's adaptive loss weighted by 1 / (L + c)^LOSS_P (default 0.5; 1 is the others').
 #      The folder is named p05 whatever LOSS_P is; LOSS_P=1 leaves it out;
-#      "grown" (GROW=4, off by default): "line" with GROW more blocks than the teacher (--grow-layers; 8 blocks, 5.8 M
-#      parameters), which on the CPU ended 0.5 dB farther from its target than "line" at equal steps. Its 22 MB tar
+#      "grown" (GROW=4, off by default): "line" with GROW more blocks than the teacher (--grow-layers). Its 22 MB tar
 #      and p05's together pass the 64 MiB a call brings back: with GROW=4, set LOSS_P=1;
-#   4. export of the teacher and the students (without the restorer's weights, which the set-up installs); "line",
-#      "p05" and "grown" with the embedded default's sampler stored (--refine-t 0.8 --refine-side above --jump
-#      endpoint, as `make train-default` exports it), so that model-line can replace mfsr_fast/weights/default as it
-#      is; "endpoint" keeps the grid it trained with.
+#   4. export of the teacher and the students side by side (90 s each; without the restorer's weights, which the
+#      set-up installs); "line", "p05" and "grown" with the embedded default's sampler (--refine-t 0.8 --refine-side
+#      above --jump endpoint, as `make train-default` exports it), so that model-line can replace
+#      mfsr_fast/weights/default as it is; "endpoint" keeps the grid it trained with.
 # Evaluation runs afterwards on the CPU machine, where all 93 DRealSR pairs and Real-ESRGAN's row are (the HR images
 # do not fit beside the restorer in a call's 64 MiB): untar the model folders into runs/ and run all of them in one
 # table (one R(LR) per image for every row), for example
@@ -34,29 +29,16 @@
 #     --student endpoint=runs/model-endpoint --student p05=runs/model-p05 \
 #     --methods realesrgan,student:1,student:4,endpoint:1,endpoint:2,p05:1,p05:4 \
 #     --niqe-params ../shared/data/metrics/niqe_pris_params.npz --per-image runs/gpu.csv
-# (and --teacher runs/model-teacher with teacher:40:cfg1.25:refine0.5:above0.5 on a few pairs: 50 s an image here).
-# Steps 2-4 of line, p05 and grown are taken as the embedded default takes them since 2026-12-04 (endpoint jumps, grid
-# from 1 down to 0.8, stored by their export); evaluate's student:N:refineT:endpoint[:above] tries other grids. The
-# students here train for STUDENT_MIN minutes each, not the default's 600 CPU steps.
+# (and --teacher runs/model-teacher with teacher:40:cfg1.25:refine0.5:above0.5 on a few pairs).
 # Prepare the call with benchmarks/gpu_restorer_prep.sh (wheels, a share of the training images in .gpudata/, the
-# device tool's carry list). DATA defaults to .gpudata/train (9 MB: about 110 of the 571 training images, all four
-# sources; fresh crops and degradations every step), else ../shared/data/train. Smoke-tested on the CPU with small
-# settings (PYTHON=.venv/bin/python DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2: 121 s on
-# 2026-12-04, eighteenth session: anchor teacher, mix 0.8, line exported with refine_t 0.8; under the GPU machine's
-# Python, torch and Triton versions in an earlier session: benchmarks/device_env.sh smoke).
-# First run on a GPU (2026-12-04, twentieth session, NVIDIA H200, commit 3f5fa50, 464 s; benchmarks/RESULTS.md): every
-# stage exited 0 but trained far too little. Degrading on the device (one sample at a time), the teacher made 74 steps
-# of batch 64 in 3 min (0.41 steps/s) and the students 18-20 steps in 1.5 min; the four exports ran into their 20 s
-# limits (cold imports; only the last one's folder was whole). A second call, the teacher alone with 12 data-loading
-# processes degrading on the CPU, made 241 steps in 3 min (1.39 steps/s, 89 images/s; 15 k crops against the CPU
-# teacher's 32 k: worse on DRealSR). Since then the crops are degraded in NW (12) data-loading processes
-# (--degrade-on workers), the exports run side by side with 90 s each, and stage 0 times the parts of a step: the
-# first steps, with batches already waiting, still took about 0.6 s each, so the main process (restorer or step),
-# not the data, looks like the bound. The stages' limits add up to 575 s at the defaults, inside a call's 600 s.
+# device tool's carry list). DATA defaults to .gpudata/train (about 110 of the 571 training images, all four sources;
+# fresh crops and degradations every step), else ../shared/data/train. Smoke test on the CPU with small settings:
+# PYTHON=.venv/bin/python DEVICE=cpu TEACHER_MIN=0.3 STUDENT_MIN=0.3 POOL=16 BATCH=4 TRAJ_BATCH=2. What its runs
+# gave: docs/results/training-cost.md. The stages' limits add up to 575 s at the defaults, inside a call's 600 s.
 # Out (${OUT:-/tmp/mfsr_gpu_restorer}): logs.tar.gz (logs and JSON) and model-teacher.tar, model-line.tar,
-# model-endpoint.tar, model-p05.tar (each 12.5 MB, under the 16 MB a returned file may have; 5 files, about
-# 50 MB, under the 64 MiB a call brings back); with GROW=4 model-grown.tar in parts of 15 MB (model-grown.tar.part-aa,
-# -ab: `cat model-grown.tar.part-* | tar x` joins them).
+# model-endpoint.tar, model-p05.tar (each under the 16 MB a returned file may have, about 50 MB in all, under the
+# 64 MiB a call brings back); with GROW=4 model-grown.tar in parts of 15 MB (model-grown.tar.part-aa, -ab:
+# `cat model-grown.tar.part-* | tar x` joins them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-/tmp/mfsr_gpu_restorer}"

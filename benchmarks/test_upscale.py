@@ -39,7 +39,7 @@ def _realesrgan(device) -> tuple[Restorer, str]:
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")), reason="no embedded default")
 def test_upscale_128_to_512(benchmark, full, env_info):
     """The default's ``upscale`` path (its restorer included, for a restorer-conditioned default) against
-    Real-ESRGAN x4plus alone. Target (the restorer issue): 1 step <= 1.3x Real-ESRGAN's time on the CPU."""
+    Real-ESRGAN x4plus alone. Goal: 1 step within 1.3x Real-ESRGAN's time on the CPU."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     side = 128 if full else 32
     g = torch.Generator().manual_seed(0)

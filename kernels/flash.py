@@ -480,8 +480,7 @@ def attention(q, k, v, scale: float | None = None):
 
 # The explicit entry point's default: True runs the fused single pass (6 matmuls), False the forward kernel and then
 # the tangent pass on its saved LSE (7 matmuls; the only form torch.func.jvp can use, since autograd.Function runs
-# forward before jvp without the tangents). Measured (H100, bf16, B 2, H 24, D 64, L 8346, wall time of one call):
-# fused 5.81 ms (442 TFLOP/s counting 6 matmuls) against 6.98 ms for the two passes; at L 2202 0.62 against 0.71 ms.
+# forward before jvp without the tangents). The fused pass is the faster on an H100 (docs/results/kernels.md).
 FUSED_TANGENT = True
 # Head dims the fused kernel takes: with D = 128 its two [BM, D] accumulators and four operand tiles spill on sm_90
 # in every tile with wgmma (ptxas -v, Triton 3.9), so D = 128 always runs the two passes.

@@ -14,14 +14,10 @@ from kernels.common import INTERPRET
 
 # (BM, BN, num_warps, num_stages) by (pass, head dim) for 16-bit inputs, per architecture family: tiles that compile
 # without register spills (tests/test_gpu_readiness.py, ptxas -v). sm_90 covers Hopper and newer. Head dim 64 on
-# sm_90 is measured (H100, bf16, B 2, H 24, L 8346, ``python -m kernels.tune``, CUDA-graph GPU time): fwd 128x64 with
-# 4 warps 2.26 ms (378 TFLOP/s) vs 2.33 with 8; tangent pass 128x64, 3 stages 4.04 ms (529 TFLOP/s counting its 5
-# matmuls) vs 5.54 with 2 stages; backward with dkdv 32x64, 4 warps 10.1 ms vs 14.9 with 64x64, 8 warps (64x64 with 4
-# warps and 3 stages measured 8.19 ms but spills under Triton 3.9); fused forward + tangent 128x64, 8 warps, 4 stages
-# 5.43 ms GPU time (473 TFLOP/s counting its 6 matmuls; sweep of 2026-11-26, session 4). The other entries are the
-# largest spill-free tiles, not yet measured, spill-free under both Triton 3.9 (here) and 3.6 (the GPU machine's:
-# benchmarks/device_env.sh): under 3.6 the tangent pass at head dim 128 spilled with 64x32 tiles (52 bytes of stores),
-# so it takes 64x16.
+# sm_90 is the fastest spill-free tile of ``python -m kernels.tune`` on an H100 (docs/results/kernels.md; a 64x64
+# backward tile with 3 stages was faster but spills under Triton 3.9). The other entries are the largest spill-free
+# tiles, not yet timed, spill-free under both Triton 3.9 (here) and 3.6 (the GPU machine's: benchmarks/device_env.sh):
+# under 3.6 the tangent pass at head dim 128 spilled with 64x32 tiles, so it takes 64x16.
 ATTENTION_16 = {
     90: {"fwd": {32: (128, 64, 8, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3)},
          "tangent": {32: (64, 64, 8, 2), 64: (128, 64, 8, 3), 128: (64, 16, 8, 2)},
@@ -86,10 +82,9 @@ def attention(D: int, kind: str, arch: int = 90, f32: bool = False) -> tuple[int
 def adaln(D: int, backward: bool = False) -> tuple[int, int, int]:
     """(BD, num_warps, rows per program) for a row width D: next_pow2(D), warps by block size.
 
-    Measured on an H100 at D = 1536, bf16, B = 2, L = 8346 (``python -m kernels.tune``, CUDA-graph GPU time): one
-    row per program with 4 warps for the forward (2870 GB/s, 96% of the 3000 GB/s copy) and the tangent (2469 GB/s);
-    8 rows per program with 4 warps for the backward, whose per-program partial sums favour longer programs
-    (1571 GB/s). Wider 16-warp programs and longer row loops were slower in every pass."""
+    The fastest of ``python -m kernels.tune`` on an H100 at D = 1536 (docs/results/kernels.md): one row per program
+    with 4 warps for the forward and the tangent; 8 rows per program with 4 warps for the backward, whose per-program
+    partial sums favour longer programs. Wider 16-warp programs and longer row loops were slower in every pass."""
     BD = 1 << (D - 1).bit_length()
     num_warps = max(1, min(8, BD // 512))
     rpp = 8 if backward else 1

@@ -86,8 +86,8 @@ def shared_data():
 
 
 def small_restorer_folder(folder, seed: int = 0, num_feat: int = 8, num_grow_ch: int = 4) -> str:
-    """A 1-block RRDBNet restorer with random weights, saved as ``mfsr_fast.restorer`` saves the real one (config.json
-    + model.safetensors + info.json): a fast stand-in for Real-ESRGAN x4plus."""
+    """A 1-block RRDBNet restorer with random weights, saved as ``mfsr_fast.models.restorer`` saves the real one
+    (config.json + model.safetensors + info.json): a fast stand-in for Real-ESRGAN x4plus."""
     import json
 
     from safetensors.torch import save_file

@@ -1,4 +1,4 @@
-"""Faults and bad input (issue 19): damaged or missing checkpoints fall back instead of starting over, leftovers are
+"""Faults and bad input: damaged or missing checkpoints fall back instead of starting over, leftovers are
 removed, files get the umask's permissions, a full disk is a sentence, NaN / out-of-range pixels are refused for
 every input type, argument types are taken as a user would pass them, and the CLI refuses name clashes and an
 unusable output folder before computing anything."""

@@ -1,4 +1,4 @@
-"""Prompt files (issue 7): conversion from .pt with weights_only, validation, storage inside the model."""
+"""Prompt files: conversion from .pt with weights_only, validation, storage inside the model."""
 
 from __future__ import annotations
 

@@ -1,1 +1,1 @@
-"""Teacher training and MeanFlow distillation (see the README's status table for what exists today)."""
+"""Teacher training and MeanFlow distillation: the commands of docs/training.md."""

@@ -67,8 +67,7 @@ PRESETS = {
                            jpeg_quality=(60.0, 100.0))),
     # Camera-like degradations (the restorer-conditioned default, DESIGN section 8): optical blur, a mild resize,
     # sensor noise and light JPEG, as in real zoom pairs (DRealSR), where Real-ESRGAN already undoes the heavy mix.
-    # The teacher run that switched to it (together with the bicubic image beside R(LR)) gave the largest gain of
-    # the restorer-conditioned teachers (RESULTS.md; the two changes' shares were not separated).
+    # Why the default's recipe uses it: docs/results/how-the-default-was-made.md.
     "mild": DegradationConfig(
         stage1=StageConfig(sigma=(0.2, 1.5), sinc_prob=0.05, resize_probs=(0.1, 0.5, 0.4), resize_up=(1.0, 1.2),
                            resize_down=(0.7, 1.0), gaussian_noise_prob=0.6, noise_sigma=(1.0, 6.0),

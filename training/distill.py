@@ -104,7 +104,7 @@ class DistillConfig(TrainConfig):
 
 PRESETS = {
     # The first tiny students' recipe (bicubic LR stream): unguided, since this small teacher's guided field mostly
-    # adds grain (docs/results/how-the-default-was-made.md).
+    # adds grain.
     "tiny": dict(model_preset="tiny", max_steps=200, batch_size=32, crop=64, lr=1e-4, warmup_steps=20,
                  ema_decay=0.99, ckpt_every=100, num_workers=1, t_mean=0.4, t_one_fraction=0.2, guidance=1.0),
     # The restorer-conditioned default's first student (DESIGN section 8), from the tiny-r teacher, on the same pool,

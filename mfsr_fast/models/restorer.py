@@ -127,7 +127,7 @@ class Restorer:
     scale = 4
 
     def __init__(self, net: RRDBNet, *, tile: int | None = None, pad: int = 10, max_side: int = 256):
-        # channels_last: 20% faster on the CPU (3.5 against 4.4 s for 128 -> 512 px on 2 cores).
+        # channels_last: faster on the CPU (oneDNN's convolutions take it directly).
         self.net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
         self.tile, self.pad, self.max_side = tile, pad, max_side
         self.path: str | None = None

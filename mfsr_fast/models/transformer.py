@@ -106,8 +106,8 @@ class MFSRConfig:
     residual_scale: float = 0.0
     # > 0: a convolutional head that sees across patches. The read-out gives each model-space pixel ``conv_head``
     # feature channels beside its output; two 3 x 3 convolutions over both add a correction to the output (the
-    # second zero-initialised). A linear read-out per token alone leaves a step at every patch edge (the patch grid
-    # of RESULTS.md); the head can remove it. 0: the linear read-out only (SD3 / DiT4SR).
+    # second zero-initialised). A linear read-out per token alone leaves a step at every patch edge (the patch grid,
+    # docs/results/how-the-default-was-made.md); the head can remove it. 0: the linear read-out only (SD3 / DiT4SR).
     conv_head: int = 0
 
 
@@ -130,8 +130,8 @@ PRESETS: dict[str, dict] = {
                  codec="pixel4", learned_prompts=4),
     # tiny over Real-ESRGAN x4plus (DESIGN section 8): the LR stream sees R(LR) and the upsampled LR (which shows how
     # degraded the input was, which R(LR) hides), the flow runs over the residual HR - R(LR) scaled by
-    # 1 / residual_scale (0.25; 0.1 did worse in training.diagnose, RESULTS.md), and the network predicts that
-    # residual (zero: exactly R(LR)).
+    # 1 / residual_scale (docs/results/how-the-default-was-made.md), and the network predicts that residual (zero:
+    # exactly R(LR)).
     "tiny-r": dict(in_channels=48, num_layers=4, num_heads=4, head_dim=32, context_dim=128, pooled_dim=128,
                    sample_size=32, pos_embed_max_size=256, dual_attention_layers=(0, 1), prediction="x",
                    codec="pixel4", learned_prompts=4, lr_source="both", restorer="realesrgan-x4plus",

@@ -233,9 +233,9 @@ def tile_memory(model, codec, tile: int) -> int:
 
 
 def auto_tile(model, codec, device: torch.device) -> int:
-    """LR tile side: the model's native size (``sample_size``, the latent side its positions are scaled for; how
-    other tile sizes compare: docs/results/quality.md), or less when its estimated working memory would not fit in a
-    quarter of the free memory."""
+    """LR tile side: the model's native size (``sample_size``, the latent side its positions are scaled for and its
+    training crops had: a small model's samples drift with the token count), or less when its estimated working
+    memory would not fit in a quarter of the free memory."""
     free = free_memory(device)
     native = max(32, int(model.cfg.sample_size / (SCALE / codec.factor)))
     for tile in (512, 384, 256, 192, 128, 96, 64, 32):

@@ -152,7 +152,7 @@ def sample(fn: UFn, noise: torch.Tensor, *, steps: int = 1, timesteps: Sequence[
     x = z_t - t u(z_t, 0, t) and moves to the point at r of the straight line from x through z_t, i.e.
     z_r = (r / t) z_t + (1 - r / t) x (a deterministic DDIM step on the one-step estimate). Both give the same
     one step x = e - u(e, 0, 1); they differ from 2 steps on, where the jumps that stop at r > 0 ask different
-    questions of the student (benchmarks/RESULTS.md: jumps that stop at a large r come out smoother).
+    questions of the student (docs/results/sampler.md).
     """
     check_choice("jump", jump, JUMPS)
     grid = time_grid(steps, device=noise.device) if timesteps is None else torch.as_tensor(
