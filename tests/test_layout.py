@@ -78,8 +78,8 @@ def test_functions_and_modules_are_short():
 
 
 def test_the_repository_speaks_of_the_project_only():
-    """The history is git's: no account of work sessions, of who had which machine or of what an issue said in the
-    tracked text."""
+    """The history is git's: tracked text says what holds now, not who worked when, on which machine, or what an
+    issue asked."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     if files.returncode != 0:
         pytest.skip("not a git checkout")
@@ -90,4 +90,4 @@ def test_the_repository_speaks_of_the_project_only():
             for i, line in enumerate(open(os.path.join(ROOT, rel), errors="replace"), 1):
                 if pattern.search(line):
                     found.append(f"{rel}:{i}")
-    assert not found, f"the repository speaks of work sessions: {found[:20]}"
+    assert not found, f"tracked text tells the project's history instead of its state: {found[:20]}"
