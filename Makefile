@@ -62,7 +62,7 @@ train-default: setup
 		--output-dir runs/default-finetune --init runs/default-student --max-steps 300 --guidance 1.25 \
 		--guidance-above 0.5 --trajectories runs/default-traj40 --trajectory-anchor teacher --trajectory-mix 0.8 \
 		--trajectory-batch 8 --trajectory-weight 10 --trajectory-refine 0.25 --trajectory-line 0.25 --sample-every 0
-	$(PY) -m training.export runs/default-finetune mfsr_fast/weights/default --no-restorer \
+	$(PY) -m training.export runs/default-finetune mfsr_fast/weights/default --overwrite --no-restorer \
 		--refine-t 0.8 --refine-side above --jump endpoint --flat-detail 0.25
 
 # A wheel that works on its own: the embedded default and the restorer the set-up installed (dist/).

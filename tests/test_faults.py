@@ -92,9 +92,18 @@ def test_damaged_newest_checkpoint_is_named_and_skipped(three, damage):
 
 
 def test_legacy_checkpoint_without_manifest_is_checked_structurally(three):
+    """A run from before manifests (no manifest anywhere, no format in trainer_state.json) is checked by structure;
+    a manifest deleted from a checkpoint that was written with one is refused."""
     root, _ = three
     newest = root / "step_00000003"
     (newest / "manifest.json").unlink()
+    path, skipped = newest_checkpoint(str(root))
+    assert path == str(root / "step_00000002") and "manifest.json is missing" in skipped[0][1]
+    for step in sorted(d for d in os.listdir(root) if d.startswith("step_")):  # as written before manifests
+        state = json.load(open(root / step / "trainer_state.json"))
+        del state["format"]
+        json.dump(state, open(root / step / "trainer_state.json", "w"))
+        (root / step / "manifest.json").unlink(missing_ok=True)
     assert newest_checkpoint(str(root))[0] == str(newest)  # whole: accepted
     w = newest / "ema" / "diffusion_pytorch_model.safetensors"
     w.write_bytes(w.read_bytes()[:-1])

@@ -464,7 +464,7 @@ def test_train_with_restorer_on_device_and_from_pool_then_export_and_upscale(res
     # The folder it started from now holds other weights: its record would describe another model, so it is left out.
     shutil.copytree(tmp_path / "exp", tmp_path / "exp_copy")
     assert fine_tune(tmp_path / "ft3", tmp_path / "exp_copy") == 0
-    assert export.main([str(tmp_path / "ft"), str(tmp_path / "exp_copy"), "--no-restorer"]) == 0
+    assert export.main([str(tmp_path / "ft"), str(tmp_path / "exp_copy"), "--no-restorer", "--overwrite"]) == 0
     capsys.readouterr()
     assert export.main([str(tmp_path / "ft3"), str(tmp_path / "ft3_exp"), "--no-restorer"]) == 0
     assert "init" not in json.load(open(tmp_path / "ft3_exp" / "info.json"))

@@ -252,7 +252,7 @@ def test_distill_grows_a_deeper_student_that_starts_as_the_teacher(images, teach
     assert bad.returncode != 0 and "--grow-layers must be >= 0" in bad.stderr
     # Resuming it as another model (without --grow-layers) is a one-line error, not a state-dict traceback.
     bad = _run(base + ["--max-steps", "2", "--output-dir", str(tmp_path / "grown"), "--resume"])
-    assert bad.returncode != 0 and "holds another model than this run builds" in bad.stderr
+    assert bad.returncode != 0 and "--grow-layers 0 (the run: 2)" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 

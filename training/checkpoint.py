@@ -33,18 +33,19 @@ from safetensors.torch import load_file, save_file
 
 from mfsr_fast.io.integrity import (
     CHECKPOINT_FILES,
+    CHECKPOINT_FORMAT,
     LATEST,
     IntegrityError,
     apply_umask,
-    check_folder,
+    check_checkpoint,
     checkpoint_steps,
     newest_checkpoint,
     write_manifest,
 )
 from mfsr_fast.sampling.config import SamplerConfig, save_sampler
 
-__all__ = ["CheckpointWriteError", "IntegrityError", "checkpoint_bytes", "latest_checkpoint", "load_checkpoint",
-           "load_optimizer_state", "remove_partial", "save_checkpoint"]
+__all__ = ["CHECKPOINT_FILES", "CheckpointWriteError", "IntegrityError", "checkpoint_bytes", "latest_checkpoint",
+           "load_checkpoint", "load_optimizer_state", "remove_partial", "save_checkpoint"]
 
 TMP_PREFIX = ".tmp-step_"
 
@@ -195,7 +196,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer: torch.optim.Optim
         if ema is not None:
             current = os.path.join(tmp, "ema")
             _save_model(ema, ema_state, current, sampler)
-        meta = {"step": step, "config": config or {}, "extra": extra or {}}
+        meta = {"format": CHECKPOINT_FORMAT, "step": step, "config": config or {}, "extra": extra or {}}
         if optimizer is not None or optimizer_state is not None:
             tensors, opt_meta = _optimizer_to_files(optimizer, optimizer_state)
             current = os.path.join(tmp, "optimizer.safetensors")
@@ -267,7 +268,7 @@ def load_checkpoint(path: str, *, model, optimizer: torch.optim.Optimizer | None
     if not os.path.isfile(os.path.join(path, "trainer_state.json")):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
     if check:
-        check_folder(path, CHECKPOINT_FILES)
+        check_checkpoint(path)
     with open(os.path.join(path, "trainer_state.json")) as f:
         meta = json.load(f)
     model.load_state_dict(load_file(os.path.join(path, "model", "diffusion_pytorch_model.safetensors")))

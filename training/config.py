@@ -38,6 +38,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: bool = False
+    override: str = ""  # with --resume: settings this leg may change from the run's, named (lr,batch_size)
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     t_mean: float = -0.4  # logit-normal time sampling
     t_std: float = 1.0

@@ -21,6 +21,10 @@ from mfsr_fast.io.images import jpeg_truncated
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 
 
+# What a file that cannot be used raises: damaged, not an image, or a decompression bomb (Pillow's own check).
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def scan(root: str) -> list[str]:
     """Image files under root (recursive, sorted), by extension."""
     if not os.path.isdir(root):
@@ -70,7 +74,7 @@ class ImageFolder(torch.utils.data.Dataset):
                         if jpeg_truncated(f.read()):
                             raise ValueError("truncated JPEG (the data ends before the end-of-image marker)")
                 files.append(path)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            except UNREADABLE as e:
                 self._skip(path, e)
         if not files:
             raise ValueError(f"no readable images under {root} (extensions {', '.join(EXTENSIONS)}; "
@@ -97,7 +101,7 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 img = load_rgb(path)
                 break
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+            except UNREADABLE as e:
                 self._skip(path, e)
         else:
             raise RuntimeError(f"no readable images left under {self.root}")

@@ -5,12 +5,14 @@ them with ``MFSRPipeline.save_pretrained`` (config.json + safetensors, the learn
 with ``--refine-t`` / ``--jump`` / ``--refine-side`` / ``--flat-detail`` over the run's) and an ``info.json`` with where
 they came from: the student run, its teacher, steps, wall time from the JSONL logs, and the machine. A student in SD3
 VAE latent space gets its VAE copied to ``OUT_DIR/vae`` (from ``--vae``, or the run's own ``vae`` setting), so that
-``upscale(..., model=OUT_DIR)`` finds everything in one folder. From a checkpoint, what the run recorded beside the
-weights (its step, the teacher, the stored samples' provenance and digests, the anchor and init students) goes into
-``info.json`` as ``student_run``. A restorer-conditioned student (DESIGN section 8) gets its restorer copied to
-``OUT_DIR/restorer`` the same way; ``--no-restorer`` leaves it out, so the folder names
-the restorer (its config's ``restorer``) and finds it where the set-up installs it (the embedded default does this,
-so that the repository holds no restorer weights; ``make setup`` converts them from their released source).
+``upscale(..., model=OUT_DIR)`` finds everything in one folder. A ``manifest.json`` lists every file with its SHA-256,
+and loading checks it. OUT_DIR is never inside the run; a folder that already holds files is only written with
+``--overwrite``, and then only this export's own files in it are replaced (``mfsr_fast.io.folders``). From a checkpoint,
+what the run recorded beside the weights (its step, the teacher, the stored samples' provenance and digests, the anchor
+and init students) goes into ``info.json`` as ``student_run``. A restorer-conditioned student (DESIGN section 8) gets
+its restorer copied to ``OUT_DIR/restorer`` the same way; ``--no-restorer`` leaves it out, so the folder names the
+restorer (its config's ``restorer``) and finds it where the set-up installs it (the embedded default does this, so that
+the repository holds no restorer weights; ``make setup`` converts them from their released source).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import tempfile
 
 import torch
 
-from mfsr_fast.io.integrity import apply_umask
+from mfsr_fast.io.folders import FolderError, check_destination, install
+from mfsr_fast.io.integrity import MANIFEST, apply_umask, write_manifest
 from mfsr_fast.models.codec import make_codec
-from mfsr_fast.models.transformer import MFSRTransformer
+from mfsr_fast.models.convert import load_mfsr
 from mfsr_fast.pipeline.loading import DEFAULT_MODEL, find_weights
 from mfsr_fast.pipeline.pipeline import MFSRPipeline
 from mfsr_fast.sampling.config import load_sampler
@@ -39,12 +42,22 @@ from training.components import weights_digest
 def _log_summary(run_dir: str, upto: int | None = None) -> dict:
     """A run's log.jsonl in brief: steps, training seconds (from the logged rates), the last logged loss. ``upto``: the
     step of the checkpoint exported, which counts as the steps; rows after it (a run that went on) are left out, and
-    ``logged_to`` says where the log stops short of it (a run stopped by --max-minutes between two log lines)."""
+    ``logged_to`` says where the log stops short of it (a run stopped by --max-minutes between two log lines). Steps a
+    resumed run redid count once."""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
         return {}
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    rows = [r for r in rows if r.get("kind") != "val"]  # --sample-every's validation rows
+    rows = []
+    for line in open(path):
+        try:
+            r = json.loads(line)
+        except ValueError:  # a killed run's torn last line
+            continue
+        if r.get("kind") is not None or "steps_per_s" not in r:  # validation rows, a resumed run's overrides
+            continue
+        while rows and rows[-1]["step"] >= r["step"]:  # a resume redid these steps (logs before rewind_log)
+            rows.pop()
+        rows.append(r)
     if upto is not None:
         rows = [r for r in rows if r["step"] <= upto]
     if not rows:
@@ -94,8 +107,7 @@ def _init_record(init: str, depth: int = INIT_DEPTH, digest: str = "") -> dict:
         return {}
     if digest:
         try:  # read afresh (not through load_model's cache of what a path held earlier)
-            now = weights_digest(MFSRTransformer.from_pretrained(find_weights(init), low_cpu_mem_usage=False,
-                                                                 torch_dtype=torch.float32))
+            now = weights_digest(load_mfsr(find_weights(init), torch.float32))
         except (ValueError, OSError):
             return {}
         if now != digest:
@@ -130,7 +142,10 @@ def _portable(value):
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="student run folder (or checkpoint / save_pretrained folder)")
-    ap.add_argument("output", help="folder to write (replaced atomically)")
+    ap.add_argument("output", help="folder to write: new or empty, or with --overwrite one whose files of an "
+                    "earlier export are replaced (nothing else in it is touched); never inside the run")
+    ap.add_argument("--overwrite", action="store_true", help="write into a folder that already holds files, "
+                    "replacing only this export's own (config, weights, sampler, info, manifest, vae/, restorer/)")
     ap.add_argument("--vae", help="the VAE folder of an SD3-VAE student (default: the run's --vae)")
     ap.add_argument("--no-restorer", action="store_true", help="do not copy a restorer-conditioned student's "
                     "restorer into the folder (it is then found by name, where the set-up installs it)")
@@ -151,7 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _pipeline(args, src: str, vae: str) -> MFSRPipeline:
     """The run's weights (float32) with its sampler, the export's --refine-t / --jump / --refine-side /
     --flat-detail over it, its codec and its restorer; mistakes as one line naming the flag."""
-    model = MFSRTransformer.from_pretrained(src, low_cpu_mem_usage=False, torch_dtype=torch.float32)
+    try:
+        model = load_mfsr(src, torch.float32)
+    except ValueError as e:
+        raise SystemExit(f"export: {e}") from None
     if model.cfg.codec == "sd3-vae" and not vae:
         raise SystemExit("this student works in SD3 VAE latents: pass --vae, the VAE folder it was trained with")
     overrides = {k: v for k, v in (("refine_t", args.refine_t), ("jump", args.jump),
@@ -189,30 +207,44 @@ def _info(run: str, src: str) -> dict:
     return info
 
 
+WRITTEN_BY = "python -m training.export"
+
+
+def _write(pipe: MFSRPipeline, info: dict, out: str, restorer: bool) -> int:
+    """The folder, staged beside ``out`` and installed when whole, with a manifest of every file (which loading
+    checks); nothing is left behind when writing fails. Returns the bytes written."""
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
+    try:
+        pipe.save_pretrained(tmp, restorer=restorer)
+        with open(os.path.join(tmp, "info.json"), "w") as f:
+            json.dump(_portable(dict(info, manifest=MANIFEST)), f, indent=2)
+        files = write_manifest(tmp, written_by=WRITTEN_BY)["files"]
+        apply_umask(tmp)
+        install(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sum(f["size"] for f in files.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    src = find_weights(args.run)
+    try:  # before any work: never write into the run, a file, or a folder of someone else's files
+        check_destination(args.output, inputs=(args.run, args.vae or ""), overwrite=args.overwrite)
+        src = find_weights(args.run)
+    except (FolderError, ValueError) as e:
+        raise SystemExit(f"export: {e}") from None
     info = _info(args.run, src)
     pipe = _pipeline(args, src, args.vae or info.get("student_config", {}).get("vae", ""))
     if pipe.restorer is not None:
         rinfo = os.path.join(pipe.restorer.path, "info.json")
         info["restorer"] = json.load(open(rinfo)) if os.path.isfile(rinfo) else {"name": pipe.transformer.cfg.restorer}
         info["restorer"]["carried"] = not args.no_restorer
-    parent = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
     try:
-        pipe.save_pretrained(tmp, restorer=not args.no_restorer)
-        with open(os.path.join(tmp, "info.json"), "w") as f:
-            json.dump(_portable(info), f, indent=2)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    apply_umask(tmp)
-    if os.path.isdir(args.output):
-        shutil.rmtree(args.output)
-    os.replace(tmp, args.output)
-    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.output) for f in fs)
+        size = _write(pipe, info, args.output, not args.no_restorer)
+    except FolderError as e:
+        raise SystemExit(f"export: {e}") from None
     print(f"exported {src} -> {args.output} ({size / 2**20:.1f} MB)")
     return 0
 

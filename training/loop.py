@@ -44,6 +44,7 @@ from training.distributed import (
 )
 from training.monitor import Monitor
 from training.plot import plot_run
+from training.runfolder import claim, rewind_log
 
 # EMA.
 
@@ -121,6 +122,7 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     ``sampler``: a student run's sampler, stored in every checkpoint beside the weights; the run's samples
     (``--sample-every``) then show 1 and 4 MeanFlow steps with it instead of a teacher's one Euler step.
     """
+    overrides = claim(cfg)  # a folder holds one run; a resumed one keeps its settings unless told otherwise
     d = setup(cfg)
     # The data first: a missing, empty or image-less folder is one sentence before any work (no RNG is drawn here).
     on_device = cfg.degrade_on == "device" and not cfg.pool
@@ -129,7 +131,7 @@ def train(cfg: TrainConfig, model: MFSRTransformer, loss_fn: Callable, *, name: 
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"{name}: {e}") from None
     torch.manual_seed(cfg.seed)
-    run = _Run(cfg, d, model, name, extra, sampler)
+    run = _Run(cfg, d, model, name, extra, sampler, overrides)
     run.attach_data(data, on_device)
     try:
         step = run.loop(loss_fn)
@@ -156,7 +158,7 @@ class _Run:
     that ties them together with signals, time limits and non-finite steps (``loop``)."""
 
     def __init__(self, cfg: TrainConfig, d: Dist, model: MFSRTransformer, name: str, extra: dict | None,
-                 sampler: SamplerConfig | None):
+                 sampler: SamplerConfig | None, overrides: dict | None = None):
         self.cfg, self.d, self.name, self.extra, self.sampler = cfg, d, name, extra, sampler
         self.model = model = model.to(d.device)
         self.ema = ema = copy.deepcopy(model).requires_grad_(False)
@@ -184,6 +186,11 @@ class _Run:
                 print(f"resumed from {resume_from} (step {self.start})", flush=True)
         if d.main:
             os.makedirs(cfg.output_dir, exist_ok=True)
+            if cfg.resume:  # the log goes on from the checkpoint, with the deliberate changes recorded
+                rewind_log(cfg.output_dir, self.start, overrides or {})
+                for k, (old, new) in (overrides or {}).items():
+                    print(f"--override {k}: {json.dumps(old)} -> {json.dumps(new)} (recorded in log.jsonl)",
+                          flush=True)
             text = json.dumps(dataclasses.asdict(cfg), indent=2)
             print(f"{name} config:\n{text}", flush=True)
             with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:

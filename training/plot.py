@@ -22,7 +22,10 @@ def read_log(run: str) -> tuple[list[dict], list[dict]]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            (val if rec.get("kind") == "val" else train).append(rec)
+            if rec.get("kind") == "val":
+                val.append(rec)
+            elif "loss" in rec:  # not the rows that record a resumed run's overrides
+                train.append(rec)
     if not train and not val:
         raise ValueError(f"{path}: no rows yet")
     return train, val

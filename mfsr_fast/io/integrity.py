@@ -72,13 +72,15 @@ def _files(folder: str) -> list[str]:
     return out
 
 
-def write_manifest(folder: str) -> dict:
-    """Record every file under ``folder`` (size and SHA-256) in ``folder/manifest.json``, written last."""
+def write_manifest(folder: str, written_by: str | None = None) -> dict:
+    """Record every file under ``folder`` (size and SHA-256) in ``folder/manifest.json``, written last.
+    ``written_by``: the command that wrote the folder (``folders.install`` replaces only what such a manifest
+    lists)."""
     entries = {}
     for rel in _files(folder):
         p = os.path.join(folder, rel)
         entries[rel.replace(os.sep, "/")] = {"size": os.path.getsize(p), "sha256": sha256_file(p)}
-    manifest = {"format": 1, "files": entries}
+    manifest = {"format": 1, "files": entries, **({"written_by": written_by} if written_by else {})}
     path = os.path.join(folder, MANIFEST)
     with open(path, "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
@@ -149,6 +151,32 @@ def check_folder(folder: str, required: tuple[str, ...] = ()) -> None:
 
 CHECKPOINT_FILES = ("trainer_state.json", "rng.safetensors", os.path.join("model", "config.json"),
                     os.path.join("model", "diffusion_pytorch_model.safetensors"))
+CHECKPOINT_FORMAT = 2  # trainer_state.json's "format": written with a manifest (absent: from before manifests)
+
+
+def _manifest_expected(path: str) -> str | None:
+    """Why the checkpoint ``path`` should have a manifest (None: it is structurally one from before manifests)."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            if "format" in json.load(f):
+                return "its trainer_state.json says it was written with one"
+    except (OSError, ValueError, TypeError):
+        return None  # check_folder names the damaged or missing file
+    root = os.path.dirname(os.path.abspath(path))
+    if any(os.path.isfile(os.path.join(root, name, MANIFEST)) for _, name in checkpoint_steps(root)):
+        return "the run's other checkpoints have one"
+    return None
+
+
+def check_checkpoint(path: str) -> None:
+    """``check_folder`` for a training checkpoint. One without its manifest passes only when it is structurally a
+    checkpoint from before manifests (no ``format`` in its trainer_state.json, no manifest beside it in its run):
+    a deleted manifest would otherwise let damaged files through, and the next save bless them with a new one."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
+        why = _manifest_expected(path)
+        if why:
+            raise IntegrityError(f"{path}: {MANIFEST} is missing ({why}), so its files cannot be checked")
+    check_folder(path, CHECKPOINT_FILES)
 
 
 def checkpoint_steps(root: str) -> list[tuple[int, str]]:
@@ -178,7 +206,7 @@ def newest_checkpoint(root: str) -> tuple[str | None, list[tuple[str, str]]]:
     for _, name in checkpoint_steps(root):
         path = os.path.join(root, name)
         try:
-            check_folder(path, CHECKPOINT_FILES)
+            check_checkpoint(path)
         except IntegrityError as e:
             skipped.append((name, str(e)))
             continue

