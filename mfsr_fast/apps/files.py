@@ -38,6 +38,24 @@ def list_inputs(src: str, recursive: bool) -> list[tuple[str, str]]:
     return found
 
 
+def earlier_outputs(files: list[tuple[str, str]], src: str, out_dir: str, suffix: str) -> set[str]:
+    """The paths among ``files`` (a folder's listing) that are outputs of an earlier run, never inputs: everything
+    under an output folder that lies inside the input folder, and, where the two are one folder, the files whose
+    names end with the output suffix."""
+    if not os.path.isdir(src):
+        return set()  # a file named on the command line is an input
+    out_real, src_real = os.path.realpath(out_dir), os.path.realpath(src)
+    below = out_real != src_real and out_real.startswith(src_real.rstrip(os.sep) + os.sep)
+    found = set()
+    for path, _ in files:
+        real = os.path.realpath(path)
+        if not real.startswith(out_real.rstrip(os.sep) + os.sep):
+            continue
+        if below or (suffix and os.path.splitext(os.path.basename(path))[0].endswith(suffix)):
+            found.add(path)
+    return found
+
+
 def probe_bits(path: str) -> int:
     """8 or 16: the bit depth the output will keep, from the file's header (no decoding); 8 if unreadable."""
     try:
@@ -86,18 +104,44 @@ def check_output_folder(folder: str) -> str | None:
     return None
 
 
+# Largest side each output format can hold (Pillow's WebP and JPEG encoders refuse more).
+MAX_SIDE = {".webp": 16383, ".jpg": 65535, ".jpeg": 65535}
+
+
+class Skipped(Exception):
+    """An input whose output is already there (a batch run again): not a failure; the message says why."""
+
+
+def output_size(shape: tuple[int, ...], scale: float) -> tuple[int, int]:
+    """(width, height) of the output of an (H, W, C) input at ``scale``: the pipeline's own rounding."""
+    return max(1, round(shape[1] * scale)), max(1, round(shape[0] * scale))
+
+
+def check_output(out_path: str, size: tuple[int, int], overwrite: bool, protected=()) -> None:
+    """Everything about where an output goes that can fail, checked before it is computed: an input there, a
+    folder there, a format that cannot hold the size; ``Skipped`` when the output exists (and not ``overwrite``)."""
+    if os.path.realpath(out_path) in protected:
+        raise ImageError(f"output {out_path} would overwrite an input; choose another --output or --suffix")
+    if os.path.isdir(out_path):
+        raise ImageError(f"output {out_path} is a folder; move it or choose another --output or --suffix")
+    ext = os.path.splitext(out_path)[1].lower()
+    if ext in MAX_SIDE and max(size) > MAX_SIDE[ext]:
+        raise ImageError(f"the {size[0]}x{size[1]} output is larger than {ext[1:].upper()} holds ({MAX_SIDE[ext]} "
+                         "px a side): use --ext png or tif, or a smaller --scale")
+    if os.path.lexists(out_path) and not overwrite:
+        raise Skipped(f"{out_path} exists (--overwrite replaces it)")
+
+
 def upscale_file(path: str, out_for, pipe: MFSRPipeline, *, scale: float, steps: int, detail: float = 1.0,
                  tile: int | None = None, seed: int = 0, color_fix: str | None = None, overwrite: bool = False,
                  protected=(), progress=None):
     """Read ``path``, upscale it and write it (atomically) to ``out_for(bits)``, keeping its bit depth, alpha and
     metadata; returns (output path, ImageMeta). Everything that is the file's fault, or the machine's (out of
-    memory), is an ImageError with a message for the user. ``protected``: real paths never written to (the inputs)."""
+    memory), is an ImageError with a message for the user, raised before the upscale where it can be known then;
+    ``Skipped`` when the output exists. ``protected``: real paths never written to (the inputs)."""
     arr, meta = read_image(path)
     out_path = out_for(meta.bits)
-    if os.path.realpath(out_path) in protected:
-        raise ImageError(f"output {out_path} would overwrite an input; choose another --output or --suffix")
-    if os.path.exists(out_path) and not overwrite:
-        raise ImageError(f"{out_path} exists (use --overwrite to replace it)")
+    check_output(out_path, output_size(arr.shape, scale), overwrite, protected)
     try:
         res = pipe.upscale_array(arr, scale=scale, steps=steps, seed=seed, detail=detail, tile=tile,
                                  color_fix=color_fix, progress=progress,

@@ -11,8 +11,11 @@ own reader and writer (``files.upscale_file``), so a bad file gets its message a
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
+import signal
+import socket
 import sys
 import tempfile
 import time
@@ -147,9 +150,11 @@ class Upscaler:
                     detail=detail)
                 before, after = _previews(path, out, folder)
                 results.append(Result(name, before, after, out))
-            except (ImageError, ValueError, OSError) as e:
+            except Exception as e:  # any one file's failure fails that file only, never the others in the request
                 # The reader names the upload's temporary path: the user knows the file by its name (listed beside).
-                why = str(e).replace(path, name)
+                why = str(e) if isinstance(e, (ImageError, ValueError, OSError)) else \
+                    f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+                why = why.replace(path, name)
                 failed.append((name, why[len(name) + 2:] if why.startswith(name + ": ") else why))
         return results, failed, time.perf_counter() - t0
 
@@ -220,18 +225,39 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
 def serve(model="default", device=None, dtype=None, host: str = "127.0.0.1", port: int = 7860,
           max_upload_mb: float = MAX_UPLOAD_MB, max_megapixels: float = MAX_MEGAPIXELS,
           open_browser: bool = False, sampler: str | None = None) -> None:
-    """Load the pipeline, then serve the page until interrupted."""
+    """Load the pipeline, then serve the page until interrupted (Ctrl-C or SIGTERM); the users' results go with
+    it."""
     gr = _gradio()
+    check_port(host, port)  # before the model loads
     up = Upscaler(model, device, dtype, max_megapixels=max_megapixels, sampler=sampler)
     page = build(up, max_upload_mb)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"mfsr-web: serving on {host}: anyone who can reach this machine can use the page", file=sys.stderr)
     page.queue(default_concurrency_limit=1)
+    old = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C, through the clean-up below
     try:
         page.launch(server_name=host, server_port=port, max_file_size=f"{max_upload_mb:g}mb",
                     inbrowser=open_browser, theme=gr.themes.Soft(), show_error=True)
+    except OSError as e:  # the port was taken between the check and the launch
+        raise ValueError(f"cannot serve on {host}:{port} ({e}); choose another --port") from None
     finally:
+        signal.signal(signal.SIGTERM, old)
         shutil.rmtree(up.root, ignore_errors=True)
+
+
+def _terminate(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def check_port(host: str, port: int) -> None:
+    """ValueError unless ``host:port`` can be bound now (another server on it, an address this machine lacks)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.bind(infos[0][4])
+    except OSError as e:
+        why = "in use" if getattr(e, "errno", None) == errno.EADDRINUSE else (e.strerror or str(e))
+        raise ValueError(f"cannot serve on {host}:{port}: {why}; choose another --port (or --host)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -264,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageError, ValueError) as e:
         print(f"mfsr-web: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("mfsr-web: stopped; its results folder is removed", file=sys.stderr)
+        return 0
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 import warnings
 import zlib
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import png
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError
 
 from mfsr_fast.io.integrity import apply_umask
 
@@ -26,6 +27,23 @@ MAX_INPUT_PIXELS = 64_000_000
 
 class ImageError(ValueError):
     """A user-facing problem with an input or output image (clear message, no traceback needed)."""
+
+
+def checked_unit(arr: np.ndarray, what: str) -> np.ndarray:
+    """Every input's one check of float pixels (arrays, tensors and float image files alike): finite, and in [0, 1]
+    (values a rounding away are clipped; a 0-255 or 0-65535 float image is refused with the division it needs,
+    instead of turning white)."""
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} contains NaN or infinity")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi > 1.5 or lo < -0.5:
+        hint = " (divide by 255 for 8-bit values)" if hi <= 255 else " (divide by 65535 for 16-bit values)"
+        raise ValueError(f"float {what} values must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
+    if hi > 1 + 1e-3 or lo < -1e-3:
+        warnings.warn(f"float {what} values {lo:g}..{hi:g} clipped to [0, 1]", stacklevel=3)
+    if lo >= 0 and hi <= 1:  # already in range: no copy (large inputs are checked twice on the numpy path)
+        return arr.astype(np.float32, copy=False)
+    return np.clip(arr, 0, 1).astype(np.float32, copy=False)
 
 
 @dataclass
@@ -59,12 +77,29 @@ def _read_png16(path: str) -> np.ndarray:
     return arr.astype(np.float32) / 65535.0
 
 
+# Tags that describe how a file lays out its pixels (size, strips, tiles, samples, compression, the thumbnail),
+# not the photo: carried into an output of another size and format they are wrong, and TIFF writers refuse them.
+_LAYOUT_TAGS = (0x00FE, 0x00FF, 0x0100, 0x0101, 0x0102, 0x0103, 0x0106, 0x0107, 0x0108, 0x0109, 0x010A, 0x0111,
+                0x0115, 0x0116, 0x0117, 0x0118, 0x0119, 0x011C, 0x0122, 0x0123, 0x013D, 0x0140, 0x0142, 0x0143,
+                0x0144, 0x0145, 0x014A, 0x0152, 0x0153, 0x0154, 0x0155, 0x0156, 0x015B, 0x0200, 0x0201, 0x0202,
+                0x0211, 0x0212, 0x0213, 0x0214, 0x8773)
+_EXIF_IFD, _PIXEL_DIMENSIONS = 0x8769, (0xA002, 0xA003)
+
+
 def _exif_bytes(im: Image.Image) -> tuple[bytes | None, int]:
+    """(the EXIF an output carries, the orientation to apply): the tags that describe the photo (camera, date,
+    GPS, ...), none of the layout ones, orientation 1 (the pixels are made upright)."""
     try:
         exif = im.getexif()
+        orientation = int(exif.get(0x0112, 1) or 1)
+        for tag in _LAYOUT_TAGS:
+            exif.pop(tag, None)
+        if _EXIF_IFD in exif:
+            sub = exif.get_ifd(_EXIF_IFD)
+            for tag in _PIXEL_DIMENSIONS:
+                sub.pop(tag, None)
     except Exception:  # malformed EXIF: keep the pixels, drop the metadata
         return None, 1
-    orientation = int(exif.get(0x0112, 1) or 1)
     if not exif:
         return None, 1
     if 0x0112 in exif:
@@ -149,10 +184,16 @@ def read_image(path: str) -> tuple[np.ndarray, ImageMeta]:
 
     bits = _png_bit_depth(path) if im.format == "PNG" else None
     if bits == 16:
-        arr = _read_png16(path)
+        try:
+            arr = _read_png16(path)
+        except png.Error as e:  # a chunk Pillow passes over and pypng does not (a malformed sBIT, ...)
+            raise ImageError(f"{path}: damaged 16-bit PNG ({e})") from None
         meta.bits = 16
     else:
-        arr = _pil_to_array(im, meta)
+        try:
+            arr = _pil_to_array(im, meta)
+        except ImageError as e:
+            raise ImageError(f"{path}: {e}") from None
     if orientation in _ORIENT:
         arr = np.ascontiguousarray(_ORIENT[orientation](arr))
     return arr, meta
@@ -160,12 +201,22 @@ def read_image(path: str) -> tuple[np.ndarray, ImageMeta]:
 
 def _pil_to_array(im: Image.Image, meta: ImageMeta) -> np.ndarray:
     mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(im, dtype=np.float64)
+    if mode in ("I;16", "I;16B", "I;16L"):
         meta.bits = 16
-        return np.clip(a / 65535.0, 0, 1).astype(np.float32)[..., None]
-    if mode == "F":
-        return np.clip(np.asarray(im, dtype=np.float32), 0, 1)[..., None]
+        return (np.asarray(im, dtype=np.float32) / 65535.0)[..., None]
+    if mode == "I":  # 32-bit integers: taken as 16-bit values, the only scale they can be read in without a guess
+        a = np.asarray(im, dtype=np.int64)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535 or (hi <= 255 and im.format != "PNG"):
+            raise ImageError(f"32-bit integer pixels {lo}..{hi}: their scale is ambiguous; save the image as 8-bit "
+                             "(values 0..255) or 16-bit (0..65535)")
+        meta.bits = 16
+        return (a.astype(np.float32) / 65535.0)[..., None]
+    if mode == "F":  # floating point: the library's rule for float arrays (values in [0, 1])
+        try:
+            return checked_unit(np.asarray(im, dtype=np.float32), "image")[..., None]
+        except ValueError as e:
+            raise ImageError(str(e)) from None
     if mode == "1":
         im = im.convert("L")
     elif mode == "P":
@@ -173,8 +224,7 @@ def _pil_to_array(im: Image.Image, meta: ImageMeta) -> np.ndarray:
     elif mode == "PA":
         im = im.convert("RGBA")
     elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBX"):
-        im = im.convert("RGB")
-        meta.notes.append(f"converted from {mode} to RGB")
+        im = _to_rgb(im, meta)
     elif mode == "La":
         im = im.convert("LA")
     elif mode == "RGBa":
@@ -183,6 +233,35 @@ def _pil_to_array(im: Image.Image, meta: ImageMeta) -> np.ndarray:
         im = im.convert("RGB")
     a = np.asarray(im, dtype=np.float32) / 255.0
     return a[..., None] if a.ndim == 2 else a
+
+
+def _profile_space(icc: bytes | None) -> str | None:
+    """The colour space an ICC profile describes ('RGB', 'GRAY', 'CMYK', ...), None if unreadable."""
+    if not icc:
+        return None
+    try:
+        return ImageCms.ImageCmsProfile(io.BytesIO(icc)).profile.xcolor_space.strip()
+    except Exception:
+        return None
+
+
+def _to_rgb(im: Image.Image, meta: ImageMeta) -> Image.Image:
+    """CMYK (or another colour model) to RGB: through the file's own ICC profile to sRGB when it has one that
+    describes its pixels, else Pillow's conversion; the output then carries no profile of the input's space."""
+    mode = im.mode
+    if mode == "CMYK" and _profile_space(meta.icc_profile) == "CMYK":
+        try:
+            rgb = ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(meta.icc_profile)),
+                                            ImageCms.createProfile("sRGB"), outputMode="RGB")
+            meta.icc_profile = None  # untagged RGB is read as sRGB
+            meta.notes.append("converted from CMYK to sRGB through its ICC profile")
+            return rgb
+        except Exception:  # a profile littlecms cannot use: the plain conversion below
+            pass
+    meta.notes.append(f"converted from {mode} to RGB")
+    if _profile_space(meta.icc_profile) not in (None, "RGB"):
+        meta.icc_profile = None  # a profile of the input's colour model does not describe RGB pixels
+    return im.convert("RGB")
 
 
 def pil_to_array(im: Image.Image) -> tuple[np.ndarray, ImageMeta]:
@@ -269,6 +348,39 @@ def _png_add_metadata(data: bytes, meta: ImageMeta) -> bytes:
     return out.getvalue()
 
 
+PART_PREFIX, PART_SUFFIX = ".mfsr-", ".part"  # a file being written: .mfsr-<writer's pid>-<random>.part
+_PART = re.compile(r"^\.mfsr-(?:(\d+)-)?[a-z0-9_]+\.part$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_parts(folder: str) -> list[str]:
+    """Remove from ``folder`` the half-written outputs (``.mfsr-*.part``) of writers that are gone (killed); those
+    of a live writer and every other file stay. Returns the names removed."""
+    gone = []
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return gone
+    for name in names:
+        m = _PART.match(name)
+        if m and not (m.group(1) and _alive(int(m.group(1)))):
+            try:
+                os.unlink(os.path.join(folder, name))
+                gone.append(name)
+            except OSError:
+                pass
+    return gone
+
+
 def write_image(path: str, arr: np.ndarray, meta: ImageMeta) -> None:
     """Write atomically (temporary file in the same folder, then rename): a crash never leaves half a file."""
     path = os.fspath(path)
@@ -276,7 +388,7 @@ def write_image(path: str, arr: np.ndarray, meta: ImageMeta) -> None:
     data = _encode(arr, meta, os.path.splitext(path)[1] or ".png")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".mfsr-", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{PART_PREFIX}{os.getpid()}-", suffix=PART_SUFFIX)
     except OSError as e:
         raise ImageError(f"cannot write to {folder}: {e.strerror or e}") from None
     try:

@@ -4,9 +4,12 @@ pixels' range, each in one place, with a sentence that says what is wrong."""
 from __future__ import annotations
 
 import numbers
-import warnings
 
 import numpy as np
+
+from mfsr_fast.io.images import checked_unit
+
+__all__ = ["OUT_DTYPES", "as_float", "check_out_dtype", "check_run", "check_steps_scale", "checked_unit"]
 
 OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.uint16))
 
@@ -20,6 +23,23 @@ def check_steps_scale(steps, scale) -> tuple[int, float]:
     return int(steps), float(scale)
 
 
+MIN_TILE = 8
+
+
+def check_run(tile, seed, progress) -> None:
+    """tile: None (from free memory) or an integer of at least MIN_TILE LR pixels (a model whose patches span
+    several pixels raises it to 8 patches); seed: an integer in the 64-bit range (numpy integers too, not bool);
+    progress: None, a bool or a callable (done, total)."""
+    if tile is not None and (isinstance(tile, bool) or not isinstance(tile, numbers.Integral) or tile < MIN_TILE):
+        raise ValueError(f"tile must be None (from free memory) or an integer of at least {MIN_TILE} LR pixels, "
+                         f"got {tile!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must be an integer (64-bit), got {seed!r}")
+    if progress is not None and not isinstance(progress, bool) and not callable(progress):
+        raise ValueError(f"progress must be None, True / False or a callable (done, total), got "
+                         f"{type(progress).__name__}")
+
+
 def check_out_dtype(out_dtype) -> np.dtype:
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in OUT_DTYPES:
@@ -27,24 +47,10 @@ def check_out_dtype(out_dtype) -> np.dtype:
     return out_dtype
 
 
-def checked_unit(arr: np.ndarray, what: str) -> np.ndarray:
-    """Every input type's one check of float pixels: finite, and in [0, 1] (values a rounding away are clipped;
-    a 0-255 or 0-65535 float image is refused with the division it needs, instead of turning white)."""
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{what} contains NaN or infinity")
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi > 1.5 or lo < -0.5:
-        hint = " (divide by 255 for 8-bit values)" if hi <= 255 else " (divide by 65535 for 16-bit values)"
-        raise ValueError(f"float {what} values must lie in [0, 1], got {lo:g}..{hi:g}{hint}")
-    if hi > 1 + 1e-3 or lo < -1e-3:
-        warnings.warn(f"float {what} values {lo:g}..{hi:g} clipped to [0, 1]", stacklevel=3)
-    if lo >= 0 and hi <= 1:  # already in range: no copy (large inputs are checked twice on the numpy path)
-        return arr.astype(np.float32, copy=False)
-    return np.clip(arr, 0, 1).astype(np.float32, copy=False)
-
-
 def as_float(arr: np.ndarray) -> tuple[np.ndarray, int]:
     """numpy image -> (H, W, C) float32 in [0, 1] and its bit depth (8, 16, or 0 for float input)."""
+    if arr.size == 0:
+        raise ValueError(f"numpy image is empty (shape {arr.shape})")
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):

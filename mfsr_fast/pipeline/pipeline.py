@@ -32,10 +32,11 @@ from tqdm import tqdm
 from mfsr_fast.io.images import array_to_pil, pil_to_array, read_image
 from mfsr_fast.models.codec import VAECodec, make_codec
 from mfsr_fast.models.conditioning import SCALE, lr_condition
+from mfsr_fast.models.convert import load_mfsr
 from mfsr_fast.models.restorer import Restorer, load_restorer
 from mfsr_fast.models.transformer import MFSRTransformer
 from mfsr_fast.pipeline.compose import check_color_fix, compose_flat
-from mfsr_fast.pipeline.inputs import as_float, check_out_dtype, check_steps_scale, checked_unit
+from mfsr_fast.pipeline.inputs import as_float, check_out_dtype, check_run, check_steps_scale, checked_unit
 from mfsr_fast.pipeline.loading import (
     checked_folder,
     load_teacher,
@@ -80,7 +81,7 @@ class MFSRPipeline:
         dev, dtype = resolve_device(device), resolve_dtype(dtype)
         folder = checked_folder(model_folder(model))
         dt = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
-        transformer = MFSRTransformer.from_pretrained(folder, low_cpu_mem_usage=False, torch_dtype=dt)
+        transformer = load_mfsr(folder, dt)
         transformer = transformer.to(device=dev).eval().requires_grad_(False)
         cfg = transformer.cfg
         restorer = load_restorer(cfg.restorer, device=dev, model_dir=folder) if transformer.needs_restorer else None
@@ -210,9 +211,9 @@ class MFSRPipeline:
             return res if bits else res.astype(image.dtype)
         if isinstance(image, torch.Tensor):
             t = image[None] if image.dim() == 3 else image
-            if t.dim() != 4 or t.shape[1] not in (1, 2, 3, 4) or not t.is_floating_point():
-                raise ValueError("tensor image must be float (C, H, W) or (B, C, H, W) in [0, 1] with C in 1..4, got "
-                                 f"{tuple(image.shape)} {image.dtype}")
+            if t.dim() != 4 or t.shape[1] not in (1, 2, 3, 4) or not t.is_floating_point() or t.numel() == 0:
+                raise ValueError("tensor image must be float (C, H, W) or (B, C, H, W) in [0, 1] with C in 1..4 and "
+                                 f"no empty dimension, got {tuple(image.shape)} {image.dtype}")
             frames = [checked_unit(s.detach().permute(1, 2, 0).float().cpu().numpy(), "tensor image") for s in t]
             outs = [torch.from_numpy(self.upscale_array(f, **kw)).permute(2, 0, 1) for f in frames]
             out = torch.stack(outs).to(device=image.device, dtype=image.dtype)
@@ -230,6 +231,7 @@ class MFSRPipeline:
         if H < 1 or W < 1:
             raise ValueError(f"zero-size image ({W}x{H})")
         steps, scale = check_steps_scale(steps, scale)
+        check_run(tile, seed, progress)
         detail = self.check_detail(detail)
         out_dtype = check_out_dtype(out_dtype)
         check_color_fix(color_fix)

@@ -7,7 +7,7 @@ import functools
 import torch
 
 from mfsr_fast.pipeline.compose import check_color_fix
-from mfsr_fast.pipeline.inputs import check_steps_scale
+from mfsr_fast.pipeline.inputs import check_run, check_steps_scale
 from mfsr_fast.pipeline.loading import model_folder, resolve_device, resolve_dtype
 from mfsr_fast.pipeline.pipeline import MFSRPipeline
 from mfsr_fast.sampling.config import check_share
@@ -49,6 +49,7 @@ def upscale(image, *, scale: float = 4, steps: int = 1, detail: float = 1.0, see
     (``MFSRPipeline.sampler``, stored in its folder's sampler_config.json); set another on a pipeline and pass it as
     ``model``."""
     check_steps_scale(steps, scale)  # the cheap mistakes before a model loads
+    check_run(tile, seed, progress)
     check_share("detail", detail)
     check_color_fix(color_fix)
     if isinstance(model, MFSRPipeline):
