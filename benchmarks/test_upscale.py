@@ -38,33 +38,41 @@ def _realesrgan(device) -> tuple[Restorer, str]:
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")), reason="no embedded default")
 def test_upscale_128_to_512(benchmark, full, env_info):
-    """The default's ``upscale`` path (its restorer included, for a restorer-conditioned default) against
-    Real-ESRGAN x4plus alone. Goal: 1 step within 1.3x Real-ESRGAN's time on the CPU."""
+    """The default's ``upscale`` path (its restorer included) in the precision chosen for the machine and in
+    float32, against Real-ESRGAN x4plus alone in float32 (channels_last), timed in the same run. Goals on a CPU
+    with native bfloat16: 1 step within 0.35x Real-ESRGAN-fp32's time, 4 steps within 0.7x."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     side = 128 if full else 32
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, side, side, generator=g).to(device)
     pipe = MFSRPipeline.from_pretrained("default", device=device)
+    fp32 = MFSRPipeline.from_pretrained("default", device=device, dtype="float32")
     model = pipe.transformer
     realesrgan, weights = _realesrgan(device)
     reps = 3 if full else 1
+    calls = {"realesrgan_x4plus_fp32": lambda: realesrgan(x),
+             "mfsr_1step": lambda: pipe.upscale_rgb(x, steps=1),
+             "mfsr_4step": lambda: pipe.upscale_rgb(x, steps=4),
+             "mfsr_1step_fp32": lambda: fp32.upscale_rgb(x, steps=1),
+             "mfsr_4step_fp32": lambda: fp32.upscale_rgb(x, steps=4),
+             "bicubic": lambda: F.interpolate(x, scale_factor=4, mode="bicubic")}
     with torch.inference_mode():
-        pipe.upscale_rgb(x, steps=1)  # warm-up (allocator, oneDNN primitives) for both
-        realesrgan(x)
-        times = {
-            "realesrgan_x4plus": median_seconds(lambda: realesrgan(x), reps),
-            "mfsr_1step": median_seconds(lambda: pipe.upscale_rgb(x, steps=1), reps),
-            "mfsr_4step": median_seconds(lambda: pipe.upscale_rgb(x, steps=4), reps),
-            "bicubic": median_seconds(lambda: F.interpolate(x, scale_factor=4, mode="bicubic"), reps),
-        }
+        for fn in calls.values():  # warm-up (allocator, oneDNN primitives) for all
+            fn()
+        times = {k: [] for k in calls}
+        for _ in range(reps):  # interleaved, so that a slow moment of the machine touches every method alike
+            for k, fn in calls.items():
+                times[k].append(median_seconds(fn, 1))
+        times = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     info = dict(env_info, lr_side=side, out_side=4 * side, params_mfsr=sum(p.numel() for p in model.parameters()),
                 params_realesrgan=sum(p.numel() for p in realesrgan.net.parameters()),
-                realesrgan_weights=weights, default_uses_restorer=model.needs_restorer)
+                realesrgan_weights=weights, default_uses_restorer=model.needs_restorer, precision=str(pipe.precision))
     info.update({f"ms_{k}": v * 1e3 for k, v in times.items()})
-    info["mfsr_1step_over_realesrgan"] = times["mfsr_1step"] / times["realesrgan_x4plus"]
-    info["speedup_vs_realesrgan_x4plus"] = times["realesrgan_x4plus"] / times["mfsr_1step"]
+    for k in ("mfsr_1step", "mfsr_4step", "mfsr_1step_fp32", "mfsr_4step_fp32"):
+        info[f"{k}_over_realesrgan_fp32"] = times[k] / times["realesrgan_x4plus_fp32"]
     info["shape"] = f"{side}->{4 * side}"
     benchmark.extra_info.update(info)
+    print(f"\n128 -> 512 ({env_info}, {pipe.precision}): " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()))
     with torch.inference_mode():
         benchmark.pedantic(lambda: pipe.upscale_rgb(x, steps=1), rounds=reps, warmup_rounds=0)
 

@@ -64,9 +64,11 @@ def test_wheel_installs_into_a_fresh_venv_and_upscales_offline(tmp_path):
     assert res.stdout.strip() == f"mfsr-upscale {mfsr_fast.__version__}"
     res = _run([py, "-c", "import mfsr_fast, sys; print(mfsr_fast.__file__)"], cwd=work, env=env)
     assert res.stdout.strip().startswith(str(venv))
-    _run([cli, "in.png", "-o", "out", "--device", "cpu"], cwd=work, env=env)
+    # Both in float32: this process's tests run as on a CPU without native bfloat16 (conftest), the installed
+    # command would take the machine's own precision.
+    _run([cli, "in.png", "-o", "out", "--device", "cpu", "--dtype", "float32"], cwd=work, env=env)
     out = np.asarray(Image.open(work / "out" / "in_x4.png"))
     assert out.shape == (96, 80, 3)
-    ours = mfsr_fast.upscale(img, device="cpu")
+    ours = mfsr_fast.upscale(img, device="cpu", dtype="float32")
     diff = np.abs(out.astype(int) - ours.astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.05  # the same weights and code (thread counts may round apart)

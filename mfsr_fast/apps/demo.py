@@ -41,7 +41,8 @@ def other_flat_detail(pipe: MFSRPipeline) -> float | None:
     return 1.0 if pipe.sampler.flat_detail != 1 else FLAT_DETAIL
 
 
-def _photo(name: str, side: int) -> np.ndarray:
+def photo(name: str, side: int) -> np.ndarray:
+    """The bundled sample photo ``name``, its centre square crop of at most ``side`` px, RGB uint8."""
     img = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
     if img.ndim == 2:
         img = np.stack([img] * 3, axis=-1)
@@ -96,7 +97,7 @@ def _photo_row(name: str, args, methods: dict, alt: float | None, figure: list) 
     """One photo through every method: its files, its comparison, its row of times; its panels for ``--figure``
     appended to ``figure``."""
     alt_label = _alt_label(alt)
-    hr = Image.fromarray(_photo(name, args.side))
+    hr = Image.fromarray(photo(name, args.side))
     lr = hr.resize((hr.width // 4, hr.height // 4), Image.BOX)
     bic = lr.resize(hr.size, Image.BICUBIC)
     outs, times = {}, {}
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: embedded default ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters"
           + (f", over {model.cfg.restorer}" if model.needs_restorer else "")
           + (f", flat_detail {pipe.sampler.flat_detail:g}" if pipe.sampler.flat_detail != 1 else "")
-          + f"), device {pipe.device}")
+          + f"), device {pipe.device}, {pipe.precision}; Real-ESRGAN in float32")
     alt = other_flat_detail(pipe)
     alt_label = _alt_label(alt)
     methods = _methods(pipe, realesrgan, alt)

@@ -175,7 +175,8 @@ def build(up: Upscaler, max_upload_mb: float = MAX_UPLOAD_MB):
     with gr.Blocks(title="mfsr-fast: x4 super-resolution", analytics_enabled=False,
                    delete_cache=(KEEP_SECONDS, KEEP_SECONDS)) as page:
         gr.Markdown("## mfsr-fast: x4 real-world super-resolution\nOne MeanFlow step is the default; 2-4 refine. "
-                    f"Uploads up to {max_upload_mb:g} MB and {up.max_pixels / 1e6:g} megapixels each.")
+                    f"Uploads up to {max_upload_mb:g} MB and {up.max_pixels / 1e6:g} megapixels each. Runs on "
+                    f"{up.pipe.device} in {up.pipe.precision}.", elem_id="about")
         results = gr.State([])
         with gr.Row():
             with gr.Column(scale=1):
@@ -231,6 +232,7 @@ def serve(model="default", device=None, dtype=None, host: str = "127.0.0.1", por
     check_port(host, port)  # before the model loads
     up = Upscaler(model, device, dtype, max_megapixels=max_megapixels, sampler=sampler)
     page = build(up, max_upload_mb)
+    print(f"mfsr-web: model {model} on {up.pipe.device}, {up.pipe.precision}", file=sys.stderr)
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"mfsr-web: serving on {host}: anyone who can reach this machine can use the page", file=sys.stderr)
     page.queue(default_concurrency_limit=1)
@@ -265,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(the 'web' extra: pip install 'mfsr-fast[web]').")
     ap.add_argument("--model", default="default", help="'default' or a model / training run folder")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                    help="precision of both networks (default: the machine's, as mfsr-upscale)")
     ap.add_argument("--sampler", default=None, metavar="FILE.json",
                     help="the model's sampler with the fields this JSON file gives replaced (docs/usage.md)")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")

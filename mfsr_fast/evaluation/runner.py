@@ -65,7 +65,8 @@ class RestoredCache:
     def get(self, key: str, x: torch.Tensor, restorer=None) -> tuple[torch.Tensor, float, bool]:
         """(R(x), seconds it took, whether this call computed it) for image ``key``."""
         r = restorer or self.restorer()
-        key = (key, os.path.abspath(r.path) if r.path else id(r))  # a model may carry a restorer of its own
+        # A model may carry a restorer of its own, or run it in another precision than Real-ESRGAN's float32 row.
+        key = (key, os.path.abspath(r.path) if r.path else id(r), str(r.dtype))
         fresh = self.key != key
         if fresh:
             t0 = time.perf_counter()

@@ -13,7 +13,8 @@ Licence: Real-ESRGAN and its released weights are BSD-3-Clause (Xintao Wang, 202
 converted weights records it, with the source files' SHA-256.
 
 Caution:
-- The network is fp32 on the CPU; on CUDA it runs in the dtype it is moved to (bf16 changes the last bits).
+- In a lower precision (``Restorer.to(dtype=...)``, ``load_restorer(dtype=...)``) the convs between the first and
+  the last run in it; those two and the residual stream stay float32 (``RRDBNet.set_dtype``).
 - Tiles are padded with real neighbouring pixels (``pad``), so a tiled result equals the whole-image result only up to
   the receptive field beyond the pad (measured in tests/test_restorer.py on a random network).
 """
@@ -50,10 +51,10 @@ class ResidualDenseBlock(nn.Module):
         self.conv5 = nn.Conv2d(num_feat + 4 * g, num_feat, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [x]
+        feats = [x.to(self.conv1.weight.dtype)]  # the convs in the weights' dtype, the residual in x's
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2))  # (B, F + k g, H, W) -> (B, g, H, W)
-        return x + 0.2 * self.conv5(torch.cat(feats, 1))
+        return x + 0.2 * self.conv5(torch.cat(feats, 1)).to(x.dtype)
 
 
 class RRDB(nn.Module):
@@ -67,6 +68,13 @@ class RRDB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + 0.2 * self.rdb3(self.rdb2(self.rdb1(x)))
+
+
+# LR rows of context a band of the upsampling tail needs on each side: conv_up1 reaches 1 row at 2x, conv_up2,
+# conv_hr and conv_last 3 rows at 4x, which is 2 LR rows after the two nearest upsamplings.
+TAIL_HALO = 2
+TAIL_BYTES = 32 * 2**20  # what one activation of the upsampling tail may take: its bands' height follows
+MIN_TAIL_ROWS = 16  # oneDNN picks other kernels (other rounding) for very short bands
 
 
 class RRDBNet(nn.Module):
@@ -85,12 +93,44 @@ class RRDBNet(nn.Module):
         self.conv_hr = nn.Conv2d(num_feat, num_feat, 3, 1, 1)
         self.conv_last = nn.Conv2d(num_feat, num_out_ch, 3, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feat = self.conv_first(x)  # (B, F, h, w)
-        feat = feat + self.conv_body(self.body(feat))  # (B, F, h, w)
+    def forward(self, x: torch.Tensor, tail_rows: int | None = None) -> torch.Tensor:
+        """``tail_rows``: run the upsampling tail (whose activations are 16x the body's) on bands of this many LR
+        rows, each with ``TAIL_HALO`` rows of context, so that its working set is one band's; the result is the
+        same as in one piece (each output row sees the same inputs)."""
+        feat = self.conv_first(x.to(self.conv_first.weight.dtype)).float()  # (B, F, h, w): the residual stream is
+        feat = feat + self.conv_body(self.body(feat).to(self.conv_body.weight.dtype)).float()  # float32 throughout
+        feat = feat.to(self.conv_up1.weight.dtype)
+        h = feat.shape[-2]
+        if tail_rows is None or h < 2 * max(tail_rows, MIN_TAIL_ROWS):
+            return self.tail(feat)
+        n = -(-h // max(tail_rows, MIN_TAIL_ROWS))  # bands of equal height: no sliver at the bottom
+        step = -(-h // n)
+        s, out = 4, None
+        for a in range(0, h, step):
+            b = min(h, a + step)
+            pa, pb = max(0, a - TAIL_HALO), min(h, b + TAIL_HALO)
+            o = self.tail(feat[:, :, pa:pb])
+            if out is None:
+                out = o.new_empty(o.shape[0], o.shape[1], s * h, o.shape[-1])
+            out[:, :, s * a:s * b] = o[:, :, s * (a - pa):s * (b - pa)]
+        return out
+
+    def tail(self, feat: torch.Tensor) -> torch.Tensor:
+        """The body's features (B, F, h, w) -> the image (B, 3, 4h, 4w): two nearest x2 upsamplings with their
+        convs, then two convs."""
         feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)  # (B, F, 2h, 2w)
         feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)  # (B, F, 4h, 4w)
-        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))  # (B, 3, 4h, 4w)
+        feat = F.leaky_relu(self.conv_hr(feat), 0.2)
+        return self.conv_last(feat.to(self.conv_last.weight.dtype)).float()  # (B, 3, 4h, 4w)
+
+    def set_dtype(self, dtype: torch.dtype) -> RRDBNet:
+        """The dense blocks, conv_body and the upsampling convs (all but 0.3 % of the work) in ``dtype``; conv_first
+        and conv_last stay float32, as does the residual stream (``forward``): in bfloat16 the input's 256 levels,
+        the output's and the stream's 70 sums would otherwise each be rounded to 8 significant bits."""
+        self.float()
+        for part in (self.body, self.conv_body, self.conv_up1, self.conv_up2, self.conv_hr):
+            part.to(dtype)
+        return self
 
     def conv_layers(self) -> list[nn.Conv2d]:
         """Every convolution in forward order (the order of the ncnn export)."""
@@ -142,7 +182,7 @@ class Restorer:
             net.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
         except RuntimeError as e:
             raise ValueError(f"restorer {folder}: weights do not fit its config.json: {e}") from None
-        r = cls(net.to(device=device, dtype=dtype), **kw)
+        r = cls(net.to(device=device).set_dtype(dtype), **kw)
         r.path = folder
         return r
 
@@ -159,11 +199,15 @@ class Restorer:
             json.dump(dict(self.net.config, scale=self.scale), f, indent=2)
 
     def to(self, device=None, dtype=None) -> Restorer:
-        self.net.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        self.net.to(device=device, memory_format=torch.channels_last)
+        if dtype is not None:
+            self.net.set_dtype(dtype)
         return self
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.contiguous(memory_format=torch.channels_last)).float().contiguous()
+        per_row = 16 * x.shape[0] * x.shape[-1] * self.net.config["num_feat"] * self.dtype.itemsize  # at 4x, an LR row
+        rows = TAIL_BYTES // per_row
+        return self.net(x.contiguous(memory_format=torch.channels_last), tail_rows=rows).float().contiguous()
 
     @property
     def device(self) -> torch.device:
@@ -171,7 +215,8 @@ class Restorer:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.net.conv_first.weight.dtype
+        """The body's dtype (``RRDBNet.set_dtype``)."""
+        return self.net.conv_body.weight.dtype
 
     def _tile_for(self, height: int, width: int) -> int:
         return self.tile or (max(height, width) if max(height, width) <= self.max_side else self.max_side)
@@ -199,9 +244,9 @@ class Restorer:
             raise ValueError(f"rows [{y0}, {y1}) of a {H}-row image must start and end on bands of {band} rows")
         tile = self._tile_for(H, W)
         if H <= tile and W <= tile:  # one piece (then the only band is the whole image)
-            return self._run(lr.to(device=self.device, dtype=self.dtype)).clamp(0, 1)
+            return self._run(lr.to(device=self.device, dtype=torch.float32)).clamp(0, 1)
         s, p = self.scale, self.pad
-        x = lr[:, :, max(0, y0 - p):min(H, y1 + p)].to(device=self.device, dtype=self.dtype)
+        x = lr[:, :, max(0, y0 - p):min(H, y1 + p)].to(device=self.device, dtype=torch.float32)
         off = max(0, y0 - p)  # x's first row in lr
         out = torch.empty(x.shape[0], 3, s * (y1 - y0), s * W, device=x.device)
         for ty0 in range(y0, y1, tile):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,9 @@ from mfsr_fast.models.transformer import MFSRTransformer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "default")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The transformer's dtype on a CPU with native bfloat16: its small tiles gain nothing from it on AVX512_BF16
+# (docs/results/speed-and-memory.md), so it stays float32 there while the restorer's convolutions take bfloat16.
+AUTO_TRANSFORMER_CPU = torch.float32
 
 
 def resolve_device(device=None) -> torch.device:
@@ -53,6 +57,54 @@ def resolve_dtype(dtype):
     if isinstance(dtype, str) and dtype.replace("torch.", "") in DTYPES:
         return DTYPES[dtype.replace("torch.", "")]
     raise ValueError(f"dtype must be None, float32, bfloat16 or float16 (a torch dtype or its name), got {dtype!r}")
+
+
+def native_bf16() -> str | None:
+    """The CPU feature that makes bfloat16 fast here, as torch reports it ('AMX', 'AVX512_BF16'), or None: oneDNN
+    then runs bfloat16 convolutions and matrix products in hardware instead of emulating them."""
+    cpu = torch.cpu
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        if cpu._is_amx_tile_supported():
+            return "AMX"
+        if cpu._is_avx512_bf16_supported():
+            return "AVX512_BF16"
+    except (AttributeError, RuntimeError):  # a torch without these queries: no claim
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes a pipeline runs in, and why: the transformer's, the restorer's body's, and whether they were
+    chosen for this machine (``auto_precision``) or given."""
+
+    transformer: torch.dtype
+    restorer: torch.dtype
+    why: str
+
+    def __str__(self) -> str:
+        name = lambda dt: str(dt).replace("torch.", "")  # noqa: E731
+        same = self.transformer == self.restorer
+        what = name(self.transformer) if same else (f"transformer {name(self.transformer)}, "
+                                                     f"restorer {name(self.restorer)}")
+        return f"{what} ({self.why})"
+
+
+def auto_precision(device: torch.device, dtype=None) -> Precision:
+    """``dtype`` given: both networks in it. Else the one for the machine: on a CPU with native bfloat16 (AMX or
+    AVX512_BF16) the restorer's body in bfloat16 and the transformer in AUTO_TRANSFORMER_CPU; float32 on other CPUs;
+    bfloat16 on CUDA and MPS."""
+    dt = resolve_dtype(dtype)
+    if dt is not None:
+        return Precision(dt, dt, "as asked")
+    if device.type != "cpu":
+        return Precision(torch.bfloat16, torch.bfloat16, f"chosen for {device.type}")
+    feature = native_bf16()
+    if feature is None:
+        return Precision(torch.float32, torch.float32, "chosen for this CPU: no native bfloat16")
+    return Precision(AUTO_TRANSFORMER_CPU, torch.bfloat16, f"chosen for this CPU: {feature}")
 
 
 def find_weights(path: str, ema: bool = True) -> str:

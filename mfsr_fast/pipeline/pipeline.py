@@ -38,6 +38,8 @@ from mfsr_fast.models.transformer import MFSRTransformer
 from mfsr_fast.pipeline.compose import check_color_fix, compose_flat
 from mfsr_fast.pipeline.inputs import as_float, check_out_dtype, check_run, check_steps_scale, checked_unit
 from mfsr_fast.pipeline.loading import (
+    Precision,
+    auto_precision,
     checked_folder,
     load_teacher,
     model_folder,
@@ -67,24 +69,28 @@ class MFSRPipeline:
         self.transformer = transformer
         self.codec = codec if codec is not None else make_codec(transformer.cfg)
         if restorer is None and transformer.needs_restorer:
-            restorer = load_restorer(transformer.cfg.restorer, device=self.device, model_dir=folder)
+            restorer = load_restorer(transformer.cfg.restorer, device=self.device, dtype=self.dtype, model_dir=folder)
         self.restorer = restorer if transformer.needs_restorer else None
         self.folder = folder
         self.sampler = sampler if sampler is not None else SamplerConfig()
+        rdt = self.restorer.dtype if self.restorer is not None else self.dtype
+        self.precision = Precision(self.dtype, rdt, "as built")
 
     @classmethod
     def from_pretrained(cls, model="default", *, device=None, dtype=None) -> MFSRPipeline:
         """'default' (the embedded default) or a folder: an exported model, a training run (its newest whole
         checkpoint) or a checkpoint (its EMA weights), on ``device`` (default: CUDA when there is one) in ``dtype``
-        (default: float32 on the CPU, bfloat16 elsewhere). A folder written before samplers had their own file gets
-        the sampler its config.json held."""
-        dev, dtype = resolve_device(device), resolve_dtype(dtype)
+        (default: the precision chosen for the machine, ``loading.auto_precision``; ``pipe.precision`` says which ran
+        and why). A folder written before samplers had their own file gets the sampler its config.json held."""
+        dev = resolve_device(device)
+        precision = auto_precision(dev, dtype)
         folder = checked_folder(model_folder(model))
-        dt = dtype or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
+        dt = precision.transformer
         transformer = load_mfsr(folder, dt)
         transformer = transformer.to(device=dev).eval().requires_grad_(False)
         cfg = transformer.cfg
-        restorer = load_restorer(cfg.restorer, device=dev, model_dir=folder) if transformer.needs_restorer else None
+        restorer = load_restorer(cfg.restorer, device=dev, dtype=precision.restorer, model_dir=folder) \
+            if transformer.needs_restorer else None
         codec = None
         if cfg.codec == "sd3-vae":
             vae = vae_folder(folder)
@@ -95,7 +101,9 @@ class MFSRPipeline:
         if cfg.learned_prompts <= 0:
             raise ValueError("this model stores no prompts: a student from training.distill carries its positive "
                              "conditioning; for a converted teacher, add prompt embeddings with model.set_prompts")
-        return cls(transformer, codec, restorer, load_sampler(folder), folder=folder)
+        pipe = cls(transformer, codec, restorer, load_sampler(folder), folder=folder)
+        pipe.precision = precision
+        return pipe
 
     @classmethod
     def from_teacher(cls, path: str, *, device=None, prompts: str | None = None, vae: str | None = None,
@@ -177,18 +185,23 @@ class MFSRPipeline:
         return float(detail)
 
     def to(self, device=None, dtype=None) -> MFSRPipeline:
-        """The transformer in ``dtype``; every part on ``device`` (a restorer read from a folder as the shared copy
-        for that device, so that moving one pipeline never moves another's). Returns the pipeline."""
-        if dtype is not None:
-            nn.Module.to(self.transformer, dtype=resolve_dtype(dtype))  # (diffusers' to() warns on any dtype)
+        """The transformer and the restorer's body in ``dtype``; every part on ``device`` (a restorer read from a
+        folder as the shared copy for that device and dtype, so that moving one pipeline never moves another's).
+        Returns the pipeline."""
+        dt = resolve_dtype(dtype)
+        if dt is not None:
+            nn.Module.to(self.transformer, dtype=dt)  # (diffusers' to() warns on any dtype)
+        dev = resolve_device(device) if device is not None else self.device
         if device is not None:
-            dev = resolve_device(device)
             self.transformer.to(dev)
             if isinstance(self.codec, VAECodec):
                 self.codec.to(device=dev)
-            r = self.restorer
-            if r is not None and r.device != dev:
-                self.restorer = load_restorer(r.path, device=dev, dtype=r.dtype) if r.path else r.to(device=dev)
+        r = self.restorer
+        if r is not None and (r.device != dev or (dt is not None and r.dtype != dt)):
+            rdt = dt or r.dtype
+            self.restorer = load_restorer(r.path, device=dev, dtype=rdt) if r.path else r.to(device=dev, dtype=rdt)
+        if dt is not None:
+            self.precision = Precision(dt, dt, "as asked")
         return self
 
     # An image in, an image out.

@@ -244,9 +244,11 @@ def auto_tile(model, codec, device: torch.device) -> int:
     return 32
 
 
+CPU_TILE_BATCH = 8  # tiles per model call on a CPU: fewer, larger calls (docs/results/speed-and-memory.md)
+
+
 def auto_tile_batch(model, codec, device: torch.device, tile: int) -> int:
-    """Tiles per model call: on a GPU as many as a quarter of the free memory holds (up to 64), since one call per
-    small tile leaves the GPU waiting on the host; 1 on the CPU, where batching gains little and costs memory."""
-    if device.type != "cuda":
-        return 1
-    return int(max(1, min(64, free_memory(device) / 4 // max(1, tile_memory(model, codec, tile)))))
+    """Tiles per model call: as many as a quarter of the free memory holds, up to 64 on a GPU (one call per small
+    tile leaves it waiting on the host) and CPU_TILE_BATCH on a CPU (fewer calls of larger matrices)."""
+    cap = 64 if device.type == "cuda" else CPU_TILE_BATCH
+    return int(max(1, min(cap, free_memory(device) / 4 // max(1, tile_memory(model, codec, tile)))))

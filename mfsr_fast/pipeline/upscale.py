@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
-
 from mfsr_fast.pipeline.compose import check_color_fix
 from mfsr_fast.pipeline.inputs import check_run, check_steps_scale
 from mfsr_fast.pipeline.loading import model_folder, resolve_device, resolve_dtype
@@ -15,15 +13,15 @@ from mfsr_fast.sampling.config import check_share
 
 @functools.lru_cache(maxsize=4)
 def _cached(folder: str, device: str, dtype: str) -> MFSRPipeline:
-    return MFSRPipeline.from_pretrained(folder, device=device, dtype=getattr(torch, dtype))
+    return MFSRPipeline.from_pretrained(folder, device=device, dtype=None if dtype == "auto" else dtype)
 
 
 def cached_pipeline(model="default", device=None, dtype=None) -> MFSRPipeline:
     """The pipeline ``upscale`` runs: ``MFSRPipeline.from_pretrained(model, ...)``, kept for the next call with the
     same folder, device and dtype (the four most recent)."""
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype) or (torch.float32 if dev.type == "cpu" else torch.bfloat16)
-    return _cached(model_folder(model), str(dev), str(dt).replace("torch.", ""))
+    dt = resolve_dtype(dtype)
+    return _cached(model_folder(model), str(dev), str(dt).replace("torch.", "") if dt is not None else "auto")
 
 
 def clear_cache() -> None:
