@@ -121,6 +121,22 @@ def small_restorer_folder(folder, seed: int = 0, num_feat: int = 8, num_grow_ch:
     return str(folder)
 
 
+@pytest.fixture
+def restorer_dir(tmp_path, monkeypatch):
+    """A small restorer installed under the name the presets use, found through $MFSR_RESTORER_DIR."""
+    from mfsr_fast.models import restorer as rs
+    from mfsr_fast.pipeline import upscale as up
+
+    root = tmp_path / "restorers"
+    small_restorer_folder(root / "realesrgan-x4plus")
+    monkeypatch.setenv("MFSR_RESTORER_DIR", str(root))
+    rs.clear_cache()
+    up.clear_cache()
+    yield root
+    rs.clear_cache()
+    up.clear_cache()
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A 1-block random model with learned prompts and the pixel codec (fast; outputs are not meant to look good)."""

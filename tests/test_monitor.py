@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_restorer_model import _teacher_args, _tiny_images, restorer_dir  # noqa: F401 (fixture)
+from test_restorer_model import _teacher_args, _tiny_images
 
 pytest.importorskip("diffusers")
 

@@ -12,28 +12,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_, small_restorer_folder
+from conftest import randomize_
 
 from mfsr_fast import MFSRPipeline, SamplerConfig, TeacherSampling, upscale
 from mfsr_fast.models.transformer import MFSRTransformer
 
 MICRO = dict(num_layers=1, dual_attention_layers=(0,), num_heads=2, head_dim=16)
-
-
-@pytest.fixture
-def restorer_dir(tmp_path, monkeypatch):
-    """A small restorer installed under the name the presets use, found through $MFSR_RESTORER_DIR."""
-    from mfsr_fast.models import restorer as rs
-    from mfsr_fast.pipeline import upscale as up
-
-    root = tmp_path / "restorers"
-    small_restorer_folder(root / "realesrgan-x4plus")
-    monkeypatch.setenv("MFSR_RESTORER_DIR", str(root))
-    rs.clear_cache()
-    up.clear_cache()
-    yield root
-    rs.clear_cache()
-    up.clear_cache()
 
 
 def _model(**kw) -> MFSRTransformer:
