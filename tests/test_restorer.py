@@ -11,6 +11,8 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import assert_close_to_ref
 
 from mfsr_fast.models import ncnn
 from mfsr_fast.models import restorer as rs
@@ -138,6 +140,41 @@ def test_convert_errors_name_the_problem(tmp_path, capsys):
     assert ncnn.main(["convert", str(tmp_path), str(tmp_path / "out")]) == 1
     assert "no realesrgan-x4plus.param" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _reference_rrdbnet(net: rs.RRDBNet, x: torch.Tensor) -> torch.Tensor:
+    """ESRGAN's generator written out from its definition (plain functional calls, in x's dtype) with ``net``'s
+    weights."""
+    def conv(m, t):
+        return F.conv2d(t, m.weight.to(t.dtype), m.bias.to(t.dtype), padding=1)
+
+    def lrelu(t):
+        return F.leaky_relu(t, 0.2)
+
+    def rdb(b, t):
+        feats = [t]
+        for m in (b.conv1, b.conv2, b.conv3, b.conv4):
+            feats.append(lrelu(conv(m, torch.cat(feats, 1))))
+        return t + 0.2 * conv(b.conv5, torch.cat(feats, 1))
+
+    feat = conv(net.conv_first, x)
+    body = feat
+    for blk in net.body:
+        body = body + 0.2 * rdb(blk.rdb3, rdb(blk.rdb2, rdb(blk.rdb1, body)))
+    feat = feat + conv(net.conv_body, body)
+    feat = lrelu(conv(net.conv_up1, F.interpolate(feat, scale_factor=2, mode="nearest")))
+    feat = lrelu(conv(net.conv_up2, F.interpolate(feat, scale_factor=2, mode="nearest")))
+    return conv(net.conv_last, lrelu(conv(net.conv_hr, feat)))
+
+
+def test_the_network_is_esrgans_generator_and_leaves_its_input_alone():
+    net = _net(seed=3, num_in_ch=3, num_out_ch=3, num_feat=8, num_block=2, num_grow_ch=4)
+    x = torch.rand(1, 3, 9, 11)
+    kept = x.clone()
+    with torch.no_grad():
+        got = net(x)
+        assert_close_to_ref(got, _reference_rrdbnet(net, x), _reference_rrdbnet(net, x.double()), "RRDBNet")
+    assert torch.equal(x, kept)  # the residual sums run in place, but never in the input
 
 
 def test_tiles_with_enough_context_equal_the_whole_image(tmp_path):

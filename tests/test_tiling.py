@@ -121,6 +121,28 @@ def test_restorer_rows_band_by_band_equal_the_whole_image(tmp_path):
     assert torch.equal(got, padded)
 
 
+def test_restored_rows_hold_one_band_and_the_rows_above_it_still_asked_for(tmp_path, monkeypatch):
+    folder = small_restorer_folder(tmp_path / "r")
+    r = Restorer.from_folder(folder, max_side=16)
+    x = torch.rand(1, 3, 70, 40)
+    whole = r(x)
+    restored = tiling.RestoredRows(r, x, 4)
+    held, orig = [], r.rows
+
+    def spy(lr, y0, y1):  # what is held while the next band is computed
+        held.append(sum(band.shape[2] for _, band in restored.bands))
+        return orig(lr, y0, y1)
+
+    monkeypatch.setattr(r, "rows", spy)
+    got = []
+    for y in range(0, 62, 6):  # tile rows of 8 LR rows every 6: most straddle two bands of 16
+        got.append(restored(y, y + 8)[:, :, : 4 * 6])
+        assert sum(band.shape[2] for _, band in restored.bands) <= 4 * (16 + 8)
+    got.append(restored(66, 70))
+    assert torch.equal(torch.cat(got, dim=2), whole)
+    assert len(held) == 5 and max(held) <= 4 * 8  # never a whole band above the one being computed
+
+
 def test_out_of_memory_halves_tiles_per_call_then_the_tile():
     err = torch.OutOfMemoryError("CUDA out of memory")
     cuda = torch.device("cuda")

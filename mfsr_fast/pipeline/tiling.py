@@ -63,25 +63,32 @@ class RestoredRows:
         H, W = rgb.shape[-2:]
         self.padded, self.mode = padded or (H, W), mode
         self.band = restorer.row_band(H, W) if full is None else H
-        self.c0 = self.c1 = 0  # LR rows [c0, c1) of R held in self.held
-        self.held = None
+        self.bands: list[tuple[int, torch.Tensor]] = []  # (first LR row, R's rows) of the bands held, in order
 
     def _ensure(self, y0: int, y1: int) -> None:
-        """Hold R's rows for LR rows [y0, y1) of the unpadded image (y0 only grows between calls)."""
-        s, H = self.s, self.rgb.shape[-2]
+        """Hold R's rows for LR rows [y0, y1) of the unpadded image (y0 only grows between calls): bands wholly
+        above y0 are dropped, missing ones computed. Bands are kept apart (never concatenated), so that what is held
+        is at most one band and the rows of the one above that requests still reach."""
+        H, s = self.rgb.shape[-2], self.s
+        self.bands = [(b0, r) for b0, r in self.bands if b0 + r.shape[2] // s > y0]
+        b1 = self.bands[-1][0] + self.bands[-1][1].shape[2] // s if self.bands else y0 - y0 % self.band
+        while b1 < y1:
+            # Before the next band: of the bands held, only the rows from y0 on are kept (a copy, so the band goes).
+            self.bands = [(y0, r[:, :, s * (y0 - b0):].clone()) if y0 > b0 else (b0, r) for b0, r in self.bands]
+            self.bands.append((b1, self.restorer.rows(self.rgb, b1, min(H, b1 + self.band)).float()))
+            b1 += self.band
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """R's HR rows ``rows`` (in any order, within the bands held)."""
         if self.full is not None:
-            return
-        if self.held is not None and y0 > self.c0:  # drop what no later request needs
-            self.held = self.held[:, :, s * (y0 - self.c0):]
-            self.c0 = y0
-        while self.c1 < y1:
-            b0, b1 = self.c1, min(H, self.c1 + self.band)
-            new = self.restorer.rows(self.rgb, b0, b1).float()
-            if self.held is None:
-                self.held, self.c0 = new, b0
-            else:
-                self.held = torch.cat([self.held, new], dim=2)
-            self.c1 = b1
+            return self.full[:, :, rows]
+        s, first = self.s, self.bands[0][1]
+        out = first.new_empty(first.shape[0], first.shape[1], len(rows), first.shape[3])
+        for b0, r in self.bands:
+            sel = (rows >= s * b0) & (rows < s * b0 + r.shape[2])
+            if sel.any():
+                out[:, :, sel] = r[:, :, rows[sel] - s * b0]
+        return out
 
     def __call__(self, y0: int, y1: int) -> torch.Tensor:
         s, (H, W), Wp = self.s, self.rgb.shape[-2:], self.padded[1]
@@ -90,10 +97,9 @@ class RestoredRows:
             last = s * H - 1
             rows = torch.where(rows > last, 2 * last - rows if self.mode == "reflect" else torch.full_like(rows, last),
                                rows)
-        lo, hi = int(rows.min()) // s, int(rows.max()) // s + 1
-        self._ensure(min(lo, y0), hi)
-        src, base = (self.full, 0) if self.full is not None else (self.held, s * self.c0)
-        out = src[:, :, rows - base]
+        if self.full is None:
+            self._ensure(min(y0, int(rows.min()) // s), int(rows.max()) // s + 1)
+        out = self._gather(rows)
         if Wp > W:
             out = torch.nn.functional.pad(out, (0, s * (Wp - W), 0, 0), mode=self.mode)
         return out
