@@ -217,10 +217,7 @@ class Restorer:
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         per_row = 16 * x.shape[0] * x.shape[-1] * self.net.config["num_feat"] * self.dtype.itemsize  # at 4x, an LR row
         rows = TAIL_BYTES // per_row
-        out = self.net(x.contiguous(memory_format=torch.channels_last), tail_rows=rows).float().contiguous()
-        if self.device.type == "cpu":
-            return_free_memory()
-        return out
+        return self.net(x.contiguous(memory_format=torch.channels_last), tail_rows=rows).float().contiguous()
 
     @property
     def device(self) -> torch.device:
@@ -269,7 +266,9 @@ class Restorer:
                 o = self._run(x[:, :, py0 - off:py1 - off, px0:px1])
                 out[:, :, s * (ty0 - y0):s * (y1_ - y0), s * x0:s * x1] = o[:, :, s * (ty0 - py0):s * (y1_ - py0),
                                                                           s * (x0 - px0):s * (x1 - px0)]
-                del o  # before the next tile's working set
+                del o
+                if x.device.type == "cpu":
+                    _return_free_memory()  # before the next tile's working set
         return out.clamp_(0, 1)
 
 
@@ -283,10 +282,11 @@ def _malloc_trim():
 _TRIM = _malloc_trim()
 
 
-def return_free_memory() -> None:
+def _return_free_memory() -> None:
     """Give the C heap's free pages back to the system (glibc's ``malloc_trim``), as after each of Real-ESRGAN's
-    tiles: its hundreds of activations of a dozen sizes leave the heap fragmented, and without this the process's
-    resident memory grows tile by tile although what is alive does not. Nothing where the C library lacks it."""
+    tiles of a large image: its hundreds of activations of a dozen sizes leave the heap fragmented, and without this
+    the process's resident memory grows tile by tile although what is alive does not. Nothing where the C library
+    lacks it."""
     if _TRIM is not None:
         _TRIM(0)
 
