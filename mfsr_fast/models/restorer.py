@@ -117,6 +117,8 @@ class RRDBNet(nn.Module):
         step = -(-h // n)
         s, out = 4, None
         for a in range(0, h, step):
+            if feat.device.type == "cpu":
+                _return_free_memory()  # the body's (or the last band's) activations, before this band's
             b = min(h, a + step)
             pa, pb = max(0, a - TAIL_HALO), min(h, b + TAIL_HALO)
             o = self.tail(feat[:, :, pa:pb])
@@ -283,10 +285,10 @@ _TRIM = _malloc_trim()
 
 
 def _return_free_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``), as after each of Real-ESRGAN's
-    tiles of a large image: its hundreds of activations of a dozen sizes leave the heap fragmented, and without this
-    the process's resident memory grows tile by tile although what is alive does not. Nothing where the C library
-    lacks it."""
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``), as between Real-ESRGAN's tiles and
+    the bands of its upsampling tail: its hundreds of activations of a dozen sizes leave the heap fragmented, and
+    without this the process's resident memory grows tile by tile although what is alive does not. Nothing where the
+    C library lacks it."""
     if _TRIM is not None:
         _TRIM(0)
 
