@@ -96,6 +96,19 @@ def shared_data():
     return SHARED_DATA
 
 
+def random_rrdbnet(seed: int = 0, weight_std: float = 0.1, bias_std: float = 0.05, **cfg):
+    """An RRDBNet (``cfg``: its constructor's arguments) with normal random weights and biases drawn from ``seed``."""
+    from mfsr_fast.models.restorer import RRDBNet
+
+    torch.manual_seed(seed)
+    net = RRDBNet(**cfg)
+    with torch.no_grad():
+        for m in net.conv_layers():
+            m.weight.normal_(0, weight_std)
+            m.bias.normal_(0, bias_std)
+    return net
+
+
 def small_restorer_folder(folder, seed: int = 0, num_feat: int = 8, num_grow_ch: int = 4) -> str:
     """A 1-block RRDBNet restorer with random weights, saved as ``mfsr_fast.models.restorer`` saves the real one
     (config.json + model.safetensors + info.json): a fast stand-in for Real-ESRGAN x4plus."""
@@ -103,14 +116,8 @@ def small_restorer_folder(folder, seed: int = 0, num_feat: int = 8, num_grow_ch:
 
     from safetensors.torch import save_file
 
-    from mfsr_fast.models.restorer import RRDBNet
-
-    torch.manual_seed(seed)
-    net = RRDBNet(num_feat=num_feat, num_block=1, num_grow_ch=num_grow_ch)
+    net = random_rrdbnet(seed, 0.05, 0.02, num_feat=num_feat, num_block=1, num_grow_ch=num_grow_ch)
     with torch.no_grad():
-        for m in net.conv_layers():
-            m.weight.normal_(0, 0.05)
-            m.bias.normal_(0, 0.02)
         net.conv_last.bias.fill_(0.5)  # outputs around mid-grey, not clamped to 0
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, os.path.join(folder, "model.safetensors"))

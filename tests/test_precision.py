@@ -1,12 +1,13 @@
 """Precision chosen for the machine and reported, or forced, and really reaching both networks; the restorer's
 lower-precision body with a float32 residual stream and tail; its upsampling tail run in bands, exactly as in one
-piece; its working set bounded."""
+piece."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from conftest import random_rrdbnet
 
 pytest.importorskip("diffusers")
 
@@ -83,13 +84,7 @@ def test_the_automatic_choice_is_reported_and_moves_with_to(model_r, monkeypatch
 
 
 def _net(seed=0) -> rs.RRDBNet:
-    torch.manual_seed(seed)
-    net = rs.RRDBNet(num_feat=8, num_block=2, num_grow_ch=4)
-    with torch.no_grad():
-        for m in net.conv_layers():
-            m.weight.normal_(0, 0.1)
-            m.bias.normal_(0, 0.02)
-    return net.eval()
+    return random_rrdbnet(seed, bias_std=0.02, num_feat=8, num_block=2, num_grow_ch=4).eval()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_to_ref
+from conftest import assert_close_to_ref, random_rrdbnet
 
 from mfsr_fast.models import ncnn
 from mfsr_fast.models import restorer as rs
@@ -21,13 +21,7 @@ SMALL = dict(num_in_ch=3, num_out_ch=3, num_feat=8, num_block=1, num_grow_ch=4)
 
 
 def _net(seed: int = 0, **cfg) -> rs.RRDBNet:
-    torch.manual_seed(seed)
-    net = rs.RRDBNet(**(cfg or SMALL))
-    with torch.no_grad():
-        for m in net.conv_layers():
-            m.weight.normal_(0, 0.1)
-            m.bias.normal_(0, 0.05)
-    return net
+    return random_rrdbnet(seed, **(cfg or SMALL))
 
 
 def write_ncnn(net: rs.RRDBNet, stem: str, *, tag: int = ncnn.NCNN_FP16_TAG, extra_bytes: bytes = b"",
