@@ -112,6 +112,9 @@ def test_restorer_rows_band_by_band_equal_the_whole_image(tmp_path):
     restored = tiling.RestoredRows(r, x, 4)
     got = torch.cat([restored(y, min(45, y + 12))[:, :, : 4 * (min(45, y + 10) - y)] for y in range(0, 45, 10)], dim=2)
     assert torch.equal(got, whole)
+    restored = tiling.RestoredRows(r, x, 4)
+    inside = restored(2, 6)  # within the first band: a view of it, not a copy
+    assert inside.untyped_storage().data_ptr() == restored.bands[0][1].untyped_storage().data_ptr()
     with pytest.raises(ValueError, match="bands"):
         r.rows(x, 3, 20)
     # Requests in the coordinates of the image padded to (46, 38): R's rows padded at x4 as F.pad pads R(x).

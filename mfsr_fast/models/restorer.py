@@ -52,10 +52,12 @@ class ResidualDenseBlock(nn.Module):
         self.conv5 = nn.Conv2d(num_feat + 4 * g, num_feat, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = [x.to(self.conv1.weight.dtype)]  # the convs in the weights' dtype, the residual in x's
+        # The convs in the weights' dtype, the residual in x's. The features are kept only as their running
+        # concatenation (B, F + k g, H, W), each new one appended to it: no second copy of them beside the conv inputs.
+        feats = x.to(self.conv1.weight.dtype)
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            feats.append(F.leaky_relu(conv(torch.cat(feats, 1)), 0.2))  # (B, F + k g, H, W) -> (B, g, H, W)
-        y = self.conv5(torch.cat(feats, 1))
+            feats = torch.cat([feats, F.leaky_relu(conv(feats), 0.2)], 1)  # (B, F + k g) -> (B, F + (k + 1) g)
+        y = self.conv5(feats)
         del feats  # the features go before the residual's arithmetic: a smaller peak
         return _residual(x, y)
 

@@ -79,18 +79,24 @@ class RestoredRows:
             b1 += self.band
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """R's HR rows ``rows`` (in any order, within the bands held)."""
-        if self.full is not None:
-            return self.full[:, :, rows]
-        s, first = self.s, self.bands[0][1]
+        """R's HR rows ``rows`` (in any order, within the bands held): a view when they are a run of one band's."""
+        s, bands = self.s, [(0, self.full)] if self.full is not None else self.bands
+        a, n = int(rows[0]), len(rows)
+        if torch.equal(rows, torch.arange(a, a + n)):
+            for b0, r in bands:
+                if s * b0 <= a and a + n <= s * b0 + r.shape[2]:
+                    return r[:, :, a - s * b0:a - s * b0 + n]
+        first = bands[0][1]
         out = first.new_empty(first.shape[0], first.shape[1], len(rows), first.shape[3])
-        for b0, r in self.bands:
+        for b0, r in bands:
             sel = (rows >= s * b0) & (rows < s * b0 + r.shape[2])
             if sel.any():
                 out[:, :, sel] = r[:, :, rows[sel] - s * b0]
         return out
 
     def __call__(self, y0: int, y1: int) -> torch.Tensor:
+        """R's HR rows for LR rows [y0, y1) of the padded image, (B, 3, s (y1 - y0), s Wp): to be read, not written
+        (often a view of a band held)."""
         s, (H, W), Wp = self.s, self.rgb.shape[-2:], self.padded[1]
         rows = torch.arange(s * y0, s * y1)
         if y1 > H:  # padding rows: mirrored (or repeated) HR rows of R, as F.pad would give
@@ -149,6 +155,8 @@ def tile_rows(run: Callable, rgb: torch.Tensor, *, scale: int, cells_per_px: flo
     acc = wsum = None
     top_row = 0  # output row where acc starts
     for i, y in enumerate(ys):
+        # R's rows first, while the blend buffer holds only the rows carried from the previous tile row.
+        rrows = restored(y, y + th) if restored is not None else None
         # Extend the blend buffer to this tile row's reach (rows above it are carried from the previous row).
         need = s * (y + th) - top_row
         if acc is None:
@@ -161,12 +169,12 @@ def tile_rows(run: Callable, rgb: torch.Tensor, *, scale: int, cells_per_px: flo
         top = s * (ys[i - 1] + th - y) if i > 0 else 0
         bottom = s * (y + th - ys[i + 1]) if i + 1 < len(ys) else 0
         band = _Band(rgb, y, th, tw, xs, s, window(s * th, top, bottom, dev), s * y - top_row)
-        rrows = restored(y, y + th) if restored is not None else None
         band.run(run, acc, wsum, rrows, (seed, channels, cells_per_px), max(1, group // B), count, progress)
+        del rrows
         # Rows above the next tile row are final.
         final = s * ys[i + 1] - top_row if i + 1 < len(ys) else acc.shape[2]
         yield top_row, acc[:, :, :final].div_(wsum[:, :, :final].clamp_min(1e-8))  # in place: no second band
-        acc, wsum = acc[:, :, final:], wsum[:, :, final:]
+        acc, wsum = acc[:, :, final:].clone(), wsum[:, :, final:].clone()  # a copy: the finished rows' memory goes
         top_row += final
 
 
