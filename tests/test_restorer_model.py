@@ -16,6 +16,7 @@ from conftest import randomize_
 
 from mfsr_fast import MFSRPipeline, SamplerConfig, TeacherSampling, upscale
 from mfsr_fast.models.transformer import MFSRTransformer
+from mfsr_fast.pipeline.tiling import RESTORED_DTYPE
 
 MICRO = dict(num_layers=1, dual_attention_layers=(0,), num_heads=2, head_dim=16)
 
@@ -29,24 +30,30 @@ def _pipe(model: MFSRTransformer, sampler=None) -> MFSRPipeline:
     return MFSRPipeline(model, sampler=sampler)
 
 
+def held(restored: torch.Tensor) -> torch.Tensor:
+    """R(LR) rounded as the pipeline holds it."""
+    return restored.to(RESTORED_DTYPE).float()
+
+
 def test_fresh_residual_model_is_exactly_the_restorer(restorer_dir):
-    """x = R(LR) + residual_scale * y with a zero-initialised output: every step count, whole or tiled, gives R(LR)."""
+    """x = R(LR) + residual_scale * y with a zero-initialised output: every step count, whole or tiled, gives R(LR)
+    (as the pipeline holds it, ``tiling.RESTORED_DTYPE``)."""
     pipe = _pipe(_model())
     x = torch.rand(1, 3, 20, 28)
-    ref = pipe.restorer(x)
+    ref = held(pipe.restorer(x))
     teacher = pipe.with_sampler(TeacherSampling(guidance=2.0))
     for p, kw in ((pipe, dict(steps=1)), (pipe, dict(steps=3)), (pipe, dict(steps=2, tile=8, overlap=4)),
                   (teacher, dict(steps=2))):
         torch.testing.assert_close(p.upscale_rgb(x, **kw), ref, rtol=0, atol=2e-6)
     odd = x[:, :, :19, :27]  # padded to whole patches, R(LR) padded alike, then cropped back
-    torch.testing.assert_close(pipe.upscale_rgb(odd, tile=8, overlap=4), pipe.restorer(odd), rtol=0, atol=2e-6)
+    torch.testing.assert_close(pipe.upscale_rgb(odd, tile=8, overlap=4), held(pipe.restorer(odd)), rtol=0, atol=2e-6)
 
 
 def test_restored_image_is_used_and_checked(restorer_dir):
     pipe = _pipe(_model())
     x = torch.rand(1, 3, 8, 8)
     given = torch.rand(1, 3, 32, 32)
-    torch.testing.assert_close(pipe.upscale_rgb(x, restored=given), given, rtol=0, atol=2e-6)
+    torch.testing.assert_close(pipe.upscale_rgb(x, restored=given), held(given), rtol=0, atol=2e-6)
     with pytest.raises(ValueError, match="restored must be"):
         pipe.upscale_rgb(x, restored=torch.rand(1, 3, 16, 16))
 
@@ -118,7 +125,7 @@ def test_detail_scales_what_the_model_adds_to_r(restorer_dir, tmp_path):
 
     pipe = _pipe(randomize_(_model()), SamplerConfig(refine_t=0.7, jump="endpoint", refine_side="above"))
     x = torch.rand(1, 3, 8, 12)
-    r = pipe.restorer(x)
+    r = held(pipe.restorer(x))
     for steps in (1, 4):
         own = pipe.upscale_rgb(x, steps=steps)
         torch.testing.assert_close(pipe.upscale_rgb(x, steps=steps, detail=1.0), own, rtol=0, atol=0)
@@ -171,7 +178,7 @@ def test_flat_detail_takes_texture_off_where_r_is_flat(restorer_dir, tmp_path, m
     pipe = _pipe(randomize_(_model()))
     x = torch.rand(1, 3, 8, 12)
     x[..., :6] = 0.4  # a flat left half: R(x) is flat there
-    r = pipe.restorer(x)
+    r = held(pipe.restorer(x))
     # the small test restorer's texture is far below a photo's: thresholds at its own quantiles, so that this image
     # has both kinds of area
     t = local_texture(luma(r)).sqrt().flatten()
@@ -216,7 +223,7 @@ def test_a_folders_sampler_is_its_default_and_a_teacher_composes_alike(restorer_
     own_pipe = raw_pipe.with_sampler(SamplerConfig(flat_detail=0.25))
     x = torch.rand(1, 3, 8, 12)
     x[..., :6] = 0.4
-    r = raw_pipe.restorer(x)
+    r = held(raw_pipe.restorer(x))
     t = local_texture(luma(r)).sqrt().flatten()
     monkeypatch.setattr(compose, "FLAT_TEXTURE", (float(t.quantile(0.3)), float(t.quantile(0.7))))
     raw = raw_pipe.upscale_rgb(x)

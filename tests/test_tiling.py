@@ -108,7 +108,7 @@ def test_restorer_rows_band_by_band_equal_the_whole_image(tmp_path):
     folder = small_restorer_folder(tmp_path / "r")
     r = Restorer.from_folder(folder, max_side=16)
     x = torch.rand(1, 3, 45, 37)
-    whole = r(x)
+    whole = r(x).to(tiling.RESTORED_DTYPE)  # the rows are held in it: rounded as the whole image's would be
     restored = tiling.RestoredRows(r, x, 4)
     got = torch.cat([restored(y, min(45, y + 12))[:, :, : 4 * (min(45, y + 10) - y)] for y in range(0, 45, 10)], dim=2)
     assert torch.equal(got, whole)
@@ -128,13 +128,13 @@ def test_restored_rows_hold_one_band_and_the_rows_above_it_still_asked_for(tmp_p
     folder = small_restorer_folder(tmp_path / "r")
     r = Restorer.from_folder(folder, max_side=16)
     x = torch.rand(1, 3, 70, 40)
-    whole = r(x)
+    whole = r(x).to(tiling.RESTORED_DTYPE)
     restored = tiling.RestoredRows(r, x, 4)
     held, orig = [], r.rows
 
-    def spy(lr, y0, y1):  # what is held while the next band is computed
+    def spy(lr, y0, y1, dtype):  # what is held while the next band is computed
         held.append(sum(band.shape[2] for _, band in restored.bands))
-        return orig(lr, y0, y1)
+        return orig(lr, y0, y1, dtype)
 
     monkeypatch.setattr(r, "rows", spy)
     got = []

@@ -246,10 +246,11 @@ class Restorer:
         return self.rows(lr, 0, lr.shape[-2])
 
     @torch.inference_mode()
-    def rows(self, lr: torch.Tensor, y0: int, y1: int) -> torch.Tensor:
+    def rows(self, lr: torch.Tensor, y0: int, y1: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows [s y0, s y1) of R(lr), computed exactly as the whole image would be (the same tiles with the same
         context), so that a caller can restore a large image band by band: y0 and y1 must be multiples of
-        ``row_band(H, W)`` (y1 may be H)."""
+        ``row_band(H, W)`` (y1 may be H). ``dtype``: what the rows are held in (each tile's rows are rounded to it as
+        they are stored, so that the band is never held in float32)."""
         if lr.dim() != 4 or lr.shape[1] != 3:
             raise ValueError(f"the restorer takes (B, 3, h, w) RGB images, got {tuple(lr.shape)}")
         H, W = lr.shape[-2:]
@@ -258,11 +259,11 @@ class Restorer:
             raise ValueError(f"rows [{y0}, {y1}) of a {H}-row image must start and end on bands of {band} rows")
         tile = self._tile_for(H, W)
         if H <= tile and W <= tile:  # one piece (then the only band is the whole image)
-            return self._run(lr.to(device=self.device, dtype=torch.float32)).clamp_(0, 1)
+            return self._run(lr.to(device=self.device, dtype=torch.float32)).clamp_(0, 1).to(dtype)
         s, p = self.scale, self.pad
         x = lr[:, :, max(0, y0 - p):min(H, y1 + p)].to(device=self.device, dtype=torch.float32)
         off = max(0, y0 - p)  # x's first row in lr
-        out = torch.empty(x.shape[0], 3, s * (y1 - y0), s * W, device=x.device)
+        out = torch.empty(x.shape[0], 3, s * (y1 - y0), s * W, device=x.device, dtype=dtype)
         for ty0 in range(y0, y1, tile):
             for x0 in range(0, W, tile):
                 y1_, x1 = min(H, ty0 + tile), min(W, x0 + tile)
@@ -273,7 +274,7 @@ class Restorer:
                 del o
                 if x.device.type == "cpu":
                     _return_free_memory()  # before the next tile's working set
-        return out.clamp_(0, 1)
+        return out.clamp_(0, 1)  # as clamping before the rounding would give: rounding keeps order, 0 and 1 are exact
 
 
 def _malloc_trim():

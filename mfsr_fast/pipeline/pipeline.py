@@ -340,7 +340,7 @@ class MFSRPipeline:
         mode = "reflect" if Hp - H < H and Wp - W < W else "replicate"
         rows = None
         if self.restorer is not None:
-            full = restored.to(device=rgb.device, dtype=torch.float32) if restored is not None else None
+            full = restored.to(device=rgb.device) if restored is not None else None
             rows = RestoredRows(self.restorer, rgb, s, full=full, padded=(Hp, Wp), mode=mode)
         if (Hp, Wp) != (H, W):
             rgb = F.pad(rgb, (0, Wp - W, 0, Hp - H), mode=mode)

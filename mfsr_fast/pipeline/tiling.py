@@ -6,7 +6,7 @@ the whole output: every piece here works on a band of rows and hands finished ro
   block row, block column), so a tile's noise needs no full-size field and the noise does not depend on the tile
   size.
 - ``RestoredRows``: R(LR) band by band, each band computed exactly as the whole image would be (the restorer's own
-  tiles, ``Restorer.rows``), kept only while tiles need it.
+  tiles, ``Restorer.rows``), held in float16 (as training pools hold it) and only while tiles need it.
 - ``tile_rows``: runs the model tile by tile (raised-cosine blending where tiles overlap) and yields each output row
   once, as soon as no later tile touches it.
 - ``auto_tile`` / ``auto_tile_batch``: the tile side and the tiles per model call, from the free memory.
@@ -24,6 +24,9 @@ from mfsr_fast.models.codec import VAECodec
 from mfsr_fast.models.conditioning import SCALE
 
 NOISE_BLOCK = 64  # latent cells per side of one independently seeded noise block
+# R(LR) as held between the restorer and the model: float16, as training pools store it (training.pool). Half of
+# float32's memory; in [0, 1] its rounding is at most 2^-12, a sixteenth of an 8-bit level.
+RESTORED_DTYPE = torch.float16
 
 
 def _block_seed(seed: int, index: int, by: int, bx: int) -> int:
@@ -55,11 +58,13 @@ class RestoredRows:
     computed when first needed and dropped once requests have moved past them. Requests are in the coordinates of
     the image padded to ``padded`` (Hp, Wp) LR pixels: R runs on the unpadded image (as it would on the whole
     image) and its rows are padded at x ``scale`` the way the LR was (``mode``: reflect or replicate). ``full``:
-    R(rgb) already computed (then rows are taken from it the same way)."""
+    R(rgb) already computed (then rows are taken from it the same way). Rows are held, and given, in
+    ``RESTORED_DTYPE``."""
 
     def __init__(self, restorer, rgb: torch.Tensor, scale: int, full: torch.Tensor | None = None,
                  padded: tuple[int, int] | None = None, mode: str = "reflect"):
-        self.restorer, self.rgb, self.s, self.full = restorer, rgb, scale, full
+        self.restorer, self.rgb, self.s = restorer, rgb, scale
+        self.full = full.to(RESTORED_DTYPE) if full is not None else None
         H, W = rgb.shape[-2:]
         self.padded, self.mode = padded or (H, W), mode
         self.band = restorer.row_band(H, W) if full is None else H
@@ -75,7 +80,7 @@ class RestoredRows:
         while b1 < y1:
             # Before the next band: of the bands held, only the rows from y0 on are kept (a copy, so the band goes).
             self.bands = [(y0, r[:, :, s * (y0 - b0):].clone()) if y0 > b0 else (b0, r) for b0, r in self.bands]
-            self.bands.append((b1, self.restorer.rows(self.rgb, b1, min(H, b1 + self.band)).float()))
+            self.bands.append((b1, self.restorer.rows(self.rgb, b1, min(H, b1 + self.band), RESTORED_DTYPE)))
             b1 += self.band
 
     def _gather(self, rows: torch.Tensor) -> torch.Tensor:
@@ -199,7 +204,7 @@ class _Band:
                 noises.append(noise_batch(seed, channels, ny, nx, nh, nw, B).to(dev))
                 if rrows is not None:
                     rs.append(rrows[:, :, :, s * x:s * (x + tw)])
-            outs = run(torch.cat(lrs), torch.cat(noises), torch.cat(rs) if rs else None).split(B)
+            outs = run(torch.cat(lrs), torch.cat(noises), torch.cat(rs).float() if rs else None).split(B)
             for x, out in zip(chunk, outs):
                 self._blend(acc, wsum, x, out)
                 count[0] += 1
