@@ -4,7 +4,9 @@ Quality: the default in float32 with Real-ESRGAN's convolutions between the firs
 take) quantized as post-training int8 quantization would: weights per output channel, symmetric; each convolution's
 input per tensor, asymmetric uint8, its range the minimum and maximum seen on calibration photos. The arithmetic is
 simulated in float32 (quantize, then dequantize); reported is the PSNR over 8-bit pixels of the output, and of
-Real-ESRGAN's own, against float32, at 1 step. The precision guard of ``test_precision`` asks for ``GOAL_DB``.
+Real-ESRGAN's own, against float32, at 1 step, and Real-ESRGAN's with only the weights quantized (its inputs float):
+what int8 weights alone cost, however well the inputs were calibrated. The precision guard of ``test_precision`` asks
+for ``GOAL_DB``.
 Speed: one dense-block convolution (192 -> 64 channels, 3 x 3) on a padded 256 px tile, int8 through PyTorch's
 quantized convolution (oneDNN) against bfloat16 with channels_last, median of 5.
 With ``--benchmark``: calibration on two demo photos, evaluation on the other three and, where ``../shared/data``
@@ -48,8 +50,8 @@ def _fake_quant(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 class Int8Simulation:
-    """Hooks on a restorer's inner convolutions: ``calibrate`` records each input's range, ``on`` quantizes weights
-    and inputs, ``off`` restores the float weights."""
+    """Hooks on a restorer's inner convolutions: ``calibrate`` records each input's range, ``on`` quantizes the
+    weights and (``inputs``) the inputs, ``off`` restores the float weights."""
 
     def __init__(self, restorer):
         self.convs = restorer.net.conv_layers()[1:-1]
@@ -63,12 +65,14 @@ class Int8Simulation:
             self.ranges[conv] = (min(lo, float(args[0].min())), max(hi, float(args[0].max())))
         self.hooks = [c.register_forward_pre_hook(seen) for c in self.convs]
 
-    def on(self):
+    def on(self, inputs: bool = True):
         self.off()
         for c in self.convs:
             w = self.weights[c]
             step = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12) / 127
             c.weight.data.copy_(torch.round(w / step).clamp(-127, 127) * step)
+            if not inputs:
+                continue
             lo, hi = self.ranges[c]
             hook = c.register_forward_pre_hook(lambda m, args, lo=lo, hi=hi: (_fake_quant(args[0], lo, hi),))
             self.hooks.append(hook)
@@ -130,16 +134,19 @@ def test_int8_restorer_quality_and_speed(full, env_info):
         ref, ref_r = pipe(lr, steps=1), pipe.restorer(x)
         sim.on()
         out, out_r = pipe(lr, steps=1), pipe.restorer(x)
+        sim.on(inputs=False)
+        out_w = pipe.restorer(x)
         sim.off()
-        as8 = [(t.clamp(0, 1) * 255).round().byte().numpy() for t in (ref_r, out_r)]
-        rows.append((name, _psnr(out, ref), _psnr(*as8)))
+        ref_r, out_r, out_w = [(t.clamp(0, 1) * 255).round().byte().numpy() for t in (ref_r, out_r, out_w)]
+        rows.append((name, _psnr(out, ref), _psnr(out_r, ref_r), _psnr(out_w, ref_r)))
     tile = 276 if full else 32
     bf16, int8 = _conv_times(tile)
     print(f"\nint8 Real-ESRGAN, simulated, against float32 ({env_info}): PSNR over 8-bit pixels, dB, 1 step")
-    print("| image | the default | Real-ESRGAN alone |")
-    print("| --- | --- | --- |")
-    for name, db, db_r in rows:
-        print(f"| {name} | {db:.1f} | {db_r:.1f} |")
-    print(f"worst {min(db for _, db, _ in rows):.1f} dB (the precision guard asks for {GOAL_DB:g})")
+    print("| image | the default | Real-ESRGAN alone | Real-ESRGAN, int8 weights only |")
+    print("| --- | --- | --- | --- |")
+    for name, *dbs in rows:
+        print(f"| {name} | " + " | ".join(f"{db:.1f}" for db in dbs) + " |")
+    print(f"worst {min(r[1] for r in rows):.1f} dB, {min(r[3] for r in rows):.1f} dB with int8 weights only "
+          f"(the precision guard asks for {GOAL_DB:g})")
     print(f"one 192 -> 64 convolution at {tile} px: bfloat16 {1e3 * bf16:.1f} ms, int8 {1e3 * int8:.1f} ms")
-    assert all(np.isfinite(db) and db > 20 for _, db, _ in rows)  # the simulation quantizes, it does not break
+    assert all(np.isfinite(db) and db > 20 for r in rows for db in r[1:])  # the simulation quantizes, it does not break
