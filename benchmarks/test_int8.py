@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import glob
 import os
-import statistics
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timing import median_seconds
 
 from mfsr_fast.apps.demo import PHOTOS, photo
 from mfsr_fast.pipeline.loading import DEFAULT_MODEL
@@ -85,16 +84,6 @@ class Int8Simulation:
             c.weight.data.copy_(self.weights[c])
 
 
-def _median_time(fn, n: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @torch.inference_mode()
 def _conv_times(side: int) -> tuple[float, float]:
     """(bfloat16, int8) seconds of one 192 -> 64 3x3 convolution on a side x side input."""
@@ -113,7 +102,7 @@ def _conv_times(side: int) -> tuple[float, float]:
                       conv.bias.float())
     q.scale, q.zero_point = 0.05, 0
     xq = torch.quantize_per_tensor(x, 1 / 255, 0, torch.quint8)
-    return _median_time(lambda: bf16(xb)), _median_time(lambda: q(xq))
+    return median_seconds(lambda: bf16(xb), 5), median_seconds(lambda: q(xq), 5)
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")), reason="no embedded default")
