@@ -32,8 +32,8 @@ def model_r(tmp_path, restorer_dir):
 
 
 @pytest.mark.parametrize("feature, transformer, restorer", [
-    ("AMX", loading.AUTO_TRANSFORMER_CPU, torch.bfloat16),
-    ("AVX512_BF16", loading.AUTO_TRANSFORMER_CPU, torch.bfloat16),
+    ("AMX", torch.bfloat16, torch.bfloat16),
+    ("AVX512_BF16", torch.bfloat16, torch.bfloat16),
     (None, torch.float32, torch.float32)])
 def test_the_precision_is_chosen_for_the_cpu(monkeypatch, feature, transformer, restorer):
     monkeypatch.setattr(loading, "native_bf16", lambda: feature)

@@ -53,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tile", type=int, default=None, help="LR tile side in pixels (default: from free memory)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                    help="precision of both networks (default: the machine's: Real-ESRGAN's convolutions in bfloat16 "
-                    "where the CPU computes it natively, AMX or AVX512_BF16; bfloat16 on GPUs; float32 elsewhere)")
+                    help="precision of both networks (default: the machine's: bfloat16 where the CPU computes it "
+                    "natively, AMX or AVX512_BF16, and on GPUs; float32 elsewhere)")
     ap.add_argument("--model", default="default", help="'default' or a model / training run folder")
     ap.add_argument("--sampler", default=None, metavar="FILE.json",
                     help="the model's sampler with the fields this JSON file gives replaced (docs/usage.md)")

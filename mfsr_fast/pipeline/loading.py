@@ -25,9 +25,6 @@ from mfsr_fast.models.transformer import MFSRTransformer
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "default")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The transformer's dtype on a CPU with native bfloat16: its small tiles gain nothing from it on AVX512_BF16
-# (docs/results/speed-and-memory.md), so it stays float32 there while the restorer's convolutions take bfloat16.
-AUTO_TRANSFORMER_CPU = torch.float32
 
 
 def resolve_device(device=None) -> torch.device:
@@ -93,9 +90,9 @@ class Precision:
 
 
 def auto_precision(device: torch.device, dtype=None) -> Precision:
-    """``dtype`` given: both networks in it. Else the one for the machine: on a CPU with native bfloat16 (AMX or
-    AVX512_BF16) the restorer's body in bfloat16 and the transformer in AUTO_TRANSFORMER_CPU; float32 on other CPUs;
-    bfloat16 on CUDA and MPS."""
+    """``dtype`` given: both networks in it. Else the one for the machine: bfloat16 on a CPU that computes it natively
+    (AMX or AVX512_BF16), on CUDA and on MPS (the restorer's first and last convolution and its residual stream stay
+    float32: ``RRDBNet.set_dtype``); float32 on other CPUs."""
     dt = resolve_dtype(dtype)
     if dt is not None:
         return Precision(dt, dt, "as asked")
@@ -104,7 +101,7 @@ def auto_precision(device: torch.device, dtype=None) -> Precision:
     feature = native_bf16()
     if feature is None:
         return Precision(torch.float32, torch.float32, "chosen for this CPU: no native bfloat16")
-    return Precision(AUTO_TRANSFORMER_CPU, torch.bfloat16, f"chosen for this CPU: {feature}")
+    return Precision(torch.bfloat16, torch.bfloat16, f"chosen for this CPU: {feature}")
 
 
 def find_weights(path: str, ema: bool = True) -> str:
