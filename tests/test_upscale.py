@@ -159,7 +159,7 @@ def test_a_pipelines_sampler_equals_a_folder_that_stores_it(model_dir, tmp_path)
             SamplerConfig(**kw)
     Image.fromarray(img).save(tmp_path / "a.png")
     cli = [sys.executable, "-m", "mfsr_fast", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--model",
-           model_dir, "--steps", "2"]
+           model_dir, "--steps", "2", "--dtype", "float32"]  # as the pipelines here run (conftest), whatever the CPU
 
     def sampler_file(values: dict) -> str:
         path = tmp_path / f"sampler{len(list(tmp_path.glob('sampler*')))}.json"
